@@ -1,0 +1,896 @@
+//! [`ReplayBuffer`]: the ring of records in one segment, its header, its handle table.
+//!
+//! Segment layout (all offsets in bytes, every region 8-aligned):
+//!
+//! ```text
+//! 0       header words (magic, layout version, ready flag, checksum, sizes, offsets)
+//! 128     insert cursor (own cache lines: every insert touches it)
+//! 256     filled-slot count
+//! 384     counters folded in from handles that closed or died
+//! 512     schema text
+//! table   MAX_OWNERS handle entries of 128 bytes: owner identity, ticket being written, counters
+//! seq     one version word per slot (the seqlocks, see `slot`)
+//! data    capacity records of `record_bytes`
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::process;
+use crate::schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
+use crate::segment::Segment;
+use crate::slot::{self, Claim};
+
+/// Where segments live unless a directory is given: POSIX shared memory.
+pub const DEFAULT_DIR: &str = "/dev/shm";
+/// Segment files are named `shmreplay.<name>`.
+pub const FILE_PREFIX: &str = "shmreplay.";
+pub const MAX_NAME_LEN: usize = 200;
+pub const MAX_CAPACITY: u64 = 1 << 40;
+/// Live handles (in any process) a buffer can have at once.
+pub const MAX_HANDLES: usize = slot::MAX_OWNERS;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
+const LAYOUT_VERSION: u64 = 1;
+const READY: u64 = 1;
+
+// Header words.
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = 8;
+const H_READY: usize = 16;
+const H_CHECKSUM: usize = 24;
+/// Words from here up to `H_END` are covered by the checksum (with the schema text).
+const H_CAPACITY: usize = 32;
+const H_RECORD_BYTES: usize = 40;
+const H_SCHEMA_LEN: usize = 48;
+const H_SCHEMA_HASH: usize = 56;
+const H_TABLE_OFFSET: usize = 64;
+const H_SEQ_OFFSET: usize = 72;
+const H_DATA_OFFSET: usize = 80;
+const H_TOTAL_BYTES: usize = 88;
+const H_CREATOR: usize = 96;
+const H_CREATED_UNIX_NS: usize = 104;
+const H_END: usize = 128;
+const CURSOR: usize = 128;
+const FILLED: usize = 256;
+const RETIRED: usize = 384;
+const SCHEMA_TEXT: usize = 512;
+
+const ENTRY_BYTES: usize = 128;
+const E_OWNER: usize = 0;
+const E_WRITING: usize = 8;
+const E_COUNTERS: usize = 16;
+
+/// Per-handle event counters, summed over all handles by [`ReplayBuffer::stats`].
+#[derive(Clone, Copy, Debug)]
+enum Counter {
+    Inserts,
+    Samples,
+    Retries,
+    Recovered,
+    Superseded,
+}
+const COUNTERS: [Counter; 5] = [
+    Counter::Inserts,
+    Counter::Samples,
+    Counter::Retries,
+    Counter::Recovered,
+    Counter::Superseded,
+];
+
+/// Where everything is in a segment of a given capacity and schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Layout {
+    capacity: usize,
+    record_bytes: usize,
+    schema_len: usize,
+    table_offset: usize,
+    seq_offset: usize,
+    data_offset: usize,
+    total_bytes: usize,
+}
+
+impl Layout {
+    fn new(capacity: u64, record_bytes: usize, schema_len: usize) -> Result<Layout> {
+        if capacity == 0 || capacity > MAX_CAPACITY {
+            return Err(Error::InvalidArgument(format!(
+                "capacity must be between 1 and {MAX_CAPACITY}, got {capacity}"
+            )));
+        }
+        if schema_len > MAX_SCHEMA_TEXT {
+            return Err(Error::InvalidSchema(format!(
+                "the schema text takes {schema_len} bytes, more than the limit of {MAX_SCHEMA_TEXT}"
+            )));
+        }
+        let too_big = || {
+            Error::InvalidArgument(format!(
+                "capacity {capacity} × {record_bytes}-byte records is too large"
+            ))
+        };
+        let capacity = usize::try_from(capacity).map_err(|_| too_big())?;
+        let table_offset = (SCHEMA_TEXT + schema_len).next_multiple_of(ENTRY_BYTES);
+        let seq_offset = (table_offset + MAX_HANDLES * ENTRY_BYTES).next_multiple_of(4096);
+        let data_offset = capacity
+            .checked_mul(8)
+            .and_then(|s| s.checked_add(seq_offset))
+            .and_then(|e| e.checked_next_multiple_of(4096))
+            .ok_or_else(too_big)?;
+        let total_bytes = capacity
+            .checked_mul(record_bytes)
+            .and_then(|d| d.checked_add(data_offset))
+            .filter(|&t| t as u64 <= i64::MAX as u64)
+            .ok_or_else(too_big)?;
+        Ok(Layout {
+            capacity,
+            record_bytes,
+            schema_len,
+            table_offset,
+            seq_offset,
+            data_offset,
+            total_bytes,
+        })
+    }
+}
+
+/// A live view of one segment's counters (approximate while other processes are running).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub capacity: u64,
+    /// Slots holding a committed record (`len`).
+    pub size: u64,
+    /// Records committed since creation.
+    pub inserts: u64,
+    /// Rows returned by `sample`.
+    pub samples: u64,
+    /// Draws that hit a slot being written (or overwritten while copied) and were redrawn.
+    pub retries: u64,
+    /// Slots taken over from a writer that died while writing them.
+    pub recovered: u64,
+    /// Inserts dropped because a newer insert had already taken their slot.
+    pub superseded: u64,
+    /// Live handles, over all processes.
+    pub attached: u64,
+}
+
+/// One segment found by [`list`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub capacity: u64,
+    pub size: u64,
+    pub bytes: u64,
+    pub record_bytes: u64,
+    pub attached: u64,
+    /// No live process holds a handle: whoever made it is gone.
+    pub stale: bool,
+}
+
+/// The handle-table entry this handle writes its counters and claims into, registered by the
+/// process that uses it (a handle inherited through `fork` registers anew in the child).
+#[derive(Debug)]
+struct Registration {
+    pid: u32,
+    entry: usize,
+}
+
+/// A shared-memory replay buffer: a ring of `capacity` fixed-size records that any number of
+/// processes write and sample concurrently. See the crate docs for an example.
+#[derive(Debug)]
+pub struct ReplayBuffer {
+    segment: Segment,
+    schema: Schema,
+    layout: Layout,
+    name: String,
+    path: PathBuf,
+    registration: Mutex<Option<Registration>>,
+    /// `pid << 32 | entry` of `registration`, readable without the lock (samplers only count).
+    registered: AtomicU64,
+    rng: AtomicU64,
+}
+
+/// Checks a buffer name: 1 to 200 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > MAX_NAME_LEN {
+        Some("it is longer than 200 characters")
+    } else if name.starts_with('.') {
+        Some("it starts with '.'")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        Some("only letters, digits, '.', '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The file backing buffer `name` in `dir` (default [`DEFAULT_DIR`]). The name is validated,
+/// so the file is always directly inside `dir`.
+pub fn segment_path(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
+    validate_name(name)?;
+    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
+    if !dir.is_dir() {
+        return Err(Error::NotFound(dir.to_owned()));
+    }
+    Ok(dir.join(format!("{FILE_PREFIX}{name}")))
+}
+
+/// A fresh name, unique on this machine with overwhelming probability.
+pub fn unique_name() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = Rng(nanos ^ u64::from(std::process::id()).rotate_left(32));
+    format!("rb-{}-{:012x}", std::process::id(), rng.next() >> 16)
+}
+
+/// Removes buffer `name` from `dir`. Processes that have it mapped keep using it until they close.
+pub fn remove(name: &str, dir: Option<&Path>) -> Result<()> {
+    let path = segment_path(name, dir)?;
+    std::fs::remove_file(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound(path),
+        _ => Error::io(format!("remove {}", path.display()), e),
+    })
+}
+
+/// The valid buffers of this user in `dir` (default [`DEFAULT_DIR`]), sorted by name. Files
+/// that are not valid segments, or that belong to other users, are left out.
+pub fn list(dir: Option<&Path>) -> Result<Vec<SegmentInfo>> {
+    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
+            continue;
+        };
+        if let Ok(buffer) = ReplayBuffer::open(name, Some(dir), false) {
+            let stats = buffer.stats();
+            found.push(SegmentInfo {
+                name: name.to_owned(),
+                path: buffer.path.clone(),
+                capacity: stats.capacity,
+                size: stats.size,
+                bytes: buffer.layout.total_bytes as u64,
+                record_bytes: buffer.layout.record_bytes as u64,
+                attached: stats.attached,
+                stale: stats.attached == 0,
+            });
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+impl ReplayBuffer {
+    /// Creates buffer `name` in `dir` (default `/dev/shm`) with `capacity` records of `schema`.
+    ///
+    /// Fails with [`Error::AlreadyExists`] if the name is taken and [`Error::InsufficientSpace`]
+    /// if the filesystem cannot hold it (nothing is left behind then).
+    pub fn create(
+        name: &str,
+        dir: Option<&Path>,
+        capacity: u64,
+        schema: Schema,
+    ) -> Result<ReplayBuffer> {
+        let path = segment_path(name, dir)?;
+        let text = schema.encode();
+        let layout = Layout::new(capacity, schema.record_bytes(), text.len())?;
+        let segment = Segment::create(&path, layout.total_bytes as u64)?;
+        let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, path);
+        buffer.write_header(&text);
+        if let Err(e) = buffer.register() {
+            let _ = std::fs::remove_file(&buffer.path);
+            return Err(e);
+        }
+        Ok(buffer)
+    }
+
+    /// Attaches to existing buffer `name` in `dir`, after validating everything in its header.
+    pub fn attach(name: &str, dir: Option<&Path>) -> Result<ReplayBuffer> {
+        ReplayBuffer::open(name, dir, true)
+    }
+
+    fn open(name: &str, dir: Option<&Path>, register: bool) -> Result<ReplayBuffer> {
+        let path = segment_path(name, dir)?;
+        let segment = Segment::open(&path, SCHEMA_TEXT as u64)?;
+        let (schema, layout) = read_header(&segment, &path)?;
+        let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, &path);
+        if register {
+            buffer.register()?;
+        }
+        Ok(buffer)
+    }
+
+    fn from_parts(
+        segment: Segment,
+        schema: Schema,
+        layout: Layout,
+        name: &str,
+        path: impl Into<PathBuf>,
+    ) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (&segment as *const Segment as u64);
+        ReplayBuffer {
+            segment,
+            schema,
+            layout,
+            name: name.to_owned(),
+            path: path.into(),
+            registration: Mutex::new(None),
+            registered: AtomicU64::new(0),
+            rng: AtomicU64::new(seed),
+        }
+    }
+
+    fn write_header(&self, schema_text: &str) {
+        let l = &self.layout;
+        let header = [
+            (H_CAPACITY, l.capacity as u64),
+            (H_RECORD_BYTES, l.record_bytes as u64),
+            (H_SCHEMA_LEN, l.schema_len as u64),
+            (H_SCHEMA_HASH, self.schema.hash()),
+            (H_TABLE_OFFSET, l.table_offset as u64),
+            (H_SEQ_OFFSET, l.seq_offset as u64),
+            (H_DATA_OFFSET, l.data_offset as u64),
+            (H_TOTAL_BYTES, l.total_bytes as u64),
+            (H_CREATOR, process::current()),
+            (H_CREATED_UNIX_NS, unix_nanos()),
+        ];
+        for (offset, value) in header {
+            self.word(offset).store(value, Ordering::Relaxed);
+        }
+        self.segment.store(SCHEMA_TEXT, schema_text.as_bytes());
+        self.word(H_CHECKSUM).store(
+            checksum(&self.segment, schema_text.as_bytes()),
+            Ordering::Relaxed,
+        );
+        self.word(H_VERSION)
+            .store(LAYOUT_VERSION, Ordering::Relaxed);
+        self.word(H_MAGIC).store(MAGIC, Ordering::Relaxed);
+        // Release: whoever sees READY (Acquire) sees the whole header.
+        self.word(H_READY).store(READY, Ordering::Release);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The segment file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.layout.capacity as u64
+    }
+
+    /// Bytes of one record in shared memory (fields padded to 8 bytes).
+    pub fn record_bytes(&self) -> usize {
+        self.layout.record_bytes
+    }
+
+    /// Bytes of the whole segment.
+    pub fn segment_bytes(&self) -> u64 {
+        self.layout.total_bytes as u64
+    }
+
+    /// Slots that hold a committed record.
+    pub fn len(&self) -> u64 {
+        self.word(FILLED)
+            .load(Ordering::Relaxed)
+            .min(self.capacity())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Removes the segment file; mappings (this one included) stay valid until closed.
+    pub fn unlink(&self) -> Result<()> {
+        std::fs::remove_file(&self.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(self.path.clone()),
+            _ => Error::io(format!("remove {}", self.path.display()), e),
+        })
+    }
+
+    /// Inserts one record: `fields[i]` holds the bytes of schema field `i`.
+    pub fn push(&self, fields: &[&[u8]]) -> Result<()> {
+        self.extend(fields).map(|_| ())
+    }
+
+    /// Inserts `n` records given column-wise: `columns[i]` holds `n` consecutive values of schema
+    /// field `i` (`n * field.bytes` bytes). The records take `n` consecutive tickets; if `n`
+    /// exceeds the capacity only the last `capacity` are written. Returns `n`.
+    ///
+    /// Everything is validated before the first byte is written.
+    pub fn extend(&self, columns: &[&[u8]]) -> Result<usize> {
+        let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let registration = self.registration()?;
+        let entry = registration.as_ref().expect("registered").entry;
+        let cursor = self.word(CURSOR);
+        if cursor.load(Ordering::Relaxed) > slot::MAX_TICKET - n as u64 {
+            return Err(Error::InvalidArgument(
+                "the insert counter of this buffer is exhausted".into(),
+            ));
+        }
+        let first_ticket = cursor.fetch_add(n as u64, Ordering::Relaxed);
+        let writing = self.entry_word(entry, E_WRITING);
+        let (mut inserted, mut recovered, mut superseded) = (0u64, 0u64, 0u64);
+        for row in n.saturating_sub(self.layout.capacity)..n {
+            let ticket = first_ticket + row as u64;
+            let index = (ticket % self.capacity()) as usize;
+            let seq = self.seq(index);
+            // Published by the claim's Release CAS; `is_orphaned` reads it.
+            writing.store(ticket + 1, Ordering::Relaxed);
+            match slot::claim(seq, ticket, entry, |word| self.is_orphaned(word)) {
+                Claim::Superseded => superseded += 1,
+                Claim::Acquired {
+                    first,
+                    recovered: took_over,
+                } => {
+                    let record = self.record_offset(index);
+                    for (field, column) in self.schema.fields().iter().zip(columns) {
+                        let value = &column[row * field.bytes..(row + 1) * field.bytes];
+                        self.segment.store(record + field.offset, value);
+                    }
+                    slot::commit(seq, ticket);
+                    if first {
+                        self.word(FILLED).fetch_add(1, Ordering::Relaxed);
+                    }
+                    inserted += 1;
+                    recovered += u64::from(took_over);
+                }
+            }
+        }
+        writing.store(0, Ordering::Relaxed);
+        self.count(entry, Counter::Inserts, inserted);
+        self.count(entry, Counter::Recovered, recovered);
+        self.count(entry, Counter::Superseded, superseded);
+        Ok(n)
+    }
+
+    /// Draws `index.len()` records uniformly with replacement from the committed slots into
+    /// `out` (`out[i]` takes the rows of schema field `i`, row after row), writing each row's
+    /// slot into `index` and insert ticket into `key`. Torn or in-progress slots are redrawn.
+    pub fn sample_into(
+        &self,
+        out: &mut [&mut [u8]],
+        index: &mut [u64],
+        key: &mut [u64],
+    ) -> Result<()> {
+        let n = index.len();
+        if key.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "key has {} rows, index has {n}",
+                key.len()
+            )));
+        }
+        if self.rows_in(out.iter().map(|o| o.len()), "output")? != n {
+            return Err(Error::InvalidArgument(format!(
+                "outputs do not hold {n} rows"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        if self.is_empty() {
+            return Err(Error::Empty);
+        }
+        let entry = self.counting_entry()?;
+        let mut rng = self.rng_for_call();
+        let mut retries = 0u64;
+        let started = Instant::now();
+        for row in 0..n {
+            let mut misses = 0u64;
+            loop {
+                // Slots past the cursor were never claimed; refreshed as the ring fills.
+                let claimed = self
+                    .word(CURSOR)
+                    .load(Ordering::Relaxed)
+                    .min(self.capacity());
+                let slot_index = rng.below(claimed) as usize;
+                if let Some(ticket) = self.try_read(slot_index, out, row) {
+                    index[row] = slot_index as u64;
+                    key[row] = ticket;
+                    break;
+                }
+                retries += 1;
+                misses += 1;
+                if misses % 1024 == 0 {
+                    std::thread::yield_now();
+                    if started.elapsed() > Duration::from_secs(10) {
+                        self.count(entry, Counter::Retries, retries);
+                        return Err(Error::Contended(format!(
+                            "sample: no consistent row after {misses} draws in 10 s: every slot drawn \
+                             was being written; use a larger capacity"
+                        )));
+                    }
+                }
+            }
+        }
+        self.count(entry, Counter::Samples, n as u64);
+        self.count(entry, Counter::Retries, retries);
+        Ok(())
+    }
+
+    /// Copies slot `index` into `out` (`out[i]` holds one value of field `i`), returning its
+    /// ticket, or `None` if the slot was never written. Waits (briefly) for a writer of the slot.
+    pub fn read(&self, index: u64, out: &mut [&mut [u8]]) -> Result<Option<u64>> {
+        if index >= self.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "slot {index} is out of range for capacity {}",
+                self.capacity()
+            )));
+        }
+        if self.rows_in(out.iter().map(|o| o.len()), "output")? != 1 {
+            return Err(Error::InvalidArgument(
+                "read takes outputs of exactly one row".into(),
+            ));
+        }
+        let index = index as usize;
+        let started = Instant::now();
+        loop {
+            let word = self.seq(index).load(Ordering::Acquire);
+            if word == 0 {
+                return Ok(None);
+            }
+            if let Some(ticket) = self.try_read(index, out, 0) {
+                return Ok(Some(ticket));
+            }
+            if slot::is_busy(word) && self.is_orphaned(word) {
+                return Err(Error::Contended(format!(
+                    "slot {index} was being written by a process that died; the next insert into \
+                     it recovers it"
+                )));
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                return Err(Error::Contended(format!(
+                    "slot {index} stayed busy for 5 s"
+                )));
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// One seqlock read of slot `index` into row `row` of `out`: its ticket, if consistent.
+    fn try_read(&self, index: usize, out: &mut [&mut [u8]], row: usize) -> Option<u64> {
+        let seq = self.seq(index);
+        let begun = slot::read_begin(seq)?;
+        let record = self.record_offset(index);
+        for (field, dst) in self.schema.fields().iter().zip(out.iter_mut()) {
+            let dst = &mut dst[row * field.bytes..(row + 1) * field.bytes];
+            self.segment.load(record + field.offset, dst);
+        }
+        slot::read_validate(seq, begun).then(|| slot::ticket_of(begun))
+    }
+
+    /// Counters summed over every handle that ever used the buffer.
+    pub fn stats(&self) -> Stats {
+        let mut totals = [0u64; COUNTERS.len()];
+        for (i, total) in totals.iter_mut().enumerate() {
+            *total = self.word(RETIRED + 8 * i).load(Ordering::Relaxed);
+        }
+        let mut attached = 0;
+        for entry in 0..MAX_HANDLES {
+            let owner = self.entry_word(entry, E_OWNER).load(Ordering::Acquire);
+            if owner != 0 && process::is_alive(owner) {
+                attached += 1;
+            }
+            for (i, total) in totals.iter_mut().enumerate() {
+                *total += self
+                    .entry_word(entry, E_COUNTERS + 8 * i)
+                    .load(Ordering::Relaxed);
+            }
+        }
+        let [inserts, samples, retries, recovered, superseded] = totals;
+        Stats {
+            capacity: self.capacity(),
+            size: self.len(),
+            inserts,
+            samples,
+            retries,
+            recovered,
+            superseded,
+            attached,
+        }
+    }
+
+    /// Pids of the live processes holding handles to this buffer, sorted, without repeats.
+    pub fn processes(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = (0..MAX_HANDLES)
+            .map(|e| self.entry_word(e, E_OWNER).load(Ordering::Acquire))
+            .filter(|&owner| owner != 0 && process::is_alive(owner))
+            .map(process::pid_of)
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    }
+
+    // ---- internals ----
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        self.segment.word(offset)
+    }
+
+    fn seq(&self, index: usize) -> &AtomicU64 {
+        self.word(self.layout.seq_offset + 8 * index)
+    }
+
+    fn record_offset(&self, index: usize) -> usize {
+        self.layout.data_offset + index * self.layout.record_bytes
+    }
+
+    fn entry_word(&self, entry: usize, offset: usize) -> &AtomicU64 {
+        self.word(self.layout.table_offset + entry * ENTRY_BYTES + offset)
+    }
+
+    fn count(&self, entry: usize, counter: Counter, n: u64) {
+        if n > 0 {
+            self.entry_word(entry, E_COUNTERS + 8 * counter as usize)
+                .fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Validates per-field byte lengths against the schema; returns the common row count.
+    fn rows_in(&self, lengths: impl ExactSizeIterator<Item = usize>, what: &str) -> Result<usize> {
+        let fields = self.schema.fields();
+        if lengths.len() != fields.len() {
+            return Err(Error::InvalidArgument(format!(
+                "expected one {what} per field ({}), got {}",
+                fields.len(),
+                lengths.len()
+            )));
+        }
+        let mut rows = None;
+        for (field, len) in fields.iter().zip(lengths) {
+            if len % field.bytes != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "field {:?}: {len} bytes is not a whole number of {}-byte values",
+                    field.name, field.bytes
+                )));
+            }
+            let n = len / field.bytes;
+            match rows {
+                None => rows = Some(n),
+                Some(r) if r != n => {
+                    return Err(Error::InvalidArgument(format!(
+                        "field {:?} has {n} rows, field {:?} has {r}",
+                        field.name, fields[0].name
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(rows.unwrap_or(0))
+    }
+
+    /// True if the writer named in busy seq word `word` can no longer finish: its handle entry
+    /// moved on to other work or was released, or its process is dead.
+    fn is_orphaned(&self, word: u64) -> bool {
+        let entry = slot::owner_of(word);
+        let owner = self.entry_word(entry, E_OWNER).load(Ordering::Acquire);
+        let writing = self.entry_word(entry, E_WRITING).load(Ordering::Acquire);
+        writing != slot::ticket_of(word) + 1 || owner == 0 || !process::is_alive(owner)
+    }
+
+    /// This handle's entry, registered for the calling process (again after a `fork`).
+    fn registration(&self) -> Result<MutexGuard<'_, Option<Registration>>> {
+        let guard = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.as_ref().is_some_and(|r| r.pid == std::process::id()) {
+            return Ok(guard);
+        }
+        drop(guard);
+        self.register()?;
+        Ok(self.registration.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The entry to count this process's samples in, without waiting for a writer of this handle.
+    fn counting_entry(&self) -> Result<usize> {
+        let registered = self.registered.load(Ordering::Acquire);
+        if registered >> 32 == u64::from(std::process::id()) {
+            return Ok((registered & 0xffff_ffff) as usize);
+        }
+        Ok(self.registration()?.as_ref().expect("registered").entry)
+    }
+
+    /// Takes a free handle entry, or one whose process died (folding its counters into the
+    /// retired totals first).
+    fn register(&self) -> Result<()> {
+        let me = process::current();
+        let mut slot = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+        for reclaim_dead in [false, true] {
+            for entry in 0..MAX_HANDLES {
+                let owner_word = self.entry_word(entry, E_OWNER);
+                let owner = owner_word.load(Ordering::Acquire);
+                let free = owner == 0 || (reclaim_dead && !process::is_alive(owner));
+                if !free {
+                    continue;
+                }
+                if owner_word
+                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    self.retire_counters(entry);
+                    self.entry_word(entry, E_WRITING)
+                        .store(0, Ordering::Release);
+                    let pid = process::pid_of(me);
+                    *slot = Some(Registration { pid, entry });
+                    self.registered
+                        .store(u64::from(pid) << 32 | entry as u64, Ordering::Release);
+                    return Ok(());
+                }
+            }
+        }
+        Err(Error::TooManyHandles(MAX_HANDLES))
+    }
+
+    fn retire_counters(&self, entry: usize) {
+        for i in 0..COUNTERS.len() {
+            let n = self
+                .entry_word(entry, E_COUNTERS + 8 * i)
+                .swap(0, Ordering::Relaxed);
+            if n > 0 {
+                self.word(RETIRED + 8 * i).fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A generator for one call, distinct per call, per handle and per process (a forked child
+    /// starts with its parent's state and must not repeat its draws).
+    fn rng_for_call(&self) -> Rng {
+        let state = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let mut rng = Rng(state ^ u64::from(std::process::id()).rotate_left(40));
+        rng.next();
+        rng
+    }
+}
+
+impl Drop for ReplayBuffer {
+    /// Releases this handle's entry, if this process registered it.
+    fn drop(&mut self) {
+        let registration = self
+            .registration
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = registration.take() {
+            if r.pid == std::process::id() {
+                self.retire_counters(r.entry);
+                self.entry_word(r.entry, E_WRITING)
+                    .store(0, Ordering::Relaxed);
+                self.entry_word(r.entry, E_OWNER)
+                    .store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// Checks everything `attach` relies on before trusting a single offset of the segment.
+fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Layout)> {
+    let corrupt = |reason: String| Error::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    let word = |offset| segment.word(offset).load(Ordering::Relaxed);
+    if word(H_MAGIC) != MAGIC {
+        return Err(corrupt(
+            "wrong magic number (not a shmreplay segment)".into(),
+        ));
+    }
+    if word(H_VERSION) != LAYOUT_VERSION {
+        return Err(corrupt(format!(
+            "layout version {} (this shmreplay reads version {LAYOUT_VERSION})",
+            word(H_VERSION)
+        )));
+    }
+    let waited = Instant::now();
+    while segment.word(H_READY).load(Ordering::Acquire) != READY {
+        if waited.elapsed() > Duration::from_secs(2) {
+            return Err(corrupt(
+                "its creator has not finished initialising it (it may have died while creating it)"
+                    .into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let schema_len = word(H_SCHEMA_LEN);
+    if schema_len > MAX_SCHEMA_TEXT as u64 || SCHEMA_TEXT as u64 + schema_len > segment.len() as u64
+    {
+        return Err(corrupt(format!(
+            "schema length {schema_len} is out of range"
+        )));
+    }
+    let mut text = vec![0u8; schema_len as usize];
+    segment.load(SCHEMA_TEXT, &mut text);
+    if checksum(segment, &text) != word(H_CHECKSUM) {
+        return Err(corrupt(
+            "header checksum mismatch (the header was overwritten or damaged)".into(),
+        ));
+    }
+    let text = String::from_utf8(text).map_err(|_| corrupt("schema is not UTF-8".into()))?;
+    let schema = Schema::decode(&text).map_err(|e| corrupt(e.to_string()))?;
+    if schema.hash() != word(H_SCHEMA_HASH) {
+        return Err(corrupt("schema hash mismatch".into()));
+    }
+    let layout = Layout::new(word(H_CAPACITY), schema.record_bytes(), text.len())
+        .map_err(|e| corrupt(e.to_string()))?;
+    let stored = [
+        (H_RECORD_BYTES, layout.record_bytes),
+        (H_TABLE_OFFSET, layout.table_offset),
+        (H_SEQ_OFFSET, layout.seq_offset),
+        (H_DATA_OFFSET, layout.data_offset),
+        (H_TOTAL_BYTES, layout.total_bytes),
+    ];
+    for (offset, expected) in stored {
+        if word(offset) != expected as u64 {
+            return Err(corrupt(format!(
+                "header word at byte {offset} is {}, the schema and capacity imply {expected}",
+                word(offset)
+            )));
+        }
+    }
+    if segment.len() != layout.total_bytes {
+        return Err(corrupt(format!(
+            "file is {} bytes, its header says {}",
+            segment.len(),
+            layout.total_bytes
+        )));
+    }
+    Ok((schema, layout))
+}
+
+/// FNV-1a over the checksummed header words and the schema text.
+fn checksum(segment: &Segment, schema_text: &[u8]) -> u64 {
+    let mut bytes = Vec::with_capacity(H_END - H_CAPACITY + schema_text.len());
+    for offset in (H_CAPACITY..H_END).step_by(8) {
+        bytes.extend_from_slice(&segment.word(offset).load(Ordering::Relaxed).to_le_bytes());
+    }
+    bytes.extend_from_slice(schema_text);
+    fnv1a(&bytes)
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// wyrand: a tiny, fast generator; plenty for drawing slot indices.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(self.0) * u128::from(self.0 ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) ^ t) as u64
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift; the bias is below 2^-40 for any ring size).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
+    }
+}

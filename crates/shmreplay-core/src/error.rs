@@ -1,0 +1,74 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong in shmreplay. Every variant names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid buffer name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("invalid schema: {0}")]
+    InvalidSchema(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("a replay buffer already exists at {0}")]
+    AlreadyExists(PathBuf),
+    #[error("no replay buffer at {0}")]
+    NotFound(PathBuf),
+    #[error(
+        "not enough space for replay buffer {path}: needs {needed} bytes ({needed_h}), only {free} \
+         bytes ({free_h}) free on that filesystem. Fix: give the container more shared memory \
+         (Docker `--shm-size=…`, Kubernetes: an `emptyDir` with `medium: Memory` mounted at \
+         /dev/shm), lower `capacity`, or pass `path=` to a directory on a larger filesystem",
+        needed_h = human_bytes(*.needed),
+        free_h = human_bytes(*.free)
+    )]
+    InsufficientSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
+    #[error("{path} is not a usable shmreplay segment: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("permission denied for {path}: {reason}")]
+    PermissionDenied { path: PathBuf, reason: String },
+    #[error("the replay buffer is empty: nothing to sample yet")]
+    Empty,
+    #[error("{0}")]
+    Contended(String),
+    #[error(
+        "all {0} handle entries of this buffer are in use by live processes; close some handles"
+    )]
+    TooManyHandles(usize),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// `1536` -> `"1.5 KiB"`: byte counts in messages people read.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,259 @@
+//! One shared-memory file mapped into this process: creation with the whole size reserved,
+//! opening with ownership checks, and bounds-checked atomic access to its bytes.
+//!
+//! This is the only module besides [`crate::copy`] with `unsafe` code: turning mapped addresses
+//! into `&AtomicU64` and handing them to the copy kernels. Every access is bounds-checked here,
+//! so the rest of the crate works with byte offsets and cannot touch memory outside the mapping.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+
+use memmap2::MmapRaw;
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
+
+use crate::copy;
+use crate::error::{Error, Result};
+
+/// A mapped segment file. The file descriptor is closed once mapped: a buffer costs its
+/// process one mapping and no descriptor, whatever its capacity.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    map: MmapRaw,
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
+pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
+    let stat =
+        rustix::fs::statvfs(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+impl Segment {
+    /// Creates `path` exclusively with mode 0600, reserves all `size` bytes of it (so that no
+    /// later page fault can SIGBUS for lack of space), and maps it. Nothing is left behind on error.
+    pub(crate) fn create(path: &Path, size: u64) -> Result<Segment> {
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        let free = free_bytes(dir)?;
+        let no_space = || Error::InsufficientSpace {
+            path: path.to_owned(),
+            needed: size,
+            free,
+        };
+        if size > free {
+            return Err(no_space());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Error::AlreadyExists(path.to_owned()),
+                std::io::ErrorKind::NotFound => Error::NotFound(dir.to_owned()),
+                _ => Error::io(format!("create {}", path.display()), e),
+            })?;
+        let remove_on_error = RemoveOnDrop(Some(path.to_owned()));
+        // The umask may have cleared bits of 0600 but never adds any; make it exact.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+        reserve(&file, size).map_err(|e| match e {
+            Errno::NOSPC | Errno::FBIG | Errno::NOMEM => no_space(),
+            e => Error::io(format!("reserve {size} bytes for {}", path.display()), e),
+        })?;
+        let map = MmapRaw::map_raw(&file)
+            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        remove_on_error.disarm();
+        Ok(Segment { map })
+    }
+
+    /// Opens and maps an existing segment file owned by this user.
+    pub(crate) fn open(path: &Path, min_size: u64) -> Result<Segment> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotFound(path.to_owned()),
+                std::io::ErrorKind::PermissionDenied => Error::PermissionDenied {
+                    path: path.to_owned(),
+                    reason: "the segment belongs to another user (mode 0600)".into(),
+                },
+                _ => Error::io(format!("open {}", path.display()), e),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let corrupt = |reason: String| Error::Corrupt {
+            path: path.to_owned(),
+            reason,
+        };
+        if !meta.file_type().is_file() {
+            return Err(corrupt("not a regular file".into()));
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(Error::PermissionDenied {
+                path: path.to_owned(),
+                reason: format!(
+                    "owned by uid {}, not by this process's uid {me}",
+                    meta.uid()
+                ),
+            });
+        }
+        if meta.len() < min_size || meta.len() % 8 != 0 || usize::try_from(meta.len()).is_err() {
+            return Err(corrupt(format!(
+                "file size {} is not a segment size",
+                meta.len()
+            )));
+        }
+        let map = MmapRaw::map_raw(&file)
+            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        Ok(Segment { map })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Panics unless `[offset, offset + len)` lies inside the mapping and `offset` is 8-aligned.
+    /// Offsets come from a validated layout, so a failure here is a bug, never bad input.
+    fn check(&self, offset: usize, len: usize) {
+        let end = offset.checked_add(len.next_multiple_of(8));
+        assert!(
+            offset % 8 == 0 && end.is_some_and(|end| end <= self.map.len()),
+            "segment access out of bounds: offset {offset}, {len} bytes, mapping {} bytes",
+            self.map.len()
+        );
+    }
+
+    /// The 64-bit word at byte `offset`.
+    pub(crate) fn word(&self, offset: usize) -> &AtomicU64 {
+        self.check(offset, 8);
+        // SAFETY: in bounds and 8-aligned (checked; the mapping is page-aligned). The mapping
+        // lives as long as `self`, and every process accesses segment memory only atomically
+        // (this type and `copy`), which is what `from_ptr` requires. The file is never shrunk
+        // while mapped: only `ReplayBuffer::create` sizes it, before anyone can attach.
+        unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
+    }
+
+    /// Copies `dst.len()` bytes at byte `offset` out of the segment.
+    pub(crate) fn load(&self, offset: usize, dst: &mut [u8]) {
+        self.check(offset, dst.len());
+        // SAFETY: in bounds including the padded last word (checked), 8-aligned, atomic-only.
+        unsafe { copy::load(dst, self.map.as_ptr().add(offset)) }
+    }
+
+    /// Copies `src` into the segment at byte `offset` (zeroing the padding of its last word).
+    pub(crate) fn store(&self, offset: usize, src: &[u8]) {
+        self.check(offset, src.len());
+        // SAFETY: as in `load`; padding belongs to the record being written.
+        unsafe { copy::store(self.map.as_mut_ptr().add(offset), src) }
+    }
+}
+
+/// Reserves `size` bytes of `file` for real: `fallocate` where the filesystem has it (tmpfs
+/// does), else writing zeros. A bare `ftruncate` reserves nothing on tmpfs.
+fn reserve(file: &File, size: u64) -> std::result::Result<(), Errno> {
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
+        Err(Errno::OPNOTSUPP) => {}
+        other => return other,
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut writer = file;
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        writer
+            .write_all(&zeros[..n])
+            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Removes a half-made file unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "shmreplay-segment-test-{tag}-{}",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn create_is_exclusive_private_and_reserved() {
+        let path = temp_path("create");
+        let seg = Segment::create(&path, 1 << 16).unwrap();
+        assert_eq!(seg.len(), 1 << 16);
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert!(
+            meta.blocks() * 512 >= 1 << 16,
+            "space must be reserved, not sparse"
+        );
+        assert!(matches!(
+            Segment::create(&path, 1 << 16),
+            Err(Error::AlreadyExists(_))
+        ));
+        seg.word(8).store(42, std::sync::atomic::Ordering::Relaxed);
+        let again = Segment::open(&path, 4096).unwrap();
+        assert_eq!(again.word(8).load(std::sync::atomic::Ordering::Relaxed), 42);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn too_big_fails_cleanly() {
+        let path = temp_path("huge");
+        let err = Segment::create(&path, u64::MAX / 2).unwrap_err();
+        assert!(matches!(err, Error::InsufficientSpace { .. }), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn open_rejects_small_files() {
+        let path = temp_path("small");
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(matches!(
+            Segment::open(&path, 4096),
+            Err(Error::Corrupt { .. })
+        ));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            Segment::open(&path, 4096),
+            Err(Error::NotFound(_))
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "out of bounds")]
+    fn access_outside_the_mapping_panics() {
+        let path = temp_path("bounds");
+        let seg = Segment::create(&path, 4096).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        seg.load(4090, &mut [0u8; 8]);
+    }
+}

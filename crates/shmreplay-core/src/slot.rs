@@ -1,0 +1,336 @@
+//! The per-slot seqlock: the whole concurrency protocol of the ring, in one place.
+//!
+//! Each slot has one version word `seq`, kept in an array apart from the record data:
+//!
+//! ```text
+//!  63                          12   11    10 … 1   0
+//! +------------------------------+-------+--------+------+
+//! |  ticket + 1   (0 = never)    | first | owner  | busy |
+//! +------------------------------+-------+--------+------+
+//! ```
+//!
+//! * `0`: the slot was never written.
+//! * busy = 0: the slot holds the committed record of insert number `ticket`.
+//! * busy = 1: handle-table entry `owner` is writing insert `ticket` into the slot; `first` says
+//!   the slot held no committed record before (so the commit grows the buffer's size).
+//!
+//! Writers ([`claim`] / [`commit`]) never wait for readers. Readers ([`read_begin`] /
+//! [`read_validate`]) never write shared memory and never wait: a slot that is busy or changes
+//! while they copy is dropped and the caller draws another. Tickets are unique, so a validated
+//! version word cannot be an ABA coincidence.
+//!
+//! Why the orderings are enough (C++20/Rust memory model; the classic seqlock argument of
+//! Boehm, "Can seqlocks get along with programming language memory models?", MSPC 2012, also
+//! used by crossbeam's `AtomicCell`):
+//! * the writer's `fence(Release)` after its claim CAS and the reader's `fence(Acquire)` after its
+//!   data loads synchronise whenever the reader saw any word the writer stored; then the claim
+//!   happens-before the reader's second `seq` load, which therefore sees a busy or newer word and
+//!   fails validation.
+//! * if the reader saw only older data, the commit (`Release`) it read at [`read_begin`]
+//!   (`Acquire`) happens-before its data loads, so it saw exactly that commit's record.
+//!
+//! This module is model-checked with loom (`make loom`): see the tests at the bottom.
+
+use crate::sync::{fence, spin_loop, yield_now, AtomicU64, Ordering};
+
+const BUSY: u64 = 1;
+const OWNER_SHIFT: u32 = 1;
+const OWNER_BITS: u32 = 10;
+const FIRST: u64 = 1 << (OWNER_SHIFT + OWNER_BITS);
+const TICKET_SHIFT: u32 = 12;
+/// A waiting writer asks whether the slot's writer died once per this many spins: the question
+/// reads `/proc`, and the answer is almost always "no, it is just slower".
+const SPINS_PER_LIVENESS_CHECK: u32 = if cfg!(loom) { 1 } else { 64 };
+
+/// How many handle-table entries a seq word can name.
+pub const MAX_OWNERS: usize = 1 << OWNER_BITS;
+/// Tickets must stay below this so that `ticket + 1` fits the word.
+pub const MAX_TICKET: u64 = (1 << (64 - TICKET_SHIFT)) - 2;
+
+/// The seq word of a slot holding the committed record of `ticket`.
+pub fn committed(ticket: u64) -> u64 {
+    (ticket + 1) << TICKET_SHIFT
+}
+
+fn busy(ticket: u64, owner: usize, first: bool) -> u64 {
+    debug_assert!(owner < MAX_OWNERS);
+    committed(ticket) | ((owner as u64) << OWNER_SHIFT) | if first { FIRST } else { 0 } | BUSY
+}
+
+/// The insert ticket a non-zero seq word refers to.
+pub fn ticket_of(word: u64) -> u64 {
+    (word >> TICKET_SHIFT).wrapping_sub(1)
+}
+
+pub fn is_busy(word: u64) -> bool {
+    word & BUSY != 0
+}
+
+/// The handle-table entry named by a busy word.
+pub fn owner_of(word: u64) -> usize {
+    ((word >> OWNER_SHIFT) & ((1 << OWNER_BITS) - 1)) as usize
+}
+
+/// What [`claim`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The slot is ours; write the record, then [`commit`].
+    Acquired {
+        /// The slot held no committed record before: committing it grows the buffer.
+        first: bool,
+        /// We took the slot over from a writer that died while writing it.
+        recovered: bool,
+    },
+    /// A newer ticket already owns this slot: our record would be overwritten at once, drop it.
+    Superseded,
+}
+
+/// Locks the slot whose version word is `seq` for insert `ticket`, as handle-table entry `owner`.
+///
+/// Waits only for another *writer* of the same slot, i.e. an insert one lap older that is still
+/// copying; `orphaned(word)` is asked (rarely: after spinning) whether the writer named in busy
+/// word `word` is dead, in which case the slot is taken over.
+pub fn claim(
+    seq: &AtomicU64,
+    ticket: u64,
+    owner: usize,
+    mut orphaned: impl FnMut(u64) -> bool,
+) -> Claim {
+    let mut current = seq.load(Ordering::Acquire);
+    let mut spins = 0u32;
+    loop {
+        if current != 0 && ticket_of(current) > ticket {
+            return Claim::Superseded;
+        }
+        let recovered = is_busy(current);
+        if recovered {
+            spins += 1;
+            let dead = spins % SPINS_PER_LIVENESS_CHECK == 0 && orphaned(current);
+            if !dead {
+                if spins < 16 {
+                    spin_loop();
+                } else {
+                    yield_now();
+                }
+                current = seq.load(Ordering::Acquire);
+                continue;
+            }
+        }
+        let first = current == 0 || (recovered && current & FIRST != 0);
+        // AcqRel: Acquire orders our record stores after the previous writer's (their commit
+        // was Release); Release publishes our handle entry's `writing` mark before the busy word
+        // that points at it, so `orphaned` can trust it.
+        match seq.compare_exchange_weak(
+            current,
+            busy(ticket, owner, first),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                // Orders the record stores that follow after the busy word (see module docs).
+                fence(Ordering::Release);
+                return Claim::Acquired { first, recovered };
+            }
+            Err(now) => current = now,
+        }
+    }
+}
+
+/// Publishes the record of `ticket` written into a slot claimed by [`claim`].
+pub fn commit(seq: &AtomicU64, ticket: u64) {
+    seq.store(committed(ticket), Ordering::Release);
+}
+
+/// Starts a read: the committed version to validate against, or `None` if the slot holds no
+/// readable record right now (never written, or being written).
+pub fn read_begin(seq: &AtomicU64) -> Option<u64> {
+    let word = seq.load(Ordering::Acquire);
+    (word != 0 && !is_busy(word)).then_some(word)
+}
+
+/// Ends a read begun at version `begun`: true iff the bytes copied since are that record, whole.
+pub fn read_validate(seq: &AtomicU64, begun: u64) -> bool {
+    fence(Ordering::Acquire);
+    seq.load(Ordering::Relaxed) == begun
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn word_encoding_round_trips() {
+        let w = busy(12345, 1023, true);
+        assert!(is_busy(w));
+        assert_eq!(ticket_of(w), 12345);
+        assert_eq!(owner_of(w), 1023);
+        assert_eq!(w & FIRST, FIRST);
+        assert_eq!(ticket_of(committed(MAX_TICKET)), MAX_TICKET);
+        assert!(!is_busy(committed(7)));
+    }
+
+    #[test]
+    fn claim_commit_read() {
+        let seq = AtomicU64::new(0);
+        assert_eq!(read_begin(&seq), None);
+        let got = claim(&seq, 3, 5, |_| unreachable!());
+        assert_eq!(
+            got,
+            Claim::Acquired {
+                first: true,
+                recovered: false
+            }
+        );
+        assert_eq!(read_begin(&seq), None, "a busy slot is not readable");
+        commit(&seq, 3);
+        let v = read_begin(&seq).unwrap();
+        assert!(read_validate(&seq, v));
+        assert_eq!(ticket_of(v), 3);
+        // An older lap arriving late is dropped, not written over the newer record.
+        assert_eq!(claim(&seq, 1, 0, |_| unreachable!()), Claim::Superseded);
+        assert_eq!(
+            claim(&seq, 11, 0, |_| unreachable!()),
+            Claim::Acquired {
+                first: false,
+                recovered: false
+            }
+        );
+        assert!(!read_validate(&seq, v));
+    }
+
+    #[test]
+    fn dead_writer_slot_is_taken_over_and_keeps_first_flag() {
+        let seq = AtomicU64::new(busy(2, 9, true));
+        let mut asked = 0;
+        let got = claim(&seq, 12, 1, |w| {
+            asked += 1;
+            assert_eq!(owner_of(w), 9);
+            true
+        });
+        assert_eq!(asked, 1);
+        assert_eq!(
+            got,
+            Claim::Acquired {
+                first: true,
+                recovered: true
+            }
+        );
+        assert_eq!(owner_of(seq.load(Ordering::Relaxed)), 1);
+    }
+}
+
+/// Model checks of the protocol: every interleaving (within loom's bounds) of writers and a
+/// reader on a 1-slot ring, with records of two words that must never be seen mixed.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::sync::atomic::AtomicBool;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    struct Ring {
+        cursor: AtomicU64,
+        seq: AtomicU64,
+        data: [AtomicU64; 2],
+    }
+
+    impl Ring {
+        fn new() -> Arc<Ring> {
+            Arc::new(Ring {
+                cursor: AtomicU64::new(0),
+                seq: AtomicU64::new(0),
+                data: [AtomicU64::new(0), AtomicU64::new(0)],
+            })
+        }
+
+        /// A writer's whole insert; `die_mid_copy` stops after the first word, like a SIGKILL.
+        fn insert(
+            &self,
+            owner: usize,
+            value: u64,
+            die_mid_copy: bool,
+            owner_dead: &dyn Fn(usize) -> bool,
+        ) {
+            let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
+            if let Claim::Acquired { .. } =
+                claim(&self.seq, ticket, owner, |w| owner_dead(owner_of(w)))
+            {
+                self.data[0].store(value, Ordering::Relaxed);
+                if die_mid_copy {
+                    return;
+                }
+                self.data[1].store(value, Ordering::Relaxed);
+                commit(&self.seq, ticket);
+            }
+        }
+
+        /// A reader's attempt: `Some(record)` only if validated.
+        fn read(&self) -> Option<(u64, u64)> {
+            let begun = read_begin(&self.seq)?;
+            let a = self.data[0].load(Ordering::Relaxed);
+            let b = self.data[1].load(Ordering::Relaxed);
+            read_validate(&self.seq, begun).then_some((a, b))
+        }
+    }
+
+    #[test]
+    fn loom_two_writers_one_reader_never_torn() {
+        loom::model(|| {
+            let ring = Ring::new();
+            let writers: Vec<_> = (1..=2u64)
+                .map(|w| {
+                    let ring = ring.clone();
+                    thread::spawn(move || ring.insert(w as usize, w * 100, false, &|_| false))
+                })
+                .collect();
+            if let Some((a, b)) = ring.read() {
+                assert_eq!(a, b, "torn record");
+                assert!(a == 100 || a == 200);
+            }
+            for w in writers {
+                w.join().unwrap();
+            }
+            let (a, b) = ring.read().expect("quiescent committed slot is readable");
+            assert_eq!(a, b);
+        });
+    }
+
+    #[test]
+    fn loom_dead_writer_is_taken_over_and_never_read_torn() {
+        loom::model(|| {
+            let ring = Ring::new();
+            // Writer 1 dies after half its copy. Like the kernel for a killed process, `dead`
+            // reports the death only once the dead writer can store nothing more.
+            let dead = Arc::new(AtomicBool::new(false));
+            let dying = {
+                let (ring, dead) = (ring.clone(), dead.clone());
+                thread::spawn(move || {
+                    ring.insert(1, 100, true, &|_| false);
+                    dead.store(true, Ordering::Release);
+                })
+            };
+            let survivor = {
+                let (ring, dead) = (ring.clone(), dead.clone());
+                thread::spawn(move || {
+                    ring.insert(2, 200, false, &|owner| {
+                        owner == 1 && dead.load(Ordering::Acquire)
+                    })
+                })
+            };
+            if let Some((a, b)) = ring.read() {
+                assert_eq!(
+                    (a, b),
+                    (200, 200),
+                    "only the survivor's whole record is readable"
+                );
+            }
+            dying.join().unwrap();
+            survivor.join().unwrap();
+            match ring.read() {
+                // The survivor either took the slot over or came first and was superseded.
+                Some((a, b)) => assert_eq!((a, b), (200, 200)),
+                None => assert!(is_busy(ring.seq.load(Ordering::Relaxed))),
+            }
+        });
+    }
+}

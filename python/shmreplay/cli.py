@@ -1,0 +1,292 @@
+"""The ``shmreplay`` command: list, inspect and remove replay buffers, and run the demo.
+
+::
+
+    shmreplay ls [--json]              buffers on this machine (STALE = no live process attached)
+    shmreplay info NAME [--json]       schema, sizes, counters and attached processes
+    shmreplay rm NAME [NAME ...]       remove segments (``--stale`` removes every stale one)
+    shmreplay demo [--synthetic] ...   live actor-learner demo with Atari frames
+
+Every subcommand takes ``--path DIR`` for buffers outside the default directory (/dev/shm).
+Errors are one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+PROG = "shmreplay"
+
+
+class CliError(Exception):
+    """An error that is reported as one line on stderr (exit code 1)."""
+
+
+def _fmt_bytes(n: float) -> str:
+    """Decimal units: ``113.0 MB``, ``5.65 GB``."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if scale >= 1e9 else f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _fill(size: int, capacity: int) -> str:
+    pct = 100.0 * size / capacity if capacity else 0.0
+    return f"{size:,} ({pct:.1f}%)"
+
+
+def _directory(path: Optional[str]) -> str:
+    import shmreplay
+
+    return path if path is not None else shmreplay.DEFAULT_DIR
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> List[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)]
+        return "  ".join(parts).rstrip()
+
+    return [line(headers)] + [line(r) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# ls
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    import shmreplay
+
+    buffers = sorted(shmreplay.list_buffers(args.path), key=lambda b: b["name"])
+    if args.json:
+        print(json.dumps(buffers, indent=2))
+        return 0
+    where = _directory(args.path)
+    if not buffers:
+        print(f"No shmreplay buffers in {where}.")
+        return 0
+    rows = [
+        [
+            b["name"],
+            f"{b['capacity']:,}",
+            _fill(b["size"], b["capacity"]),
+            _fmt_bytes(b["bytes"]),
+            str(b["attached"]),
+            "STALE" if b["stale"] else "",
+        ]
+        for b in buffers
+    ]
+    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", ""]
+    for text in _table(headers, rows, [False, True, True, True, True, False]):
+        print(text)
+    total = sum(b["bytes"] for b in buffers)
+    stale = sum(1 for b in buffers if b["stale"])
+    footer = f"{len(buffers)} buffer{'s' if len(buffers) != 1 else ''} in {where}, {_fmt_bytes(total)}"
+    if stale:
+        footer += f"; {stale} STALE (no live process attached): remove with `{PROG} rm --stale`"
+    print(footer)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+
+def _attach(name: str, path: Optional[str]) -> Any:
+    import shmreplay
+
+    try:
+        return shmreplay.ReplayBuffer.attach(name, path=path)
+    except FileNotFoundError:
+        raise CliError(f"no buffer named {name!r} in {_directory(path)}") from None
+
+
+def _describe(buf: Any) -> Dict[str, Any]:
+    import numpy as np
+
+    fields = []
+    for field, (shape, dtype) in buf.fields.items():
+        dt = np.dtype(dtype)
+        fields.append(
+            {"name": field, "dtype": dt.name, "shape": list(shape), "bytes": dt.itemsize * math.prod(shape)}
+        )
+    stats = dict(buf.stats())
+    me = os.getpid()
+    return {
+        "name": buf.name,
+        "path": buf.path,
+        "capacity": buf.capacity,
+        "size": len(buf),
+        "record_bytes": buf.record_bytes,
+        "segment_bytes": buf.nbytes,
+        "fields": fields,
+        "stats": stats,
+        # this command is attached too while it reads; it is left out of the list
+        "processes": [pid for pid in buf.processes() if pid != me],
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    buf = _attach(args.name, args.path)
+    try:
+        info = _describe(buf)
+    finally:
+        buf.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"buffer        {info['name']}")
+    print(f"path          {info['path']}")
+    print(f"capacity      {info['capacity']:,} records")
+    print(f"fill          {_fill(info['size'], info['capacity'])}")
+    print(f"record bytes  {info['record_bytes']:,}")
+    print(f"segment       {_fmt_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
+    print()
+    rows = [[f["name"], f["dtype"], str(tuple(f["shape"])), f"{f['bytes']:,}"] for f in info["fields"]]
+    for text in _table(["FIELD", "DTYPE", "SHAPE", "BYTES"], rows, [False, False, False, True]):
+        print(text)
+    print()
+    print("counters")
+    width = max(len(k) for k in info["stats"])
+    for key, value in info["stats"].items():
+        print(f"  {key:<{width}}  {value:,}")
+    print()
+    pids = info["processes"]
+    if pids:
+        print(f"attached processes ({len(pids)}): {', '.join(str(p) for p in pids)}")
+    else:
+        print("attached processes: none besides this command (the buffer is stale)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# rm
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    import shmreplay
+
+    if not args.names and not args.stale:
+        raise CliError("rm: name at least one buffer, or pass --stale")
+    listed = {b["name"]: b for b in shmreplay.list_buffers(args.path)}
+    names = list(args.names)
+    if args.stale:
+        names += [n for n, b in sorted(listed.items()) if b["stale"] and n not in names]
+        if not names:
+            print(f"No stale buffers in {_directory(args.path)}.")
+            return 0
+    status = 0
+    for name in names:
+        try:
+            shmreplay.remove(name, path=args.path)
+        except FileNotFoundError:
+            print(f"{PROG}: error: no buffer named {name!r} in {_directory(args.path)}", file=sys.stderr)
+            status = 1
+            continue
+        print(f"removed {name}")
+        attached = listed.get(name, {}).get("attached", 0)
+        if attached and not listed[name]["stale"]:
+            print(
+                f"{PROG}: warning: {attached} process(es) still attached to {name!r} keep using "
+                "their mapping until they close it",
+                file=sys.stderr,
+            )
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+    from .atari import AtariUnavailableError
+
+    try:
+        return demo.run(demo.config_from_args(args))
+    except AtariUnavailableError as exc:
+        raise CliError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``shmreplay`` command."""
+    from . import demo
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Shared-memory experience replay buffers: inspect them, or run the live demo.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--path", metavar="DIR", default=None, help="directory of the segments (default: /dev/shm)"
+        )
+        return p
+
+    p = add("ls", "list the replay buffers on this machine")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_ls)
+
+    p = add("info", "show a buffer's schema, sizes, counters and attached processes")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = add("rm", "remove replay buffers")
+    p.add_argument("names", metavar="NAME", nargs="*")
+    p.add_argument("--stale", action="store_true", help="also remove every buffer no live process is attached to")
+    p.set_defaults(func=cmd_rm)
+
+    p = add(
+        "demo",
+        "live demo: actor processes push Atari transitions, learner processes sample batches",
+    )
+    demo.add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``shmreplay`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # e.g. `shmreplay ls | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, ValueError, TypeError, MemoryError, RuntimeError) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
