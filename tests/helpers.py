@@ -396,6 +396,26 @@ def child_use_handle(buf: Any, fields: Mapping[str, Any], check_keys: list[int],
     return out
 
 
+def child_unpickle_and_use(data: bytes, fields: Mapping[str, Any], check_keys: list[int], write_start: int, n: int) -> dict:
+    import pickle
+
+    buf = pickle.loads(data)
+    try:
+        return child_use_handle(buf, fields, check_keys, write_start, n, False)
+    finally:
+        buf.close()
+
+
+def child_create_fill_hold(name: str, fields: Mapping[str, Any], capacity: int, n: int, ready: Any, release: Any) -> None:
+    """Create a buffer (as its owner), fill n rows, signal, wait (bounded), exit the with-block."""
+    import shmreplay
+
+    with shmreplay.ReplayBuffer.create(name, capacity=capacity, fields=fields) as buf:
+        buf.extend(rows_for_keys(fields, range(n)))
+        ready.set()
+        release.wait(60)
+
+
 def child_attach_and_hold(name: str, path: str | None, ready: Any, release: Any, close: bool) -> int:
     """Attach, signal ``ready``, wait for ``release`` (bounded), then optionally close."""
     buf = _attach(name, path)

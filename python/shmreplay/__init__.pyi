@@ -23,6 +23,10 @@ class InsufficientSpaceError(MemoryError):
     needed: int
     free: int
     path: str
+    def __init__(self, message: str, needed: int, free: int, path: str) -> None: ...
+
+class CorruptSegmentError(ValueError):
+    """A segment file failed validation on attach: foreign, truncated, damaged or too new."""
 
 class EmptyBufferError(ValueError):
     """``sample`` was called on a buffer that holds no committed row yet."""

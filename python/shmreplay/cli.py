@@ -198,7 +198,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         attached = listed.get(name, {}).get("attached", 0)
         if attached and not listed[name]["stale"]:
             print(
-                f"{PROG}: warning: {attached} process(es) still attached to {name!r} keep using "
+                f"{PROG}: warning: {name!r} was still attached by {attached} process(es); they keep "
                 "their mapping until they close it",
                 file=sys.stderr,
             )

@@ -506,10 +506,16 @@ def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
     ctx = mp.get_context(cfg.start_method)
     name = f"demo-{os.getpid()}"
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Hold Ctrl-C / SIGTERM back until the `with` owns the new segment: an interrupt between
+    # create() returning and the block starting would otherwise leak it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        with ReplayBuffer.create(name, capacity=cfg.capacity, fields=demo_fields(), path=cfg.path) as buf:
+        buf = ReplayBuffer.create(name, capacity=cfg.capacity, fields=demo_fields(), path=cfg.path)
+        with buf:  # the creator unlinks the segment when the block ends, however it ends
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return _run_with_buffer(cfg, ctx, buf, source, num_actions, out)
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         signal.signal(signal.SIGTERM, previous_term)
 
 

@@ -1,1 +1,340 @@
+//! `shmreplay._core`: a thin PyO3 layer over `shmreplay-core`.
+//!
+//! Argument checking that needs numpy semantics (dtype casting, shapes) happens in the Python
+//! package; this layer checks again what memory safety depends on (contiguity, byte counts,
+//! writability) and releases the GIL around every copy and every wait.
 
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{
+    PyFileExistsError, PyFileNotFoundError, PyIndexError, PyOSError, PyPermissionError,
+    PyRuntimeError, PyTimeoutError, PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use shmreplay_core::{DType, Error, ReplayBuffer, Schema};
+
+/// Maps a core error onto the Python exception a user would expect.
+fn to_py(py: Python<'_>, error: Error) -> PyErr {
+    let message = error.to_string();
+    let from_errors = |class: &str, args: Bound<'_, pyo3::types::PyTuple>| -> PyErr {
+        match py
+            .import("shmreplay._errors")
+            .and_then(|m| m.getattr(class))
+            .and_then(|cls| cls.call1(args))
+        {
+            Ok(instance) => PyErr::from_value(instance),
+            Err(e) => e,
+        }
+    };
+    match error {
+        Error::InvalidName { .. } | Error::InvalidSchema(_) | Error::InvalidArgument(_) => {
+            PyValueError::new_err(message)
+        }
+        Error::AlreadyExists(_) => PyFileExistsError::new_err(message),
+        Error::NotFound(_) => PyFileNotFoundError::new_err(message),
+        Error::PermissionDenied { .. } => PyPermissionError::new_err(message),
+        Error::Corrupt { .. } => match pyo3::types::PyTuple::new(py, [message.clone()]) {
+            Ok(args) => from_errors("CorruptSegmentError", args),
+            Err(e) => e,
+        },
+        Error::InsufficientSpace { path, needed, free } => {
+            let path = path.display().to_string();
+            match (message, needed, free, path).into_pyobject(py) {
+                Ok(args) => from_errors("InsufficientSpaceError", args),
+                Err(e) => e,
+            }
+        }
+        Error::Empty => match pyo3::types::PyTuple::new(py, [message]) {
+            Ok(args) => from_errors("EmptyBufferError", args),
+            Err(e) => e,
+        },
+        Error::Contended(_) => PyTimeoutError::new_err(message),
+        Error::TooManyHandles(_) => PyRuntimeError::new_err(message),
+        Error::Io { source, .. } => {
+            PyOSError::new_err((source.raw_os_error().unwrap_or(0), message))
+        }
+    }
+}
+
+/// The bytes of a C-contiguous numpy array, checked for what copying into or out of it needs.
+///
+/// The returned slice aliases the array's memory: callers pass arrays that nothing else uses
+/// during the call (the Python package allocates them, or holds the only reference).
+fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>, writable: bool) -> PyResult<&'a mut [u8]> {
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "arrays passed to shmreplay._core must be C-contiguous",
+        ));
+    }
+    let len = array.shape().iter().product::<usize>() * array.dtype().itemsize();
+    let raw = array.as_array_ptr();
+    // SAFETY: `raw` points to a live ndarray object (we hold a reference to it); reading its
+    // header fields under the GIL is how numpy's own C API accesses them.
+    let (data, flags) = unsafe { ((*raw).fields.data.cast::<u8>(), (*raw).fields.flags) };
+    if writable && flags & numpy::npyffi::NPY_ARRAY_WRITEABLE == 0 {
+        return Err(PyValueError::new_err("output array is read-only"));
+    }
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    // SAFETY: a C-contiguous array owns `len` bytes at `data`, kept alive by `array` for 'a;
+    // exclusive use during the call is the caller's contract (see above).
+    Ok(unsafe { std::slice::from_raw_parts_mut(data, len) })
+}
+
+fn arrays_bytes<'a>(
+    arrays: &'a [Bound<'_, PyUntypedArray>],
+    writable: bool,
+) -> PyResult<Vec<&'a mut [u8]>> {
+    arrays.iter().map(|a| array_bytes(a, writable)).collect()
+}
+
+/// A handle to one shared-memory replay buffer (wrapped by `shmreplay.ReplayBuffer`).
+#[pyclass(frozen, module = "shmreplay._core")]
+struct RawBuffer {
+    inner: Mutex<Option<Arc<ReplayBuffer>>>,
+}
+
+impl RawBuffer {
+    fn new(buffer: ReplayBuffer) -> Self {
+        RawBuffer {
+            inner: Mutex::new(Some(Arc::new(buffer))),
+        }
+    }
+
+    /// The buffer, or `ValueError` once closed. An `Arc` so that `close` from another thread
+    /// never unmaps memory a running copy still uses.
+    fn get(&self) -> PyResult<Arc<ReplayBuffer>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| PyValueError::new_err("operation on a closed ReplayBuffer"))
+    }
+}
+
+#[pymethods]
+impl RawBuffer {
+    /// Creates a buffer; `fields` is a list of `(name, dtype code, shape)`.
+    #[staticmethod]
+    #[pyo3(signature = (name, dir, capacity, fields))]
+    fn create(
+        py: Python<'_>,
+        name: &str,
+        dir: Option<PathBuf>,
+        capacity: u64,
+        fields: Vec<(String, String, Vec<usize>)>,
+    ) -> PyResult<RawBuffer> {
+        let parsed = fields
+            .into_iter()
+            .map(|(n, code, shape)| Ok((n, DType::from_code(&code)?, shape)))
+            .collect::<shmreplay_core::Result<Vec<_>>>()
+            .and_then(|f| Schema::new(&f))
+            .map_err(|e| to_py(py, e))?;
+        let name = name.to_owned();
+        py.detach(|| ReplayBuffer::create(&name, dir.as_deref(), capacity, parsed))
+            .map(RawBuffer::new)
+            .map_err(|e| to_py(py, e))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (name, dir))]
+    fn attach(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawBuffer> {
+        let name = name.to_owned();
+        py.detach(|| ReplayBuffer::attach(&name, dir.as_deref()))
+            .map(RawBuffer::new)
+            .map_err(|e| to_py(py, e))
+    }
+
+    #[getter]
+    fn name(&self) -> PyResult<String> {
+        Ok(self.get()?.name().to_owned())
+    }
+
+    #[getter]
+    fn path(&self) -> PyResult<PathBuf> {
+        Ok(self.get()?.path().to_owned())
+    }
+
+    #[getter]
+    fn capacity(&self) -> PyResult<u64> {
+        Ok(self.get()?.capacity())
+    }
+
+    #[getter]
+    fn record_bytes(&self) -> PyResult<usize> {
+        Ok(self.get()?.record_bytes())
+    }
+
+    #[getter]
+    fn segment_bytes(&self) -> PyResult<u64> {
+        Ok(self.get()?.segment_bytes())
+    }
+
+    /// `[(name, dtype code, shape)]` in record order.
+    #[getter]
+    fn fields(&self) -> PyResult<Vec<(String, &'static str, Vec<usize>)>> {
+        Ok(self
+            .get()?
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| (f.name.clone(), f.dtype.code(), f.shape.clone()))
+            .collect())
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.get()?.len() as usize)
+    }
+
+    /// Inserts rows given as one C-contiguous array per field (already of the field's dtype).
+    fn extend(&self, py: Python<'_>, columns: Vec<Bound<'_, PyUntypedArray>>) -> PyResult<usize> {
+        let buffer = self.get()?;
+        let columns = arrays_bytes(&columns, false)?;
+        let columns: Vec<&[u8]> = columns.into_iter().map(|c| &*c).collect();
+        py.detach(|| buffer.extend(&columns))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Fills one fresh array per field plus uint64 `index` and `key` arrays with a random batch.
+    fn sample_into(
+        &self,
+        py: Python<'_>,
+        out: Vec<Bound<'_, PyUntypedArray>>,
+        index: Bound<'_, PyUntypedArray>,
+        key: Bound<'_, PyUntypedArray>,
+    ) -> PyResult<()> {
+        let buffer = self.get()?;
+        let mut out = arrays_bytes(&out, true)?;
+        let index = as_u64s(&index)?;
+        let key = as_u64s(&key)?;
+        py.detach(|| buffer.sample_into(&mut out, index, key))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// Copies slot `index` into one array per field; returns its key, or None if never written.
+    fn read(
+        &self,
+        py: Python<'_>,
+        index: u64,
+        out: Vec<Bound<'_, PyUntypedArray>>,
+    ) -> PyResult<Option<u64>> {
+        let buffer = self.get()?;
+        let mut out = arrays_bytes(&out, true)?;
+        py.detach(|| buffer.read(index, &mut out))
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) if index >= buffer.capacity() => PyIndexError::new_err(m),
+                e => to_py(py, e),
+            })
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let buffer = self.get()?;
+        let s = py.detach(|| buffer.stats());
+        let dict = PyDict::new(py);
+        for (key, value) in [
+            ("capacity", s.capacity),
+            ("size", s.size),
+            ("inserts", s.inserts),
+            ("samples", s.samples),
+            ("retries", s.retries),
+            ("recovered", s.recovered),
+            ("superseded", s.superseded),
+            ("attached", s.attached),
+        ] {
+            dict.set_item(key, value)?;
+        }
+        Ok(dict)
+    }
+
+    fn processes(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        let buffer = self.get()?;
+        Ok(py.detach(|| buffer.processes()))
+    }
+
+    fn unlink(&self, py: Python<'_>) -> PyResult<()> {
+        self.get()?.unlink().map_err(|e| to_py(py, e))
+    }
+
+    /// Releases this handle; the mapping goes once no running call uses it. Idempotent.
+    fn close(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn as_u64s<'a>(array: &'a Bound<'_, PyUntypedArray>) -> PyResult<&'a mut [u64]> {
+    let bytes = array_bytes(array, true)?;
+    // SAFETY: every bit pattern is a valid u64, and `align_to_mut` only puts aligned,
+    // whole words in the middle part.
+    let (head, words, tail) = unsafe { bytes.align_to_mut::<u64>() };
+    if !head.is_empty() || !tail.is_empty() || array.dtype().itemsize() != 8 {
+        return Err(PyValueError::new_err(
+            "index and key must be aligned 8-byte integer arrays",
+        ));
+    }
+    Ok(words)
+}
+
+/// `[{name, path, capacity, size, bytes, record_bytes, attached, stale}]` for `dir`.
+#[pyfunction]
+#[pyo3(signature = (dir=None))]
+fn list_buffers<'py>(py: Python<'py>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    let infos = py
+        .detach(|| shmreplay_core::list(dir.as_deref()))
+        .map_err(|e| to_py(py, e))?;
+    infos
+        .into_iter()
+        .map(|info| {
+            let dict = PyDict::new(py);
+            dict.set_item("name", info.name)?;
+            dict.set_item("path", info.path.display().to_string())?;
+            dict.set_item("capacity", info.capacity)?;
+            dict.set_item("size", info.size)?;
+            dict.set_item("bytes", info.bytes)?;
+            dict.set_item("record_bytes", info.record_bytes)?;
+            dict.set_item("attached", info.attached)?;
+            dict.set_item("stale", info.stale)?;
+            Ok(dict)
+        })
+        .collect()
+}
+
+#[pyfunction]
+#[pyo3(signature = (name, dir=None))]
+fn remove(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<()> {
+    shmreplay_core::remove(name, dir.as_deref()).map_err(|e| to_py(py, e))
+}
+
+#[pyfunction]
+fn unique_name() -> String {
+    shmreplay_core::unique_name()
+}
+
+#[pyfunction]
+fn validate_name(py: Python<'_>, name: &str) -> PyResult<()> {
+    shmreplay_core::validate_name(name).map_err(|e| to_py(py, e))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<RawBuffer>()?;
+    m.add_function(wrap_pyfunction!(list_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(remove, m)?)?;
+    m.add_function(wrap_pyfunction!(unique_name, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_name, m)?)?;
+    m.add("DEFAULT_DIR", shmreplay_core::DEFAULT_DIR)?;
+    m.add("MAX_CAPACITY", shmreplay_core::MAX_CAPACITY)?;
+    m.add("MAX_NAME_LEN", shmreplay_core::MAX_NAME_LEN)?;
+    Ok(())
+}

@@ -1,0 +1,342 @@
+"""The Python face of a shared-memory replay buffer: validation in numpy terms, copies in Rust."""
+
+from __future__ import annotations
+
+import operator
+import os
+from types import TracebackType
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import _core
+
+FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+_KINDS = {"b": "bool", "u": "unsigned integer", "i": "signed integer", "f": "floating point"}
+
+
+def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
+    """Normalises a field's dtype and returns it with the core's short code (``"u1"``...)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"field {field!r}: {dtype!r} is not a numpy dtype") from e
+    if dt.kind not in _KINDS or dt.fields is not None or dt.subdtype is not None:
+        raise TypeError(
+            f"field {field!r}: dtype {dt} is not supported "
+            "(use bool, int8-64, uint8-64 or float16/32/64)"
+        )
+    if dt.byteorder == ">":
+        raise TypeError(f"field {field!r}: big-endian dtype {dt} is not supported")
+    return dt.newbyteorder("="), f"{dt.kind}{dt.itemsize}"
+
+
+def _shape(field: str, shape: Any) -> tuple[int, ...]:
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"field {field!r}: shape must be an int or a tuple of ints, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise TypeError(f"field {field!r}: shape must be an int or a tuple of ints, got {shape!r}")
+        if d < 1:
+            raise ValueError(f"field {field!r}: every dimension must be >= 1, got shape {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
+    if not isinstance(fields, Mapping):
+        raise TypeError("fields must be a mapping {name: (shape, dtype)}")
+    if not fields:
+        raise ValueError("fields must name at least one field")
+    parsed = []
+    for name, spec in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"field names must be strings, got {name!r}")
+        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            raise TypeError(f"field {name!r}: expected a (shape, dtype) pair, got {spec!r}")
+        shape, dtype = spec
+        parsed.append((name, _dtype_code(name, dtype)[1], list(_shape(name, shape))))
+    return parsed
+
+
+def _int_arg(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got a bool")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+def _dir_arg(path: Any) -> str | None:
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError("path must be a str or os.PathLike[str]")
+    return path
+
+
+def _reattach(name: str, path: str | None) -> "ReplayBuffer":
+    return ReplayBuffer.attach(name, path=path)
+
+
+class ReplayBuffer:
+    """A ring of ``capacity`` fixed-size records in one shared-memory segment.
+
+    Any number of processes can :meth:`add`/:meth:`extend` and :meth:`sample` concurrently:
+    each slot is a seqlock, so writers never wait for readers and readers never see a torn
+    record. Create one with :meth:`create`, open it from other processes with :meth:`attach`
+    (or pass it to a child process: it pickles by name).
+    """
+
+    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner")
+
+    def __init__(self, raw: _core.RawBuffer, path: str | None, owner: bool) -> None:
+        """Internal: use :meth:`create` or :meth:`attach`."""
+        self._raw = raw
+        self._dir = path
+        self._owner = owner
+        self._fields: FieldTypes = {
+            name: (tuple(shape), np.dtype(code)) for name, code, shape in raw.fields
+        }
+        self._names = frozenset(self._fields)
+
+    # ---- construction ----
+
+    @classmethod
+    def create(
+        cls,
+        name: str | None = None,
+        *,
+        capacity: int,
+        fields: Mapping[str, tuple[Any, Any]],
+        path: str | os.PathLike[str] | None = None,
+    ) -> "ReplayBuffer":
+        """Creates a new buffer of ``capacity`` slots.
+
+        Args:
+            name: unique on this machine (letters, digits, ``._-``); ``None`` picks one.
+            capacity: number of slots (records) in the ring.
+            fields: ``{name: (shape, dtype)}``; shape ``()`` for scalars, dtype any numpy
+                bool/int/uint/float dtype or its name.
+            path: directory for the segment file (default ``/dev/shm``).
+
+        Raises:
+            FileExistsError: the name is taken.
+            InsufficientSpaceError: the filesystem cannot hold the segment (nothing is created).
+            ValueError, TypeError: invalid name, capacity or fields.
+        """
+        capacity = _int_arg("capacity", capacity, 1)
+        parsed = _parse_fields(fields)
+        directory = _dir_arg(path)
+        if name is None:
+            name = _core.unique_name()
+        elif not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raw = _core.RawBuffer.create(name, directory, capacity, parsed)
+        return cls(raw, directory, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, *, path: str | os.PathLike[str] | None = None) -> "ReplayBuffer":
+        """Opens an existing buffer, from any process of the same user.
+
+        Raises:
+            FileNotFoundError: no buffer of that name.
+            CorruptSegmentError: the file is not a valid segment.
+            PermissionError: the segment belongs to another user.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        directory = _dir_arg(path)
+        return cls(_core.RawBuffer.attach(name, directory), directory, owner=False)
+
+    # ---- properties ----
+
+    @property
+    def name(self) -> str:
+        """The buffer's name (what :meth:`attach` takes)."""
+        return self._raw.name
+
+    @property
+    def path(self) -> str:
+        """The segment file."""
+        return str(self._raw.path)
+
+    @property
+    def capacity(self) -> int:
+        """Number of slots."""
+        return self._raw.capacity
+
+    @property
+    def fields(self) -> FieldTypes:
+        """``{name: (shape, dtype)}`` in record order."""
+        return dict(self._fields)
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes one record takes in shared memory (each field padded to 8 bytes)."""
+        return self._raw.record_bytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole segment."""
+        return self._raw.segment_bytes
+
+    @property
+    def is_owner(self) -> bool:
+        """True for the handle that created the buffer (it unlinks it on ``with`` exit)."""
+        return self._owner
+
+    @property
+    def closed(self) -> bool:
+        return self._raw.closed
+
+    def __len__(self) -> int:
+        """Number of slots holding a committed record."""
+        return len(self._raw)
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<ReplayBuffer (closed)>"
+        return f"<ReplayBuffer {self.name!r} {len(self)}/{self.capacity} slots, {self.record_bytes} B/record>"
+
+    # ---- writing ----
+
+    def _column(self, field: str, value: Any, leading: tuple[int, ...]) -> np.ndarray:
+        """``value`` as a C-contiguous array of ``field``'s dtype and shape ``leading + shape``."""
+        shape, dtype = self._fields[field]
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"field {field!r}: cannot convert to an array: {e}") from None
+        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+            raise TypeError(
+                f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
+                "(numpy 'same_kind' casting refuses it)"
+            )
+        expected = leading + shape
+        if array.shape != expected and not (leading and array.shape[1:] == shape):
+            want = f"(N, {', '.join(map(str, shape))})" if leading else str(shape)
+            raise ValueError(f"field {field!r}: expected shape {want}, got {array.shape}")
+        if array.dtype.kind in "iu" and dtype.kind in "iu" and not np.can_cast(array.dtype, dtype) and array.size:
+            info = np.iinfo(dtype)
+            if array.min() < info.min or array.max() > info.max:
+                raise ValueError(f"field {field!r}: values out of range for {dtype}")
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def _columns(self, values: Mapping[str, Any], leading: tuple[int, ...]) -> list[np.ndarray]:
+        keys = set(values)
+        if keys != self._names:
+            missing = sorted(self._names - keys)
+            extra = sorted(map(str, keys - self._names))
+            parts = [f"missing field(s) {missing}"] if missing else []
+            parts += [f"unknown field(s) {extra}"] if extra else []
+            raise ValueError("; ".join(parts) + f" (the buffer's fields are {list(self._fields)})")
+        columns = [self._column(name, values[name], leading) for name in self._fields]
+        if leading:
+            rows = {name: c.shape[0] for name, c in zip(self._fields, columns)}
+            if len(set(rows.values())) > 1:
+                raise ValueError(f"fields have different numbers of rows: {rows}")
+        return columns
+
+    def add(self, **values: Any) -> None:
+        """Inserts one transition: one keyword argument per field.
+
+        Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
+        or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses.
+        """
+        self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())])
+
+    def extend(self, batch: Mapping[str, Any]) -> None:
+        """Inserts N transitions given as ``{field: array of N rows}`` (wrapping around the ring).
+
+        Validates every field before writing anything; errors as for :meth:`add`.
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"extend takes a mapping {{field: array}}, got {type(batch).__name__}")
+        self._raw.extend(self._columns(batch, (-1,)))
+
+    # ---- reading ----
+
+    def sample(self, batch_size: int, *, return_info: bool = False) -> Any:
+        """Draws ``batch_size`` rows uniformly, with replacement, from the committed slots.
+
+        Returns ``{field: array (batch_size, *shape)}`` of fresh arrays, and with
+        ``return_info=True`` also ``{"index": int64 slots, "key": uint64 insert tickets}``
+        (a key identifies the record: it changes when the slot is overwritten).
+
+        Raises:
+            EmptyBufferError: nothing has been committed yet.
+        """
+        n = _int_arg("batch_size", batch_size, 1)
+        out = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
+        index = np.empty(n, np.uint64)
+        key = np.empty(n, np.uint64)
+        self._raw.sample_into(list(out.values()), index, key)
+        if return_info:
+            return out, {"index": index.view(np.int64), "key": key}
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """A consistent copy of slot ``index`` (negative counts from ``capacity``).
+
+        Scalar fields come back as numpy scalars. Raises ``IndexError`` for an index out of
+        range or a slot that was never written.
+        """
+        i = _int_arg("index", index, -self.capacity)
+        if i < 0:
+            i += self.capacity
+        if i >= self.capacity:
+            raise IndexError(f"slot {index} is out of range for capacity {self.capacity}")
+        out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fields.items()}
+        if self._raw.read(i, list(out.values())) is None:
+            raise IndexError(f"slot {index} has not been written yet")
+        return {name: a[()] if a.ndim == 0 else a for name, a in out.items()}
+
+    def stats(self) -> dict[str, int]:
+        """Counters over all processes: capacity, size, inserts, samples (rows), retries,
+        recovered, superseded, attached (live handles)."""
+        return self._raw.stats()
+
+    def processes(self) -> list[int]:
+        """Pids of the live processes holding a handle to this buffer."""
+        return self._raw.processes()
+
+    # ---- lifecycle ----
+
+    def close(self) -> None:
+        """Releases this handle (idempotent). Other handles and processes are unaffected."""
+        self._raw.close()
+
+    def unlink(self) -> None:
+        """Removes the segment's name; attached handles keep working until they close."""
+        self._raw.unlink()
+
+    def __enter__(self) -> "ReplayBuffer":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self._owner and not self.closed:
+                try:
+                    self.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickles by name: unpickling attaches (it never creates or owns)."""
+        return (_reattach, (self.name, self._dir))

@@ -1,0 +1,237 @@
+"""The ``shmreplay`` command line, run as a real subprocess against real segments."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import shmreplay
+
+FIELDS = {
+    "obs": ((4, 8, 8), np.uint8),
+    "action": ((), np.int32),
+    "reward": ((), "float32"),
+    "done": ((), np.bool_),
+}
+
+
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shmreplay.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def fill(buf: shmreplay.ReplayBuffer, n: int) -> None:
+    buf.extend(
+        {
+            "obs": np.full((n, 4, 8, 8), 7, np.uint8),
+            "action": np.arange(n, dtype=np.int32),
+            "reward": np.ones(n, np.float32),
+            "done": np.zeros(n, bool),
+        }
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("shmreplay: error:"), lines
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture
+def two_buffers(tmp_path: Path) -> Iterator[tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]]:
+    """``alpha``: 100 slots, 25 rows; ``beta``: 64 slots, wrapped (74 inserts)."""
+    alpha = shmreplay.ReplayBuffer.create("alpha", capacity=100, fields=FIELDS, path=tmp_path)
+    beta = shmreplay.ReplayBuffer.create("beta", capacity=64, fields=FIELDS, path=tmp_path)
+    try:
+        fill(alpha, 25)
+        fill(beta, 74)
+        yield alpha, beta
+    finally:
+        for buf in (alpha, beta):
+            try:
+                buf.unlink()
+            except FileNotFoundError:
+                pass
+            buf.close()
+
+
+def test_ls_table(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    proc = cli("ls", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED"]
+    rows = {line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0] in ("alpha", "beta")}
+    assert set(rows) == {"alpha", "beta"}
+    assert rows["alpha"].split()[1:4] == ["100", "25", "(25.0%)"]
+    assert rows["beta"].split()[1:4] == ["64", "64", "(100.0%)"]
+    for line in rows.values():
+        assert "STALE" not in line  # this test process is attached to both
+        assert "MB" in line or "kB" in line
+    assert "2 buffers in" in proc.stdout
+
+
+def test_ls_json(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    alpha, beta = two_buffers
+    proc = cli("ls", "--json", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    listed = {b["name"]: b for b in json.loads(proc.stdout)}
+    assert set(listed) == {"alpha", "beta"}
+    for buf, size in ((alpha, 25), (beta, 64)):
+        entry = listed[buf.name]
+        assert entry["capacity"] == buf.capacity
+        assert entry["size"] == size
+        assert entry["bytes"] == buf.nbytes
+        assert entry["record_bytes"] == buf.record_bytes
+        assert os.path.samefile(entry["path"], buf.path)
+        assert entry["attached"] >= 1
+        assert entry["stale"] is False
+
+
+def test_ls_empty(tmp_path: Path) -> None:
+    proc = cli("ls", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"No shmreplay buffers in {tmp_path}."
+    proc = cli("ls", "--json", "--path", str(tmp_path))
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+
+
+def test_info_text(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    alpha, _ = two_buffers
+    alpha.sample(10)
+    proc = cli("info", "alpha", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "alpha" in out and alpha.path in out
+    assert "100 records" in out and "25 (25.0%)" in out
+    assert f"{alpha.record_bytes:,}" in out
+    schema = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in FIELDS}
+    assert set(schema) == set(FIELDS)
+    assert "uint8" in schema["obs"] and "(4, 8, 8)" in schema["obs"] and "256" in schema["obs"]
+    assert "int32" in schema["action"] and "()" in schema["action"]
+    assert "float32" in schema["reward"] and "bool" in schema["done"]
+    counters = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
+    assert counters["inserts"] == "25"
+    assert counters["samples"] == "10"
+    assert counters["capacity"] == "100"
+    assert str(os.getpid()) in out.split("attached processes")[-1]
+
+
+def test_info_json(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    _, beta = two_buffers
+    proc = cli("info", "beta", "--json", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["name"] == "beta"
+    assert info["capacity"] == 64 and info["size"] == 64
+    assert info["record_bytes"] == beta.record_bytes and info["segment_bytes"] == beta.nbytes
+    assert [f["name"] for f in info["fields"]] == list(FIELDS)
+    obs = info["fields"][0]
+    assert obs == {"name": "obs", "dtype": "uint8", "shape": [4, 8, 8], "bytes": 256}
+    assert info["stats"]["inserts"] == 74
+    assert set(info["stats"]) >= {"capacity", "size", "inserts", "samples", "retries", "recovered", "attached"}
+    assert os.getpid() in info["processes"]
+
+
+def test_rm(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    alpha, beta = two_buffers
+    proc = cli("rm", "beta", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "removed beta"
+    assert not os.path.exists(beta.path)
+    assert os.path.exists(alpha.path)
+    names = [b["name"] for b in json.loads(cli("ls", "--json", "--path", str(tmp_path)).stdout)]
+    assert names == ["alpha"]
+
+
+def test_rm_unknown_and_known(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+    alpha, _ = two_buffers
+    proc = cli("rm", "nosuch", "alpha", "--path", str(tmp_path))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("shmreplay: error:")]
+    assert len(errors) == 1 and "'nosuch'" in errors[0]
+    assert "was still attached by 1 process" in proc.stderr  # this test holds alpha open
+    assert "removed alpha" in proc.stdout
+    assert not os.path.exists(alpha.path)
+
+
+@pytest.mark.parametrize("command", [["info", "nosuch"], ["info", "nosuch", "--json"], ["rm", "nosuch"]])
+def test_unknown_name(tmp_path: Path, command: list[str]) -> None:
+    proc = cli(*command, "--path", str(tmp_path))
+    assert_one_line_error(proc, "'nosuch'")
+    assert proc.stdout == ""
+
+
+def test_missing_directory_is_not_a_traceback(tmp_path: Path) -> None:
+    proc = cli("info", "x", "--path", str(tmp_path / "missing"))
+    assert_one_line_error(proc)
+    proc = cli("ls", "--path", str(tmp_path / "missing"))
+    assert "Traceback" not in proc.stderr
+    assert proc.returncode in (0, 1)
+
+
+def test_default_directory() -> None:
+    name = f"clitest-{uuid.uuid4().hex[:12]}"
+    buf = shmreplay.ReplayBuffer.create(name, capacity=16, fields=FIELDS)
+    try:
+        assert os.path.dirname(buf.path) == shmreplay.DEFAULT_DIR
+        fill(buf, 3)
+        listed = {b["name"]: b for b in json.loads(cli("ls", "--json").stdout)}
+        assert listed[name]["size"] == 3 and listed[name]["capacity"] == 16
+        assert name in cli("ls").stdout
+        info = json.loads(cli("info", name, "--json").stdout)
+        assert info["stats"]["inserts"] == 3
+        proc = cli("rm", name)
+        assert proc.returncode == 0, proc.stderr
+        assert not os.path.exists(buf.path)
+        assert_one_line_error(cli("rm", name), name)
+    finally:
+        try:
+            buf.unlink()
+        except FileNotFoundError:
+            pass
+        buf.close()
+
+
+def test_stale_buffer_is_marked_and_removed(tmp_path: Path) -> None:
+    """A creator that dies without cleaning up leaves a STALE segment that ``rm --stale`` removes."""
+    script = textwrap.dedent(
+        f"""
+        import os, shmreplay
+        buf = shmreplay.ReplayBuffer.create("orphan", capacity=8, fields={{"x": ((), "int64")}}, path={str(tmp_path)!r})
+        buf.add(x=1)
+        os._exit(0)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    listed = json.loads(cli("ls", "--json", "--path", str(tmp_path)).stdout)
+    assert [(b["name"], b["stale"], b["attached"]) for b in listed] == [("orphan", True, 0)]
+    assert "STALE" in cli("ls", "--path", str(tmp_path)).stdout
+    proc = cli("rm", "--stale", "--path", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "removed orphan"
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_and_usage_errors() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for command in ("ls", "info", "rm", "demo"):
+        assert command in proc.stdout
+    proc = cli("demo", "--help")
+    assert proc.returncode == 0 and "--synthetic" in proc.stdout and "--start-method" in proc.stdout
+    proc = cli()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
