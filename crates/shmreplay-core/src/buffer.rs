@@ -439,8 +439,10 @@ impl ReplayBuffer {
         }
         let first_ticket = cursor.fetch_add(n as u64, Ordering::Relaxed);
         let writing = self.entry_word(entry, E_WRITING);
-        let (mut inserted, mut recovered, mut superseded) = (0u64, 0u64, 0u64);
-        for row in n.saturating_sub(self.layout.capacity)..n {
+        // Rows that the same call overwrites at once are never written: they count as superseded.
+        let skipped = n.saturating_sub(self.layout.capacity);
+        let (mut inserted, mut recovered, mut superseded) = (0u64, 0u64, skipped as u64);
+        for row in skipped..n {
             let ticket = first_ticket + row as u64;
             let index = (ticket % self.capacity()) as usize;
             let seq = self.seq(index);

@@ -221,6 +221,12 @@ mod tests {
 
 /// Model checks of the protocol: every interleaving (within loom's bounds) of writers and a
 /// reader on a 1-slot ring, with records of two words that must never be seen mixed.
+///
+/// Every actor is a spawned thread: loom does not preempt the main thread before its first
+/// operation, so a read done there would always run before the writers and prove nothing.
+/// Both tests were checked to fail when validation, the writer's Release fence or the reader's
+/// Acquire fence is removed, or when a waiting writer takes over a slot without asking whether
+/// its writer is dead.
 #[cfg(all(test, loom))]
 mod loom_tests {
     use super::*;
@@ -273,31 +279,50 @@ mod loom_tests {
         }
     }
 
+    /// Exhaustive search over 4 threads with spinning writers does not finish; 3 preemptions
+    /// is loom's recommended bound and still reaches every bug listed above.
+    fn model(test: impl Fn() + Sync + Send + 'static) {
+        let mut builder = loom::model::Builder::new();
+        if builder.preemption_bound.is_none() {
+            builder.preemption_bound = Some(3);
+        }
+        builder.check(test);
+    }
+
+    fn spawn_reader(ring: &Arc<Ring>, check: fn((u64, u64))) -> thread::JoinHandle<()> {
+        let ring = ring.clone();
+        thread::spawn(move || {
+            if let Some(record) = ring.read() {
+                check(record);
+            }
+        })
+    }
+
     #[test]
     fn loom_two_writers_one_reader_never_torn() {
-        loom::model(|| {
+        model(|| {
             let ring = Ring::new();
-            let writers: Vec<_> = (1..=2u64)
+            let mut threads: Vec<_> = (1..=2u64)
                 .map(|w| {
                     let ring = ring.clone();
                     thread::spawn(move || ring.insert(w as usize, w * 100, false, &|_| false))
                 })
                 .collect();
-            if let Some((a, b)) = ring.read() {
+            threads.push(spawn_reader(&ring, |(a, b)| {
                 assert_eq!(a, b, "torn record");
                 assert!(a == 100 || a == 200);
+            }));
+            for t in threads {
+                t.join().unwrap();
             }
-            for w in writers {
-                w.join().unwrap();
-            }
-            let (a, b) = ring.read().expect("quiescent committed slot is readable");
+            let (a, b) = ring.read().expect("a quiescent committed slot is readable");
             assert_eq!(a, b);
         });
     }
 
     #[test]
     fn loom_dead_writer_is_taken_over_and_never_read_torn() {
-        loom::model(|| {
+        model(|| {
             let ring = Ring::new();
             // Writer 1 dies after half its copy. Like the kernel for a killed process, `dead`
             // reports the death only once the dead writer can store nothing more.
@@ -317,18 +342,19 @@ mod loom_tests {
                     })
                 })
             };
-            if let Some((a, b)) = ring.read() {
+            let reader = spawn_reader(&ring, |record| {
                 assert_eq!(
-                    (a, b),
+                    record,
                     (200, 200),
                     "only the survivor's whole record is readable"
-                );
+                )
+            });
+            for t in [dying, survivor, reader] {
+                t.join().unwrap();
             }
-            dying.join().unwrap();
-            survivor.join().unwrap();
             match ring.read() {
                 // The survivor either took the slot over or came first and was superseded.
-                Some((a, b)) => assert_eq!((a, b), (200, 200)),
+                Some(record) => assert_eq!(record, (200, 200)),
                 None => assert!(is_busy(ring.seq.load(Ordering::Relaxed))),
             }
         });
