@@ -61,9 +61,16 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
 
 /// The bytes of a C-contiguous numpy array, checked for what copying into or out of it needs.
 ///
-/// The returned slice aliases the array's memory: callers pass arrays that nothing else uses
-/// during the call (the Python package allocates them, or holds the only reference).
-fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>, writable: bool) -> PyResult<&'a mut [u8]> {
+/// # Safety
+/// Nothing else reads or writes the array's memory while the returned slice lives: the array is
+/// fresh (the Python package allocates outputs), or it is an input only read here. Outputs of
+/// one call are also checked not to overlap each other ([`disjoint`]).
+// numpy memory is reached through a shared `Bound`; exclusivity is the documented contract.
+#[allow(clippy::mut_from_ref)]
+unsafe fn array_bytes<'a>(
+    array: &'a Bound<'_, PyUntypedArray>,
+    writable: bool,
+) -> PyResult<&'a mut [u8]> {
     if !array.is_c_contiguous() {
         return Err(PyValueError::new_err(
             "arrays passed to shmreplay._core must be C-contiguous",
@@ -81,15 +88,43 @@ fn array_bytes<'a>(array: &'a Bound<'_, PyUntypedArray>, writable: bool) -> PyRe
         return Ok(&mut []);
     }
     // SAFETY: a C-contiguous array owns `len` bytes at `data`, kept alive by `array` for 'a;
-    // exclusive use during the call is the caller's contract (see above).
+    // exclusive use during the call is this function's contract.
     Ok(unsafe { std::slice::from_raw_parts_mut(data, len) })
 }
 
-fn arrays_bytes<'a>(
-    arrays: &'a [Bound<'_, PyUntypedArray>],
-    writable: bool,
-) -> PyResult<Vec<&'a mut [u8]>> {
-    arrays.iter().map(|a| array_bytes(a, writable)).collect()
+/// Input columns: read-only views of the callers' arrays.
+fn input_bytes<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<&'a [u8]>> {
+    arrays
+        .iter()
+        // SAFETY: only read; the GIL-holding caller keeps the arrays alive for the call.
+        .map(|a| unsafe { array_bytes(a, false) }.map(|b| &*b))
+        .collect()
+}
+
+/// Output arrays, checked writable and pairwise disjoint.
+#[allow(clippy::mut_from_ref)] // see `array_bytes`
+fn output_bytes<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<&'a mut [u8]>> {
+    // SAFETY: outputs are arrays the Python package has just allocated; `disjoint` rejects the
+    // same memory passed twice, so the slices never alias.
+    let outputs = arrays
+        .iter()
+        .map(|a| unsafe { array_bytes(a, true) })
+        .collect::<PyResult<Vec<_>>>()?;
+    disjoint(&outputs)?;
+    Ok(outputs)
+}
+
+fn disjoint(slices: &[&mut [u8]]) -> PyResult<()> {
+    let mut ranges: Vec<(usize, usize)> = slices
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| (s.as_ptr() as usize, s.as_ptr() as usize + s.len()))
+        .collect();
+    ranges.sort_unstable();
+    if ranges.windows(2).any(|w| w[1].0 < w[0].1) {
+        return Err(PyValueError::new_err("output arrays overlap"));
+    }
+    Ok(())
 }
 
 /// A handle to one shared-memory replay buffer (wrapped by `shmreplay.ReplayBuffer`).
@@ -201,8 +236,7 @@ impl RawBuffer {
     /// Inserts rows given as one C-contiguous array per field (already of the field's dtype).
     fn extend(&self, py: Python<'_>, columns: Vec<Bound<'_, PyUntypedArray>>) -> PyResult<usize> {
         let buffer = self.get()?;
-        let columns = arrays_bytes(&columns, false)?;
-        let columns: Vec<&[u8]> = columns.into_iter().map(|c| &*c).collect();
+        let columns = input_bytes(&columns)?;
         py.detach(|| buffer.extend(&columns))
             .map_err(|e| to_py(py, e))
     }
@@ -216,9 +250,11 @@ impl RawBuffer {
         key: Bound<'_, PyUntypedArray>,
     ) -> PyResult<()> {
         let buffer = self.get()?;
-        let mut out = arrays_bytes(&out, true)?;
-        let index = as_u64s(&index)?;
-        let key = as_u64s(&key)?;
+        let mut all = out;
+        all.extend([index, key]);
+        let mut out = output_bytes(&all)?;
+        let key = as_u64s(out.pop().expect("key"))?;
+        let index = as_u64s(out.pop().expect("index"))?;
         py.detach(|| buffer.sample_into(&mut out, index, key))
             .map_err(|e| to_py(py, e))
     }
@@ -231,7 +267,7 @@ impl RawBuffer {
         out: Vec<Bound<'_, PyUntypedArray>>,
     ) -> PyResult<Option<u64>> {
         let buffer = self.get()?;
-        let mut out = arrays_bytes(&out, true)?;
+        let mut out = output_bytes(&out)?;
         py.detach(|| buffer.read(index, &mut out))
             .map_err(|e| match e {
                 Error::InvalidArgument(m) if index >= buffer.capacity() => PyIndexError::new_err(m),
@@ -273,14 +309,13 @@ impl RawBuffer {
     }
 }
 
-fn as_u64s<'a>(array: &'a Bound<'_, PyUntypedArray>) -> PyResult<&'a mut [u64]> {
-    let bytes = array_bytes(array, true)?;
+fn as_u64s(bytes: &mut [u8]) -> PyResult<&mut [u64]> {
     // SAFETY: every bit pattern is a valid u64, and `align_to_mut` only puts aligned,
     // whole words in the middle part.
     let (head, words, tail) = unsafe { bytes.align_to_mut::<u64>() };
-    if !head.is_empty() || !tail.is_empty() || array.dtype().itemsize() != 8 {
+    if !head.is_empty() || !tail.is_empty() {
         return Err(PyValueError::new_err(
-            "index and key must be aligned 8-byte integer arrays",
+            "index and key must be aligned uint64 arrays",
         ));
     }
     Ok(words)
