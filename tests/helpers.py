@@ -118,7 +118,8 @@ def rows_for_keys(fields: Mapping[str, Any], keys: Iterable[int]) -> dict[str, n
     for fi, (name, (shape, dtype)) in enumerate(nf.items()):
         size = int(np.prod(shape, dtype=np.int64))
         elem = np.arange(size, dtype=np.uint64)
-        seed = keys[:, None] * np.uint64(0x100000001B3) + np.uint64(fi * 0x10001 + 1) * _GOLDEN
+        salt = np.uint64(((fi * 0x10001 + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        seed = keys[:, None] * np.uint64(0x100000001B3) + salt
         h = splitmix64(seed + elem[None, :])  # (n, size)
         if dtype.kind == "b":
             vals = (h & np.uint64(1)).astype(np.bool_)
@@ -509,6 +510,9 @@ def concurrent_writer(
         q.put(("err", f"writer {wid}:\n{traceback.format_exc()}"))
 
 
+SINGLE_READS_PER_BATCH = 8
+
+
 def concurrent_sampler(
     name: str,
     path: str | None,
@@ -546,20 +550,20 @@ def concurrent_sampler(
                 bad_total += nbad
                 first_bad = first_bad or f"sample: {desc}"
             # single-slot reads of (possibly in-flight) slots
-            i = int(rng.integers(0, cap))
-            try:
-                row = buf[i]
-            except IndexError:
-                row = None  # a slot not written yet is the only excuse
-                if len(buf) == cap:
-                    index_errors += 1
-            if row is not None:
-                one = {k: np.asarray(v)[None] for k, v in row.items()}
-                nbad, desc = validate_records(one, n_writers=n_writers)
-                sampled += 1
-                if nbad:
-                    bad_total += nbad
-                    first_bad = first_bad or f"buf[{i}]: {desc}"
+            for i in rng.integers(0, cap, size=SINGLE_READS_PER_BATCH).tolist():
+                try:
+                    row = buf[i]
+                except IndexError:
+                    row = None  # a slot not written yet is the only excuse
+                    if len(buf) == cap:
+                        index_errors += 1
+                if row is not None:
+                    one = {k: np.asarray(v)[None] for k, v in row.items()}
+                    nbad, desc = validate_records(one, n_writers=n_writers)
+                    sampled += 1
+                    if nbad:
+                        bad_total += nbad
+                        first_bad = first_bad or f"buf[{i}]: {desc}"
             progress.value = sampled
             torn.value = bad_total
         stats = dict(buf.stats())
@@ -567,6 +571,71 @@ def concurrent_sampler(
         q.put(("ok", ("sampler", sid, sampled, bad_total, first_bad, bad_keys, index_errors, stats)))
     except BaseException:  # noqa: BLE001
         q.put(("err", f"sampler {sid}:\n{traceback.format_exc()}"))
+
+
+def streaming_writer(
+    name: str,
+    path: str | None,
+    wid: int,
+    frame: tuple[int, ...],
+    batch_rows: int,
+    stop: Any,
+    progress: Any,
+    q: Any,
+) -> None:
+    """Extend one precomputed batch of records over and over until ``stop``: almost all of
+    this process's time is spent inside slot copies."""
+    try:
+        buf = _attach(name, path)
+        recs = make_records(wid, range(batch_rows), frame)
+        calls = 0
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            buf.extend(recs)
+            calls += 1
+            progress.value = calls * batch_rows
+        buf.close()
+        q.put(("ok", ("writer", wid, calls * batch_rows)))
+    except BaseException:  # noqa: BLE001
+        q.put(("err", f"writer {wid}:\n{traceback.format_exc()}"))
+
+
+def slot_reader(
+    name: str,
+    path: str | None,
+    sid: int,
+    n_writers: int,
+    stop: Any,
+    progress: Any,
+    torn: Any,
+    q: Any,
+) -> None:
+    """Read single slots (``buf[i]``) of a fully written ring until ``stop``: each read must
+    return a consistent copy, whatever the writers are doing to that slot."""
+    try:
+        buf = _attach(name, path)
+        cap = buf.capacity
+        rng = np.random.default_rng(2000 + sid)
+        reads = bad_total = 0
+        first_bad = ""
+        deadline = time.monotonic() + 120
+        while len(buf) < cap and time.monotonic() < deadline:
+            time.sleep(0.001)
+        while not stop.is_set() and time.monotonic() < deadline:
+            idx = rng.integers(0, cap, size=64).tolist()
+            rows = [buf[i] for i in idx]  # back to back: most of the time is spent in reads
+            batch = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
+            nbad, desc = validate_records(batch, n_writers=n_writers)
+            if nbad:
+                bad_total += nbad
+                first_bad = first_bad or f"buf[i] for i in {idx}: {desc}"
+            reads += 64
+            progress.value = reads
+            torn.value = bad_total
+        buf.close()
+        q.put(("ok", ("sampler", sid, reads, bad_total, first_bad, 0, 0, {})))
+    except BaseException:  # noqa: BLE001
+        q.put(("err", f"reader {sid}:\n{traceback.format_exc()}"))
 
 
 def kill_and_reap(procs: Iterable[Any], timeout: float = 10.0) -> None:

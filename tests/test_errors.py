@@ -13,7 +13,6 @@ import shmreplay
 from shmreplay import EmptyBufferError, InsufficientSpaceError, ReplayBuffer
 
 from helpers import (
-    ATARI_FRAME,
     assert_row_equal,
     control_fields,
     expected_record_bytes,
@@ -276,9 +275,10 @@ def _assert_nothing_written(buf, before_snapshot, before_len, before_inserts):
 
 
 def _assert_next_insert_gets_next_ticket(buf, fields, expected_key):
-    """The rejected call consumed no ticket: the next good row gets key == inserts so far."""
+    """The rejected call consumed no ticket: the next good row gets the next key."""
+    before = buf.stats()["inserts"]
     buf.add(**row_for_key(fields, expected_key))
-    assert buf.stats()["inserts"] == expected_key + 1
+    assert buf.stats()["inserts"] == before + 1
     assert_row_equal(buf[expected_key % buf.capacity], row_for_key(fields, expected_key))
     _, info = buf.sample(200, return_info=True)
     assert int(info["key"].max()) == expected_key
@@ -297,11 +297,12 @@ def test_bad_add_writes_nothing(prefilled, case):
     buf = prefilled
     row, culprit = _bad_add_cases()[case]
     snap = snapshot_slots(buf)
+    inserts = buf.stats()["inserts"]
     assert len(snap) == CAP
     with pytest.raises(BAD_INPUT) as exc:
         buf.add(**row)
     _check_message(exc, culprit, _atari())
-    _assert_nothing_written(buf, snap, CAP, PREFILL)
+    _assert_nothing_written(buf, snap, CAP, inserts)
     _assert_next_insert_gets_next_ticket(buf, _atari(), PREFILL)
 
 
@@ -310,10 +311,11 @@ def test_bad_extend_writes_nothing(prefilled, case):
     buf = prefilled
     batch, culprit = _bad_extend_cases()[case]
     snap = snapshot_slots(buf)
+    inserts = buf.stats()["inserts"]
     with pytest.raises(BAD_INPUT) as exc:
         buf.extend(batch)
     _check_message(exc, culprit, _atari())
-    _assert_nothing_written(buf, snap, CAP, PREFILL)
+    _assert_nothing_written(buf, snap, CAP, inserts)
     _assert_next_insert_gets_next_ticket(buf, _atari(), PREFILL)
 
 
@@ -338,10 +340,11 @@ def test_bad_input_on_empty_buffer_writes_nothing(shm_name):
 
 def test_extend_non_mapping_rejected(prefilled):
     snap = snapshot_slots(prefilled)
+    inserts = prefilled.stats()["inserts"]
     for bad in ([1, 2, 3], None, 5):
         with pytest.raises(BAD_INPUT):
             prefilled.extend(bad)
-    _assert_nothing_written(prefilled, snap, CAP, PREFILL)
+    _assert_nothing_written(prefilled, snap, CAP, inserts)
 
 
 # --------------------------------------------------------------------------- attach validation

@@ -290,10 +290,10 @@ class ReplayBuffer:
         Scalar fields come back as numpy scalars. Raises ``IndexError`` for an index out of
         range or a slot that was never written.
         """
-        i = _int_arg("index", index, -self.capacity)
+        i = _int_arg("index", index, -(1 << 63))
         if i < 0:
             i += self.capacity
-        if i >= self.capacity:
+        if not 0 <= i < self.capacity:
             raise IndexError(f"slot {index} is out of range for capacity {self.capacity}")
         out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fields.items()}
         if self._raw.read(i, list(out.values())) is None:

@@ -107,7 +107,8 @@ class Downsampler:
         tall = image.take(self._rows, axis=0).astype(np.uint16)  # (2*size, W)
         pairs = tall[0::2] + tall[1::2]  # (size, W)
         wide = pairs.take(self._cols, axis=1)  # (size, 2*size)
-        return ((wide[:, 0::2] + wide[:, 1::2] + 2) >> 2).astype(np.uint8)
+        frame: Frame = ((wide[:, 0::2] + wide[:, 1::2] + 2) >> 2).astype(np.uint8)
+        return frame
 
 
 def atari_env_id(game: str) -> str:
@@ -190,7 +191,7 @@ class SyntheticFrames:
         self._stamp = stamp
         self._counter = 0
         ys, xs = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE]
-        self._background = (40 + (ys + 2 * xs) % 48).astype(np.uint8)
+        self._background: Frame = (40 + (ys + 2 * xs) % 48).astype(np.uint8)
         self._stack: Frame = np.zeros(OBS_SHAPE, np.uint8)
         self._pos = np.zeros(2)
         self._vel = np.zeros(2)
@@ -198,7 +199,7 @@ class SyntheticFrames:
         self._left = 0
 
     def _draw(self) -> Frame:
-        frame = self._background.copy()
+        frame: Frame = self._background.copy()
         y, x = int(self._pos[0]), int(self._pos[1])
         frame[y : y + 3, x : x + 3] = 236
         p = int(self._paddle)
@@ -242,8 +243,9 @@ def read_stamp(frames: npt.NDArray[np.uint8]) -> Tuple[npt.NDArray[np.int64], np
     ``frames`` has shape ``(..., 84, 84)``; returns two arrays of shape ``frames.shape[:-2]``.
     """
     raw = np.ascontiguousarray(frames[..., 0, 0:4])
-    counter = raw.astype(np.int64) @ np.array([1, 1 << 8, 1 << 16, 1 << 24], np.int64)
-    return counter, frames[..., 0, 4]
+    counter: npt.NDArray[np.int64] = raw.astype(np.int64) @ np.array([1, 1 << 8, 1 << 16, 1 << 24], np.int64)
+    stamp: npt.NDArray[np.uint8] = np.asarray(frames[..., 0, 4])
+    return counter, stamp
 
 
 def check_atari(game: str) -> Tuple[str, int]:

@@ -195,8 +195,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
             status = 1
             continue
         print(f"removed {name}")
-        attached = listed.get(name, {}).get("attached", 0)
-        if attached and not listed[name]["stale"]:
+        entry = listed.get(name)
+        if entry is not None and entry["attached"] and not entry["stale"]:
+            attached = entry["attached"]
             print(
                 f"{PROG}: warning: {name!r} was still attached by {attached} process(es); they keep "
                 "their mapping until they close it",
@@ -211,6 +212,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import shmreplay
+
     from . import demo
     from .atari import AtariUnavailableError
 
@@ -218,6 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return demo.run(demo.config_from_args(args))
     except AtariUnavailableError as exc:
         raise CliError(str(exc)) from None
+    except shmreplay.InsufficientSpaceError as exc:
+        raise CliError(f"{_one_line(exc)} (for the demo: a smaller --capacity, or --path DIR)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,6 +280,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``shmreplay`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.path is not None and not os.path.isdir(args.path):
+            raise CliError(f"no such directory: {args.path}")
         return int(args.func(args))
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -240,7 +240,7 @@ class _LinearValue:
 
 def check_batch(
     batch: Mapping[str, np.ndarray],
-    info: Mapping[str, np.ndarray],
+    info: Mapping[str, Any],
     *,
     batch_size: int,
     capacity: int,
@@ -369,6 +369,8 @@ class _Progress:
             f"[{elapsed:6.1f} s] inserts {ins:9,.0f}/s | samples {smp:10,.0f} rows/s | "
             f"{mbs:8,.1f} MB/s | fill {stats['size']:,}/{self.capacity:,} ({fill:.1%})"
         )
+        if stats["inserts"] == 0:
+            line = f"[{elapsed:6.1f} s] waiting for the actors' first transitions..."
         self.last = (now, stats["inserts"], stats["samples"])
         if self.tty:
             self.out.write("\r" + line.ljust(self.width))
@@ -442,7 +444,8 @@ def _stop_children(children: List[Tuple[str, BaseProcess]], stop: Any, reports: 
                 p.join(timeout=0.05)
     except (KeyboardInterrupt, _Interrupted):
         pass
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # From here on nothing may interrupt the clean-up; every wait below is bounded.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sig_method in ("terminate", "kill"):
             alive = [p for _, p in children if p.is_alive()]
@@ -454,10 +457,10 @@ def _stop_children(children: List[Tuple[str, BaseProcess]], stop: Any, reports: 
                 p.join(timeout=2.0)
         for _, p in children:
             p.join(timeout=0.1)
-        time.sleep(0.05)  # let the queue's feeder threads hand over their last items
-        _drain(reports, into)
+        _drain(reports, into)  # an exited child has flushed its report into the pipe
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _check_source(cfg: DemoConfig) -> Tuple[str, int]:
@@ -531,8 +534,8 @@ def _run_with_buffer(cfg: DemoConfig, ctx: BaseContext, buf: Any, source: str, n
         + ("running until Ctrl-C\n" if cfg.seconds == 0 else f"running for {cfg.seconds:g} s (Ctrl-C stops early)\n")
     )
     out.flush()
-    stop = ctx.Event()  # type: ignore[attr-defined]
-    reports = ctx.Queue()  # type: ignore[attr-defined]
+    stop = ctx.Event()
+    reports = ctx.Queue()
     children: List[Tuple[str, BaseProcess]] = []
     collected: List[Dict[str, Any]] = []
     failures: List[str] = []

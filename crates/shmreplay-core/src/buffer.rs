@@ -446,8 +446,9 @@ impl ReplayBuffer {
             let ticket = first_ticket + row as u64;
             let index = (ticket % self.capacity()) as usize;
             let seq = self.seq(index);
-            // Published by the claim's Release CAS; `is_orphaned` reads it.
-            writing.store(ticket + 1, Ordering::Relaxed);
+            // Published by the claim's Release CAS; `is_orphaned` reads it. Release: a reader
+            // that sees this newer mark also sees the commit of our previous ticket.
+            writing.store(ticket + 1, Ordering::Release);
             match slot::claim(seq, ticket, entry, |word| self.is_orphaned(word)) {
                 Claim::Superseded => superseded += 1,
                 Claim::Acquired {
@@ -468,7 +469,7 @@ impl ReplayBuffer {
                 }
             }
         }
-        writing.store(0, Ordering::Relaxed);
+        writing.store(0, Ordering::Release);
         self.count(entry, Counter::Inserts, inserted);
         self.count(entry, Counter::Recovered, recovered);
         self.count(entry, Counter::Superseded, superseded);
@@ -555,7 +556,9 @@ impl ReplayBuffer {
         }
         let index = index as usize;
         let started = Instant::now();
+        let mut attempt = 0u64;
         loop {
+            attempt += 1;
             let word = self.seq(index).load(Ordering::Acquire);
             if word == 0 {
                 return Ok(None);
@@ -563,7 +566,13 @@ impl ReplayBuffer {
             if let Some(ticket) = self.try_read(index, out, 0) {
                 return Ok(Some(ticket));
             }
-            if slot::is_busy(word) && self.is_orphaned(word) {
+            // Orphaned, and still the same busy word: the writer did not just move on.
+            // Asking reads /proc: only once the slot has stayed busy for a while.
+            if attempt % 64 == 0
+                && slot::is_busy(word)
+                && self.is_orphaned(word)
+                && self.seq(index).load(Ordering::Acquire) == word
+            {
                 return Err(Error::Contended(format!(
                     "slot {index} was being written by a process that died; the next insert into \
                      it recovers it"
@@ -692,7 +701,8 @@ impl ReplayBuffer {
     }
 
     /// True if the writer named in busy seq word `word` can no longer finish: its handle entry
-    /// moved on to other work or was released, or its process is dead.
+    /// moved on to other work or was released, or its process is dead. A writer that finished
+    /// this slot also "moved on": callers re-check that the slot still holds `word`.
     fn is_orphaned(&self, word: u64) -> bool {
         let entry = slot::owner_of(word);
         let owner = self.entry_word(entry, E_OWNER).load(Ordering::Acquire);
