@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test loom pytest lint fmt clean
+.PHONY: demo test dev venv rust-test loom pytest typecheck lint fmt clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -31,7 +31,12 @@ loom:
 pytest: dev
 	$(PY) -m pytest -q tests
 
-test: rust-test loom pytest
+# The hand-written stubs must match the runtime, and the package must type-check against them.
+typecheck: dev
+	$(PY) -m mypy.stubtest shmreplay --ignore-missing-stub
+	$(PY) -m mypy python/shmreplay
+
+test: rust-test loom typecheck pytest
 
 lint:
 	cargo fmt --all -- --check

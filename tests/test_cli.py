@@ -8,15 +8,15 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, Tuple
+from typing import Any
 
 import numpy as np
 import pytest
-
 import shmreplay
 
-FIELDS: Dict[str, Tuple[Tuple[int, ...], Any]] = {
+FIELDS: dict[str, tuple[tuple[int, ...], Any]] = {
     "obs": ((4, 8, 8), np.uint8),
     "action": ((), np.int32),
     "reward": ((), "float32"),
@@ -75,7 +75,9 @@ def test_ls_table(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shm
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED"]
-    rows = {line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0] in ("alpha", "beta")}
+    rows = {
+        line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0] in ("alpha", "beta")
+    }
     assert set(rows) == {"alpha", "beta"}
     assert rows["alpha"].split()[1:4] == ["100", "25", "(25.0%)"]
     assert rows["beta"].split()[1:4] == ["64", "64", "(100.0%)"]
@@ -110,7 +112,9 @@ def test_ls_empty(tmp_path: Path) -> None:
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
 
 
-def test_info_text(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+def test_info_text(
+    tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]
+) -> None:
     alpha, _ = two_buffers
     alpha.sample(10)
     proc = cli("info", "alpha", "--path", str(tmp_path))
@@ -119,7 +123,9 @@ def test_info_text(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, sh
     assert "alpha" in out and alpha.path in out
     assert "100 records" in out and "25 (25.0%)" in out
     assert f"{alpha.record_bytes:,}" in out
-    schema = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in FIELDS}
+    schema = {
+        line.split()[0]: line for line in out.splitlines() if line.split()[:1] and line.split()[0] in FIELDS
+    }
     assert set(schema) == set(FIELDS)
     assert "uint8" in schema["obs"] and "(4, 8, 8)" in schema["obs"] and "256" in schema["obs"]
     assert "int32" in schema["action"] and "()" in schema["action"]
@@ -131,7 +137,9 @@ def test_info_text(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, sh
     assert str(os.getpid()) in out.split("attached processes")[-1]
 
 
-def test_info_json(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+def test_info_json(
+    tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]
+) -> None:
     _, beta = two_buffers
     proc = cli("info", "beta", "--json", "--path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -143,7 +151,15 @@ def test_info_json(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, sh
     obs = info["fields"][0]
     assert obs == {"name": "obs", "dtype": "uint8", "shape": [4, 8, 8], "bytes": 256}
     assert info["stats"]["inserts"] == 74
-    assert set(info["stats"]) >= {"capacity", "size", "inserts", "samples", "retries", "recovered", "attached"}
+    assert set(info["stats"]) >= {
+        "capacity",
+        "size",
+        "inserts",
+        "samples",
+        "retries",
+        "recovered",
+        "attached",
+    }
     assert os.getpid() in info["processes"]
 
 
@@ -158,7 +174,9 @@ def test_rm(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay
     assert names == ["alpha"]
 
 
-def test_rm_unknown_and_known(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]) -> None:
+def test_rm_unknown_and_known(
+    tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shmreplay.ReplayBuffer]
+) -> None:
     alpha, _ = two_buffers
     proc = cli("rm", "nosuch", "alpha", "--path", str(tmp_path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -210,7 +228,8 @@ def test_stale_buffer_is_marked_and_removed(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, shmreplay
-        buf = shmreplay.ReplayBuffer.create("orphan", capacity=8, fields={{"x": ((), "int64")}}, path={str(tmp_path)!r})
+        fields = {{"x": ((), "int64")}}
+        buf = shmreplay.ReplayBuffer.create("orphan", capacity=8, fields=fields, path={str(tmp_path)!r})
         buf.add(x=1)
         os._exit(0)
         """

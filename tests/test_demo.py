@@ -10,21 +10,23 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
-
 from shmreplay import atari, demo
 
 
 def run_demo(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shmreplay.cli", "demo", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "shmreplay.cli", "demo", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def group_members(pgid: int) -> List[str]:
+def group_members(pgid: int) -> list[str]:
     """Processes (other than zombies waiting for init) still in process group ``pgid``."""
     found = []
     for entry in os.listdir("/proc"):
@@ -41,7 +43,7 @@ def group_members(pgid: int) -> List[str]:
     return found
 
 
-def wait_group_gone(pgid: int, timeout: float = 5.0) -> List[str]:
+def wait_group_gone(pgid: int, timeout: float = 5.0) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
         left = group_members(pgid)
@@ -50,11 +52,20 @@ def wait_group_gone(pgid: int, timeout: float = 5.0) -> List[str]:
         time.sleep(0.1)
 
 
-def check_summary(stdout: str, summary_path: Path) -> Dict[str, Any]:
+def check_summary(stdout: str, summary_path: Path) -> dict[str, Any]:
     assert "shmreplay demo summary" in stdout
-    for row in ("duration", "inserts/s", "samples/s", "GB moved", "GB/s", "retries", "final fill", "segment size"):
+    for row in (
+        "duration",
+        "inserts/s",
+        "samples/s",
+        "GB moved",
+        "GB/s",
+        "retries",
+        "final fill",
+        "segment size",
+    ):
         assert row in stdout
-    summary: Dict[str, Any] = json.loads(summary_path.read_text())
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
     assert summary["inserts"] > 0
     assert summary["sampled_rows"] > 0
     assert summary["batches"] > 0
@@ -72,7 +83,9 @@ def test_synthetic_demo(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
     shm.mkdir()
     out = tmp_path / "summary.json"
-    proc = run_demo("--synthetic", "--seconds", "3", "--capacity", "2000", "--path", str(shm), "--json", str(out))
+    proc = run_demo(
+        "--synthetic", "--seconds", "3", "--capacity", "2000", "--path", str(shm), "--json", str(out)
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     summary = check_summary(proc.stdout, out)
@@ -220,10 +233,10 @@ def test_env_id() -> None:
     assert atari.atari_env_id("ALE/Breakout-v5") == "ALE/Breakout-v5"
 
 
-def _batch(n: int = 8) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+def _batch(n: int = 8) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     frames = atari.SyntheticFrames(0, stamp=1)
     obs = frames.reset()
-    rows: Dict[str, List[Any]] = {k: [] for k in demo.demo_fields()}
+    rows: dict[str, list[Any]] = {k: [] for k in demo.demo_fields()}
     for step in range(n):
         nxt, reward, done = frames.step(1)
         for key, value in (("obs", obs), ("next_obs", nxt), ("action", 1), ("reward", reward),
@@ -236,7 +249,7 @@ def _batch(n: int = 8) -> tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
 
 
 def test_check_batch_accepts_whole_records_and_catches_torn_ones() -> None:
-    kwargs: Dict[str, Any] = dict(batch_size=8, capacity=100, num_actors=2, num_actions=6, synthetic=True)
+    kwargs: dict[str, Any] = dict(batch_size=8, capacity=100, num_actors=2, num_actions=6, synthetic=True)
     batch, info = _batch()
     assert demo.check_batch(batch, info, **kwargs) is None
 

@@ -12,6 +12,7 @@ import os
 from . import _core
 from ._buffer import ReplayBuffer
 from ._errors import CorruptSegmentError, EmptyBufferError, InsufficientSpaceError
+from ._types import BufferInfo, DTypeLike, FieldSpec, PathLike, SampleInfo, Shape, Stats
 
 __all__ = [
     "ReplayBuffer",
@@ -21,6 +22,10 @@ __all__ = [
     "list_buffers",
     "remove",
     "DEFAULT_DIR",
+    "SampleInfo",
+    "Stats",
+    "BufferInfo",
+    "FieldSpec",
 ]
 
 __version__ = "0.1.0"
@@ -28,16 +33,16 @@ __version__ = "0.1.0"
 DEFAULT_DIR: str = _core.DEFAULT_DIR
 
 
-def list_buffers(path: str | os.PathLike[str] | None = None) -> list[dict]:
+def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     """The buffers of this user in ``path`` (default ``/dev/shm``), sorted by name.
 
     Each is a dict: name, path, capacity, size, bytes, record_bytes, attached (live handles)
     and stale (no live process holds it).
     """
-    return _core.list_buffers(None if path is None else os.fspath(path))
+    return _core.list_buffers(None if path is None else os.fspath(path))  # type: ignore[return-value]
 
 
-def remove(name: str, *, path: str | os.PathLike[str] | None = None) -> None:
+def remove(name: str, *, path: PathLike | None = None) -> None:
     """Removes buffer ``name``; processes that have it open keep using it until they close.
 
     Raises ``FileNotFoundError`` if there is no such buffer.

@@ -58,6 +58,8 @@ class BufferInfo(TypedDict):
 class ReplayBuffer:
     """A ring of ``capacity`` fixed-size records in one shared-memory segment."""
 
+    def __init__(self, raw: Any, path: str | None, owner: bool) -> None: ...
+
     @classmethod
     def create(
         cls,

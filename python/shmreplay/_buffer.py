@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import _core
+from ._types import SampleInfo, Stats
 
 FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -281,7 +282,8 @@ class ReplayBuffer:
         key = np.empty(n, np.uint64)
         self._raw.sample_into(list(out.values()), index, key)
         if return_info:
-            return out, {"index": index.view(np.int64), "key": key}
+            info: SampleInfo = {"index": index.view(np.int64), "key": key}
+            return out, info
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -300,10 +302,10 @@ class ReplayBuffer:
             raise IndexError(f"slot {index} has not been written yet")
         return {name: a[()] if a.ndim == 0 else a for name, a in out.items()}
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> Stats:
         """Counters over all processes: capacity, size, inserts, samples (rows), retries,
         recovered, superseded, attached (live handles)."""
-        return self._raw.stats()
+        return self._raw.stats()  # type: ignore[return-value]
 
     def processes(self) -> list[int]:
         """Pids of the live processes holding a handle to this buffer."""

@@ -15,7 +15,7 @@ Both return observations of shape :data:`OBS_SHAPE` as fresh arrays that the cal
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Optional, Protocol, Tuple
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -38,11 +38,11 @@ FRAME_SIZE = 84
 """Height and width of one preprocessed frame."""
 STACK = 4
 """Number of consecutive frames in one observation."""
-OBS_SHAPE: Tuple[int, int, int] = (STACK, FRAME_SIZE, FRAME_SIZE)
+OBS_SHAPE: tuple[int, int, int] = (STACK, FRAME_SIZE, FRAME_SIZE)
 """Shape of one observation (``uint8``)."""
 
 Frame = npt.NDArray[np.uint8]
-StepResult = Tuple[Frame, float, bool]
+StepResult = tuple[Frame, float, bool]
 
 INSTALL_HINT = (
     "the Atari demo needs gymnasium and ale-py: pip install 'shmreplay[atari]' "
@@ -148,8 +148,8 @@ class AtariFrames:
         except Exception as exc:  # gymnasium raises several error types for unknown ids / ROMs
             raise AtariUnavailableError(f"cannot create Atari game {self.env_id!r}: {exc}") from exc
         self.num_actions: int = int(self._env.action_space.n)
-        self._seed: Optional[int] = seed
-        self._resize: Optional[Downsampler] = None
+        self._seed: int | None = seed
+        self._resize: Downsampler | None = None
         self._stack: Frame = np.zeros(OBS_SHAPE, np.uint8)
 
     def _frame(self, screen: npt.NDArray[np.uint8]) -> Frame:
@@ -237,7 +237,7 @@ class SyntheticFrames:
         pass
 
 
-def read_stamp(frames: npt.NDArray[np.uint8]) -> Tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+def read_stamp(frames: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
     """Decode the (frame counter, stamp) written by :class:`SyntheticFrames`.
 
     ``frames`` has shape ``(..., 84, 84)``; returns two arrays of shape ``frames.shape[:-2]``.
@@ -248,7 +248,7 @@ def read_stamp(frames: npt.NDArray[np.uint8]) -> Tuple[npt.NDArray[np.int64], np
     return counter, stamp
 
 
-def check_atari(game: str) -> Tuple[str, int]:
+def check_atari(game: str) -> tuple[str, int]:
     """Raise :class:`AtariUnavailableError` unless ``game`` can be played.
 
     Returns ``(env_id, num_actions)``. Cheap when the packages are missing (nothing is

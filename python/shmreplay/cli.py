@@ -18,7 +18,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -42,13 +43,13 @@ def _fill(size: int, capacity: int) -> str:
     return f"{size:,} ({pct:.1f}%)"
 
 
-def _directory(path: Optional[str]) -> str:
+def _directory(path: str | None) -> str:
     import shmreplay
 
     return path if path is not None else shmreplay.DEFAULT_DIR
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> List[str]:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -102,7 +103,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _attach(name: str, path: Optional[str]) -> Any:
+def _attach(name: str, path: str | None) -> Any:
     import shmreplay
 
     try:
@@ -111,7 +112,7 @@ def _attach(name: str, path: Optional[str]) -> Any:
         raise CliError(f"no buffer named {name!r} in {_directory(path)}") from None
 
 
-def _describe(buf: Any) -> Dict[str, Any]:
+def _describe(buf: Any) -> dict[str, Any]:
     import numpy as np
 
     fields = []
@@ -259,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("rm", "remove replay buffers")
     p.add_argument("names", metavar="NAME", nargs="*")
-    p.add_argument("--stale", action="store_true", help="also remove every buffer no live process is attached to")
+    p.add_argument(
+        "--stale", action="store_true", help="also remove every buffer no live process is attached to"
+    )
     p.set_defaults(func=cmd_rm)
 
     p = add(
@@ -276,7 +279,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shmreplay`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:

@@ -29,14 +29,18 @@ import queue
 import signal
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from multiprocessing.context import BaseContext
 from multiprocessing.process import BaseProcess
-from typing import Any, Dict, Iterator, List, Mapping, Optional, TextIO, Tuple
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import atari
+from . import EmptyBufferError, ReplayBuffer, atari
+
+if TYPE_CHECKING:
+    from . import Stats
 
 __all__ = ["DemoConfig", "DemoSummary", "add_arguments", "config_from_args", "demo_fields", "run"]
 
@@ -58,8 +62,8 @@ class DemoConfig:
     synthetic: bool = False
     start_method: str = "spawn"
     seed: int = 0
-    path: Optional[str] = None
-    json_path: Optional[str] = None
+    path: str | None = None
+    json_path: str | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the demo cannot run with."""
@@ -102,14 +106,16 @@ class DemoSummary:
     final_fill: float
     episodes: int
     env_steps_per_s_per_actor: float
+    mean_episode_return: float | None
     batches: int
     bad_batches: int
-    first_error: Optional[str]
+    td_error: float | None
+    first_error: str | None
     interrupted: bool
-    child_failures: List[str] = field(default_factory=list)
+    child_failures: list[str] = field(default_factory=list)
 
 
-def demo_fields() -> Dict[str, Tuple[Tuple[int, ...], Any]]:
+def demo_fields() -> dict[str, tuple[tuple[int, ...], Any]]:
     """The schema of one Atari transition (about 56.5 KB per record)."""
     return {
         "obs": (atari.OBS_SHAPE, np.uint8),
@@ -159,10 +165,8 @@ def _make_frames(cfg: DemoConfig, actor_id: int) -> atari.FrameSource:
 def actor_main(name: str, cfg: DemoConfig, actor_id: int, stop: Any, reports: Any) -> None:
     """Play one game with a random policy and push transitions in chunks of ``cfg.chunk``."""
     _child_setup()
-    from . import ReplayBuffer  # imported here so the parent's import cost is not paid twice
-
     should_stop = _StopFlag(stop)
-    report: Dict[str, Any] = {"role": "actor", "id": actor_id, "steps": 0, "episodes": 0}
+    report: dict[str, Any] = {"role": "actor", "id": actor_id, "steps": 0, "episodes": 0}
     frames = None
     try:
         buf = ReplayBuffer.attach(name, path=cfg.path)
@@ -247,7 +251,7 @@ def check_batch(
     num_actors: int,
     num_actions: int,
     synthetic: bool,
-) -> Optional[str]:
+) -> str | None:
     """Return a description of the first thing wrong with a sampled batch, or ``None``.
 
     Checks the schema (keys, shapes, dtypes), the value ranges, and that each row is one whole
@@ -259,7 +263,9 @@ def check_batch(
         if arr is None:
             return f"field {key!r} missing from the batch"
         if arr.shape != (batch_size, *shape) or arr.dtype != np.dtype(dtype):
-            return f"field {key!r}: got {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{(batch_size, *shape)}"
+            return (
+                f"field {key!r}: got {arr.dtype}{arr.shape}, expected {np.dtype(dtype)}{(batch_size, *shape)}"
+            )
     index = info["index"]
     if index.shape != (batch_size,) or index.min() < 0 or index.max() >= capacity:
         return f"sample index out of range [0, {capacity}): {index.min()}..{index.max()}"
@@ -279,17 +285,18 @@ def check_batch(
         next_count, next_who = atari.read_stamp(next_obs[:, -1])
         bad = ((next_count - count) % (1 << 32) != 1) | (who != actor) | (next_who != actor)
         if bad.any():
-            return f"torn record: frame stamps disagree with the actor field at slot {int(index[np.argmax(bad)])}"
+            slot = int(index[np.argmax(bad)])
+            return f"torn record: frame stamps disagree with the actor field at slot {slot}"
     return None
 
 
-def learner_main(name: str, cfg: DemoConfig, learner_id: int, num_actions: int, stop: Any, reports: Any) -> None:
+def learner_main(
+    name: str, cfg: DemoConfig, learner_id: int, num_actions: int, stop: Any, reports: Any
+) -> None:
     """Sample batches as fast as possible, validate each one and take a linear TD step."""
     _child_setup()
-    from . import EmptyBufferError, ReplayBuffer
-
     should_stop = _StopFlag(stop)
-    report: Dict[str, Any] = {"role": "learner", "id": learner_id, "batches": 0, "bad": 0, "error": None}
+    report: dict[str, Any] = {"role": "learner", "id": learner_id, "batches": 0, "bad": 0, "error": None}
     try:
         buf = ReplayBuffer.attach(name, path=cfg.path)
         try:
@@ -354,10 +361,10 @@ class _Progress:
         self.tty = out.isatty()
         self.record_bytes = record_bytes
         self.capacity = capacity
-        self.last: Tuple[float, int, int] = (time.monotonic(), 0, 0)
+        self.last: tuple[float, int, int] = (time.monotonic(), 0, 0)
         self.width = 0
 
-    def tick(self, elapsed: float, stats: Mapping[str, int]) -> None:
+    def tick(self, elapsed: float, stats: Stats) -> None:
         now = time.monotonic()
         t0, inserts0, samples0 = self.last
         dt = max(now - t0, 1e-9)
@@ -395,15 +402,18 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 
 def _start_children(
     ctx: BaseContext, name: str, cfg: DemoConfig, num_actions: int, stop: Any, reports: Any
-) -> List[Tuple[str, BaseProcess]]:
+) -> list[tuple[str, BaseProcess]]:
     """Start the actors and learners with SIGINT ignored, so that ``spawn`` children inherit
     that disposition through ``exec`` and a Ctrl-C during their start-up cannot hit them."""
-    children: List[Tuple[str, BaseProcess]] = []
+    children: list[tuple[str, BaseProcess]] = []
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for i in range(cfg.actors):
             p = ctx.Process(  # type: ignore[attr-defined]
-                target=actor_main, args=(name, cfg, i, stop, reports), name=f"shmreplay-actor-{i}", daemon=True
+                target=actor_main,
+                args=(name, cfg, i, stop, reports),
+                name=f"shmreplay-actor-{i}",
+                daemon=True,
             )
             p.start()
             children.append((f"actor {i}", p))
@@ -421,7 +431,7 @@ def _start_children(
     return children
 
 
-def _drain(reports: Any, into: List[Dict[str, Any]]) -> None:
+def _drain(reports: Any, into: list[dict[str, Any]]) -> None:
     while True:
         try:
             into.append(reports.get_nowait())
@@ -429,7 +439,9 @@ def _drain(reports: Any, into: List[Dict[str, Any]]) -> None:
             return
 
 
-def _stop_children(children: List[Tuple[str, BaseProcess]], stop: Any, reports: Any, into: List[Dict[str, Any]]) -> None:
+def _stop_children(
+    children: list[tuple[str, BaseProcess]], stop: Any, reports: Any, into: list[dict[str, Any]]
+) -> None:
     """Ask the children to stop, wait up to :data:`JOIN_TIMEOUT`, then terminate, then kill.
 
     A second Ctrl-C while waiting skips straight to terminating. Reports are drained while
@@ -463,18 +475,23 @@ def _stop_children(children: List[Tuple[str, BaseProcess]], stop: Any, reports: 
             signal.signal(sig, handler)
 
 
-def _check_source(cfg: DemoConfig) -> Tuple[str, int]:
+def _check_source(cfg: DemoConfig) -> tuple[str, int]:
     """Return (description, number of actions); fails early with a clear message."""
     if cfg.synthetic:
         return "synthetic frames", atari.SyntheticFrames.num_actions
     return atari.check_atari(cfg.game)
 
 
-def _summary_lines(s: DemoSummary) -> Iterator[Tuple[str, str]]:
+def _summary_lines(s: DemoSummary) -> Iterator[tuple[str, str]]:
     yield "duration", f"{s.duration_s:.1f} s" + (" (interrupted)" if s.interrupted else "")
     yield "source", s.source
-    yield "actors", f"{s.actors} ({s.episodes:,} episodes, {s.env_steps_per_s_per_actor:,.0f} env steps/s each)"
-    yield "learners", f"{s.learners} (batch {s.batch_size}, {s.batches:,} batches)"
+    returns = f", mean return {s.mean_episode_return:+.1f}" if s.mean_episode_return is not None else ""
+    yield (
+        "actors",
+        f"{s.actors} ({s.env_steps_per_s_per_actor:,.0f} env steps/s each, {s.episodes:,} episodes{returns})",
+    )
+    td = f", TD error {s.td_error:.4f}" if s.td_error is not None else ""
+    yield "learners", f"{s.learners} (batch {s.batch_size}, {s.batches:,} batches{td})"
     yield "inserts", f"{s.inserts:,}"
     yield "sampled rows", f"{s.sampled_rows:,}"
     yield "inserts/s", f"{s.inserts_per_s:,.0f}"
@@ -502,8 +519,6 @@ def print_summary(summary: DemoSummary, out: TextIO) -> None:
 
 def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
     """Run the demo; return the process exit code (0 = ok, 1 = a check or a child failed)."""
-    from . import ReplayBuffer
-
     cfg.validate()
     source, num_actions = _check_source(cfg)
     ctx = mp.get_context(cfg.start_method)
@@ -522,23 +537,30 @@ def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
         signal.signal(signal.SIGTERM, previous_term)
 
 
-def _run_with_buffer(cfg: DemoConfig, ctx: BaseContext, buf: Any, source: str, num_actions: int, out: TextIO) -> int:
+def _run_with_buffer(
+    cfg: DemoConfig, ctx: BaseContext, buf: ReplayBuffer, source: str, num_actions: int, out: TextIO
+) -> int:
     policy = "random policy"
     out.write(
         f"shmreplay demo: {cfg.actors} actor(s) [{source}, {policy}] -> {cfg.capacity:,}-slot buffer "
         f"-> {cfg.learners} learner(s) [batch {cfg.batch_size}], start method {cfg.start_method}\n"
-        f"buffer {buf.name!r}: {_fmt_bytes(buf.nbytes)} at {buf.path}, {buf.record_bytes:,} B per transition\n"
+        f"buffer {buf.name!r}: {_fmt_bytes(buf.nbytes)} at {buf.path}, "
+        f"{buf.record_bytes:,} B per transition\n"
         f"inspect it from another terminal: shmreplay info {buf.name}"
         + (f" --path {cfg.path}" if cfg.path else "")
         + "\n"
-        + ("running until Ctrl-C\n" if cfg.seconds == 0 else f"running for {cfg.seconds:g} s (Ctrl-C stops early)\n")
+        + (
+            "running until Ctrl-C\n"
+            if cfg.seconds == 0
+            else f"running for {cfg.seconds:g} s (Ctrl-C stops early)\n"
+        )
     )
     out.flush()
     stop = ctx.Event()
     reports = ctx.Queue()
-    children: List[Tuple[str, BaseProcess]] = []
-    collected: List[Dict[str, Any]] = []
-    failures: List[str] = []
+    children: list[tuple[str, BaseProcess]] = []
+    collected: list[dict[str, Any]] = []
+    failures: list[str] = []
     interrupted = False
     progress = _Progress(out, buf.record_bytes, buf.capacity)
     started = time.monotonic()
@@ -560,7 +582,9 @@ def _run_with_buffer(cfg: DemoConfig, ctx: BaseContext, buf: Any, source: str, n
             _drain(reports, collected)
             dead = [(label, p) for label, p in children if not p.is_alive()]
             if dead:
-                failures += [f"{label} (pid {p.pid}) exited early with code {p.exitcode}" for label, p in dead]
+                failures += [
+                    f"{label} (pid {p.pid}) exited early with code {p.exitcode}" for label, p in dead
+                ]
                 break
     except (KeyboardInterrupt, _Interrupted):
         interrupted = True
@@ -588,11 +612,11 @@ def _run_with_buffer(cfg: DemoConfig, ctx: BaseContext, buf: Any, source: str, n
 
 def _summarize(
     cfg: DemoConfig,
-    buf: Any,
+    buf: ReplayBuffer,
     source: str,
     duration: float,
-    reports: List[Dict[str, Any]],
-    failures: List[str],
+    reports: list[dict[str, Any]],
+    failures: list[str],
     interrupted: bool,
 ) -> DemoSummary:
     stats = buf.stats()
@@ -602,6 +626,8 @@ def _summarize(
     moved = (stats["inserts"] + stats["samples"]) * buf.record_bytes
     rates = [r.get("steps_per_s") or 0.0 for r in actors]
     errors = [r["error"] for r in learners if r.get("error")]
+    finished = [r for r in actors if r.get("mean_return") is not None]
+    td_errors = [r["td_error"] for r in learners if r.get("td_error") is not None]
     return DemoSummary(
         source=source,
         buffer=buf.name,
@@ -624,8 +650,14 @@ def _summarize(
         final_fill=len(buf) / buf.capacity,
         episodes=sum(r.get("episodes", 0) for r in actors),
         env_steps_per_s_per_actor=sum(rates) / len(rates) if rates else 0.0,
+        mean_episode_return=(
+            sum(r["mean_return"] * r["episodes"] for r in finished) / sum(r["episodes"] for r in finished)
+            if finished
+            else None
+        ),
         batches=sum(r.get("batches", 0) for r in learners),
         bad_batches=sum(r.get("bad", 0) for r in learners),
+        td_error=sum(td_errors) / len(td_errors) if td_errors else None,
         first_error=errors[0] if errors else None,
         interrupted=interrupted,
         child_failures=failures,
@@ -641,14 +673,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` options to ``parser`` (used by :mod:`shmreplay.cli`)."""
     d = DemoConfig()
     parser.add_argument("--actors", type=int, default=d.actors, help="actor processes (default: %(default)s)")
-    parser.add_argument("--learners", type=int, default=d.learners, help="learner processes (default: %(default)s)")
-    parser.add_argument("--capacity", type=int, default=d.capacity, help="buffer slots (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per sample (default: %(default)s)")
-    parser.add_argument("--chunk", type=int, default=d.chunk, help="transitions per extend() (default: %(default)s)")
     parser.add_argument(
-        "--seconds", type=float, default=d.seconds, help="run time; 0 runs until Ctrl-C (default: %(default)s)"
+        "--learners", type=int, default=d.learners, help="learner processes (default: %(default)s)"
     )
-    parser.add_argument("--game", default=d.game, help="Atari game, e.g. Pong, Breakout (default: %(default)s)")
+    parser.add_argument(
+        "--capacity", type=int, default=d.capacity, help="buffer slots (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="rows per sample (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--chunk", type=int, default=d.chunk, help="transitions per extend() (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=d.seconds,
+        help="run time; 0 runs until Ctrl-C (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--game", default=d.game, help="Atari game, e.g. Pong, Breakout (default: %(default)s)"
+    )
     parser.add_argument(
         "--synthetic", action="store_true", help="generated frames instead of Atari (no gymnasium needed)"
     )
@@ -659,7 +704,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="multiprocessing start method (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write the summary as JSON to PATH")
+    parser.add_argument(
+        "--json", dest="json_path", metavar="PATH", help="also write the summary as JSON to PATH"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

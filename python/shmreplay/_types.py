@@ -1,0 +1,50 @@
+"""Types of shmreplay's public API: what ``sample``, ``stats`` and ``list_buffers`` return."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Tuple, TypedDict, Union
+
+import numpy as np
+import numpy.typing as npt
+
+Shape = Union[int, Tuple[int, ...]]
+"""A field's shape: ``()`` for scalars, an int for 1-d, a tuple of ints."""
+DTypeLike = Union[str, type, "np.dtype[Any]"]
+"""A field's dtype: ``np.uint8``, ``"float32"``, ``np.dtype("i4")``..."""
+FieldSpec = Tuple[Shape, DTypeLike]
+"""``(shape, dtype)`` of one field."""
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class SampleInfo(TypedDict):
+    """Where each sampled row came from: its slot and its insert ticket (the key)."""
+
+    index: npt.NDArray[np.int64]
+    key: npt.NDArray[np.uint64]
+
+
+class Stats(TypedDict):
+    """Counters of a buffer, summed over every process that used it."""
+
+    capacity: int
+    size: int
+    inserts: int
+    samples: int
+    retries: int
+    recovered: int
+    superseded: int
+    attached: int
+
+
+class BufferInfo(TypedDict):
+    """One buffer found by :func:`shmreplay.list_buffers`."""
+
+    name: str
+    path: str
+    capacity: int
+    size: int
+    bytes: int
+    record_bytes: int
+    attached: int
+    stale: bool
