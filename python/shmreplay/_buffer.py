@@ -5,12 +5,12 @@ from __future__ import annotations
 import operator
 import os
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, overload
 
 import numpy as np
 
 from . import _core
-from ._types import SampleInfo, Stats
+from ._types import FieldSpec, PathLike, SampleInfo, Stats
 
 FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -117,8 +117,8 @@ class ReplayBuffer:
         name: str | None = None,
         *,
         capacity: int,
-        fields: Mapping[str, tuple[Any, Any]],
-        path: str | os.PathLike[str] | None = None,
+        fields: Mapping[str, FieldSpec],
+        path: PathLike | None = None,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -145,7 +145,7 @@ class ReplayBuffer:
         return cls(raw, directory, owner=True)
 
     @classmethod
-    def attach(cls, name: str, *, path: str | os.PathLike[str] | None = None) -> "ReplayBuffer":
+    def attach(cls, name: str, *, path: PathLike | None = None) -> "ReplayBuffer":
         """Opens an existing buffer, from any process of the same user.
 
         Raises:
@@ -266,25 +266,74 @@ class ReplayBuffer:
 
     # ---- reading ----
 
-    def sample(self, batch_size: int, *, return_info: bool = False) -> Any:
+    @overload
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        return_info: Literal[False] = ...,
+        out: Mapping[str, np.ndarray] | None = ...,
+    ) -> dict[str, np.ndarray]: ...
+    @overload
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        return_info: Literal[True],
+        out: Mapping[str, np.ndarray] | None = ...,
+    ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        return_info: bool = False,
+        out: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]:
         """Draws ``batch_size`` rows uniformly, with replacement, from the committed slots.
 
         Returns ``{field: array (batch_size, *shape)}`` of fresh arrays, and with
         ``return_info=True`` also ``{"index": int64 slots, "key": uint64 insert tickets}``
         (a key identifies the record: it changes when the slot is overwritten).
 
+        ``out`` reuses arrays instead of allocating new ones on every call (large fresh arrays
+        cost page faults): one C-contiguous, writable array per field, of the field's dtype and
+        shape ``(batch_size, *shape)``. The returned dict then holds those same arrays.
+
         Raises:
             EmptyBufferError: nothing has been committed yet.
         """
         n = _int_arg("batch_size", batch_size, 1)
-        out = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
+        if out is None:
+            arrays = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
+        else:
+            arrays = self._check_out(out, n)
         index = np.empty(n, np.uint64)
         key = np.empty(n, np.uint64)
-        self._raw.sample_into(list(out.values()), index, key)
+        self._raw.sample_into(list(arrays.values()), index, key)
         if return_info:
             info: SampleInfo = {"index": index.view(np.int64), "key": key}
-            return out, info
-        return out
+            return arrays, info
+        return arrays
+
+    def _check_out(self, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        if not isinstance(out, Mapping):
+            raise TypeError(f"out must be a mapping {{field: array}}, got {type(out).__name__}")
+        if set(out) != self._names:
+            raise ValueError(f"out must have exactly the fields {list(self._fields)}, got {list(out)}")
+        arrays = {}
+        for name, (shape, dtype) in self._fields.items():
+            a = out[name]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"out[{name!r}] must be a numpy array, got {type(a).__name__}")
+            if a.dtype != dtype or a.shape != (n,) + shape:
+                raise ValueError(
+                    f"out[{name!r}] must have dtype {dtype} and shape {(n,) + shape}, "
+                    f"got {a.dtype} {a.shape}"
+                )
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                raise ValueError(f"out[{name!r}] must be C-contiguous and writable")
+            arrays[name] = a
+        return arrays
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """A consistent copy of slot ``index`` (negative counts from ``capacity``).

@@ -291,6 +291,7 @@ impl ReplayBuffer {
         let text = schema.encode();
         let layout = Layout::new(capacity, schema.record_bytes(), text.len())?;
         let segment = Segment::create(&path, layout.total_bytes as u64)?;
+        segment.prefault();
         let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, path);
         buffer.write_header(&text);
         if let Err(e) = buffer.register() {
@@ -311,6 +312,7 @@ impl ReplayBuffer {
         let (schema, layout) = read_header(&segment, &path)?;
         let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, &path);
         if register {
+            buffer.segment.prefault();
             buffer.register()?;
         }
         Ok(buffer)
@@ -507,14 +509,17 @@ impl ReplayBuffer {
         let mut rng = self.rng_for_call();
         let mut retries = 0u64;
         let started = Instant::now();
+        // Slots past the cursor were never claimed. Read once per call (writers hammer that
+        // cache line), and again after a miss while the ring is still filling.
+        let claimed_slots = || {
+            self.word(CURSOR)
+                .load(Ordering::Relaxed)
+                .min(self.capacity())
+        };
+        let mut claimed = claimed_slots();
         for row in 0..n {
             let mut misses = 0u64;
             loop {
-                // Slots past the cursor were never claimed; refreshed as the ring fills.
-                let claimed = self
-                    .word(CURSOR)
-                    .load(Ordering::Relaxed)
-                    .min(self.capacity());
                 let slot_index = rng.below(claimed) as usize;
                 if let Some(ticket) = self.try_read(slot_index, out, row) {
                     index[row] = slot_index as u64;
@@ -523,6 +528,9 @@ impl ReplayBuffer {
                 }
                 retries += 1;
                 misses += 1;
+                if claimed < self.capacity() {
+                    claimed = claimed_slots();
+                }
                 if misses % 1024 == 0 {
                     std::thread::yield_now();
                     if started.elapsed() > Duration::from_secs(10) {

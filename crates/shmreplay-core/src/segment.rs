@@ -11,7 +11,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
-use memmap2::MmapRaw;
+use memmap2::{Advice, MmapRaw};
 use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 
@@ -118,6 +118,13 @@ impl Segment {
 
     pub(crate) fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// Fills this process's page tables for the whole mapping now, so that inserts and samples
+    /// do not take a page fault on every 4 KiB they touch for the first time (8x slower first
+    /// writes of Atari records, measured). Best effort: kernels before 5.14 lack the advice.
+    pub(crate) fn prefault(&self) {
+        let _ = self.map.advise(Advice::PopulateWrite);
     }
 
     /// Panics unless `[offset, offset + len)` lies inside the mapping and `offset` is 8-aligned.
