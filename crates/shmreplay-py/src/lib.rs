@@ -53,9 +53,15 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
         },
         Error::Contended(_) => PyTimeoutError::new_err(message),
         Error::TooManyHandles(_) => PyRuntimeError::new_err(message),
-        Error::Io { source, .. } => {
-            PyOSError::new_err((source.raw_os_error().unwrap_or(0), message))
-        }
+        // OSError(errno, text) becomes FileNotFoundError, PermissionError... as usual.
+        Error::Io { context, source } => match source.raw_os_error() {
+            Some(errno) => {
+                let text = source.to_string();
+                let reason = text.split(" (os error").next().unwrap_or(&text);
+                PyOSError::new_err((errno, format!("{context}: {reason}")))
+            }
+            None => PyOSError::new_err(message),
+        },
     }
 }
 
