@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._format import format_bytes
+
 __all__ = ["main", "build_parser"]
 
 PROG = "shmreplay"
@@ -28,14 +30,6 @@ PROG = "shmreplay"
 
 class CliError(Exception):
     """An error that is reported as one line on stderr (exit code 1)."""
-
-
-def _fmt_bytes(n: float) -> str:
-    """Decimal units: ``113.0 MB``, ``5.65 GB``."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if scale >= 1e9 else f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 def _fill(size: int, capacity: int) -> str:
@@ -80,7 +74,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             b["name"],
             f"{b['capacity']:,}",
             _fill(b["size"], b["capacity"]),
-            _fmt_bytes(b["bytes"]),
+            format_bytes(b["bytes"]),
             str(b["attached"]),
             "STALE" if b["stale"] else "",
         ]
@@ -91,7 +85,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(text)
     total = sum(b["bytes"] for b in buffers)
     stale = sum(1 for b in buffers if b["stale"])
-    footer = f"{len(buffers)} buffer{'s' if len(buffers) != 1 else ''} in {where}, {_fmt_bytes(total)}"
+    footer = f"{len(buffers)} buffer{'s' if len(buffers) != 1 else ''} in {where}, {format_bytes(total)}"
     if stale:
         footer += f"; {stale} STALE (no live process attached): remove with `{PROG} rm --stale`"
     print(footer)
@@ -151,7 +145,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"capacity      {info['capacity']:,} records")
     print(f"fill          {_fill(info['size'], info['capacity'])}")
     print(f"record bytes  {info['record_bytes']:,}")
-    print(f"segment       {_fmt_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
+    print(f"segment       {format_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
     print()
     rows = [[f["name"], f["dtype"], str(tuple(f["shape"])), f"{f['bytes']:,}"] for f in info["fields"]]
     for text in _table(["FIELD", "DTYPE", "SHAPE", "BYTES"], rows, [False, False, False, True]):

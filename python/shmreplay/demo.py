@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import numpy as np
 
 from . import EmptyBufferError, ReplayBuffer, atari
+from ._format import format_bytes
 
 if TYPE_CHECKING:
     from . import Stats
@@ -345,14 +346,6 @@ def learner_main(
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_bytes(n: float) -> str:
-    """Decimal units, as used by the throughput figures: ``5.65 GB``, ``113.0 MB``."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}" if unit == "GB" else f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 class _Progress:
     """Prints one status line per tick: rewritten in place on a terminal, appended otherwise."""
 
@@ -500,7 +493,7 @@ def _summary_lines(s: DemoSummary) -> Iterator[tuple[str, str]]:
     yield "GB/s", f"{s.gb_per_s:.2f}"
     yield "retries", f"{s.retries:,}" + (f" ({s.recovered:,} slots recovered)" if s.recovered else "")
     yield "final fill", f"{s.final_size:,}/{s.capacity:,} ({s.final_fill:.1%})"
-    yield "segment size", f"{_fmt_bytes(s.segment_bytes)} ({s.buffer})"
+    yield "segment size", f"{format_bytes(s.segment_bytes)} ({s.buffer})"
     checked = "ok" if not s.bad_batches else f"{s.bad_batches:,} BAD batches: {s.first_error}"
     yield "batch checks", f"{checked} ({s.batches:,} batches checked)"
     for failure in s.child_failures:
@@ -544,7 +537,7 @@ def _run_with_buffer(
     out.write(
         f"shmreplay demo: {cfg.actors} actor(s) [{source}, {policy}] -> {cfg.capacity:,}-slot buffer "
         f"-> {cfg.learners} learner(s) [batch {cfg.batch_size}], start method {cfg.start_method}\n"
-        f"buffer {buf.name!r}: {_fmt_bytes(buf.nbytes)} at {buf.path}, "
+        f"buffer {buf.name!r}: {format_bytes(buf.nbytes)} at {buf.path}, "
         f"{buf.record_bytes:,} B per transition\n"
         f"inspect it from another terminal: shmreplay info {buf.name}"
         + (f" --path {cfg.path}" if cfg.path else "")

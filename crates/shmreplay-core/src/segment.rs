@@ -6,7 +6,6 @@
 //! so the rest of the crate works with byte offsets and cannot touch memory outside the mapping.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
@@ -163,22 +162,36 @@ impl Segment {
     }
 }
 
-/// Reserves `size` bytes of `file` for real: `fallocate` where the filesystem has it (tmpfs
-/// does), else writing zeros. A bare `ftruncate` reserves nothing on tmpfs.
+/// Reserves `size` bytes of `file` for real: `fallocate` where the filesystem has it, else
+/// writing zeros (a bare `ftruncate` reserves nothing on tmpfs).
+///
+/// On tmpfs the zeros are written even after `fallocate`: tmpfs clears fallocated pages lazily,
+/// one 4 KiB page fault at a time, and for a 5.6 GB segment that took 11.9 s against 2.2 s for
+/// `fallocate` + writing zeros + prefaulting the mapping (measured on the development machine).
 fn reserve(file: &File, size: u64) -> std::result::Result<(), Errno> {
     match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
-        Err(Errno::OPNOTSUPP) => {}
-        other => return other,
+        Ok(()) if !is_tmpfs(file) => Ok(()),
+        Ok(()) | Err(Errno::OPNOTSUPP) => write_zeros(file, size),
+        Err(e) => Err(e),
     }
-    let zeros = vec![0u8; 1 << 20];
-    let mut writer = file;
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(zeros.len() as u64) as usize;
-        writer
-            .write_all(&zeros[..n])
+}
+
+fn is_tmpfs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // `f_type`'s integer type differs between targets.
+    #[allow(clippy::unnecessary_cast)]
+    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
+}
+
+fn write_zeros(file: &File, size: u64) -> std::result::Result<(), Errno> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 4 << 20];
+    let mut offset = 0;
+    while offset < size {
+        let n = (size - offset).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset)
             .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
-        left -= n as u64;
+        offset += n as u64;
     }
     Ok(())
 }
