@@ -290,10 +290,10 @@ impl ReplayBuffer {
         let path = segment_path(name, dir)?;
         let text = schema.encode();
         let layout = Layout::new(capacity, schema.record_bytes(), text.len())?;
-        let segment = Segment::create(&path, layout.total_bytes as u64)?;
-        segment.prefault();
+        let segment = Segment::create(&path, layout.total_bytes as u64, |segment| {
+            write_header(segment, &schema, &layout, &text)
+        })?;
         let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, path);
-        buffer.write_header(&text);
         if let Err(e) = buffer.register() {
             let _ = std::fs::remove_file(&buffer.path);
             return Err(e);
@@ -339,35 +339,6 @@ impl ReplayBuffer {
             registered: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
         }
-    }
-
-    fn write_header(&self, schema_text: &str) {
-        let l = &self.layout;
-        let header = [
-            (H_CAPACITY, l.capacity as u64),
-            (H_RECORD_BYTES, l.record_bytes as u64),
-            (H_SCHEMA_LEN, l.schema_len as u64),
-            (H_SCHEMA_HASH, self.schema.hash()),
-            (H_TABLE_OFFSET, l.table_offset as u64),
-            (H_SEQ_OFFSET, l.seq_offset as u64),
-            (H_DATA_OFFSET, l.data_offset as u64),
-            (H_TOTAL_BYTES, l.total_bytes as u64),
-            (H_CREATOR, process::current()),
-            (H_CREATED_UNIX_NS, unix_nanos()),
-        ];
-        for (offset, value) in header {
-            self.word(offset).store(value, Ordering::Relaxed);
-        }
-        self.segment.store(SCHEMA_TEXT, schema_text.as_bytes());
-        self.word(H_CHECKSUM).store(
-            checksum(&self.segment, schema_text.as_bytes()),
-            Ordering::Relaxed,
-        );
-        self.word(H_VERSION)
-            .store(LAYOUT_VERSION, Ordering::Relaxed);
-        self.word(H_MAGIC).store(MAGIC, Ordering::Relaxed);
-        // Release: whoever sees READY (Acquire) sees the whole header.
-        self.word(H_READY).store(READY, Ordering::Release);
     }
 
     pub fn name(&self) -> &str {
@@ -809,6 +780,34 @@ impl Drop for ReplayBuffer {
     }
 }
 
+/// Fills in a new segment's header; the ready flag goes last.
+fn write_header(segment: &Segment, schema: &Schema, layout: &Layout, schema_text: &str) {
+    let header = [
+        (H_CAPACITY, layout.capacity as u64),
+        (H_RECORD_BYTES, layout.record_bytes as u64),
+        (H_SCHEMA_LEN, layout.schema_len as u64),
+        (H_SCHEMA_HASH, schema.hash()),
+        (H_TABLE_OFFSET, layout.table_offset as u64),
+        (H_SEQ_OFFSET, layout.seq_offset as u64),
+        (H_DATA_OFFSET, layout.data_offset as u64),
+        (H_TOTAL_BYTES, layout.total_bytes as u64),
+        (H_CREATOR, process::current()),
+        (H_CREATED_UNIX_NS, unix_nanos()),
+    ];
+    for (offset, value) in header {
+        segment.word(offset).store(value, Ordering::Relaxed);
+    }
+    segment.store(SCHEMA_TEXT, schema_text.as_bytes());
+    let sum = checksum(segment, schema_text.as_bytes());
+    segment.word(H_CHECKSUM).store(sum, Ordering::Relaxed);
+    segment
+        .word(H_VERSION)
+        .store(LAYOUT_VERSION, Ordering::Relaxed);
+    segment.word(H_MAGIC).store(MAGIC, Ordering::Relaxed);
+    // Release: whoever sees READY (Acquire) sees the whole header.
+    segment.word(H_READY).store(READY, Ordering::Release);
+}
+
 /// Checks everything `attach` relies on before trusting a single offset of the segment.
 fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Layout)> {
     let corrupt = |reason: String| Error::Corrupt {
@@ -827,15 +826,9 @@ fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Layout)> {
             word(H_VERSION)
         )));
     }
-    let waited = Instant::now();
-    while segment.word(H_READY).load(Ordering::Acquire) != READY {
-        if waited.elapsed() > Duration::from_secs(2) {
-            return Err(corrupt(
-                "its creator has not finished initialising it (it may have died while creating it)"
-                    .into(),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(1));
+    // Segments are published complete (see `Segment::create`): not ready means damaged.
+    if segment.word(H_READY).load(Ordering::Acquire) != READY {
+        return Err(corrupt("its ready flag is not set".into()));
     }
     let schema_len = word(H_SCHEMA_LEN);
     if schema_len > MAX_SCHEMA_TEXT as u64 || SCHEMA_TEXT as u64 + schema_len > segment.len() as u64

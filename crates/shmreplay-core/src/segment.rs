@@ -32,10 +32,17 @@ pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
 }
 
 impl Segment {
-    /// Creates `path` exclusively with mode 0600, reserves all `size` bytes of it (so that no
-    /// later page fault can SIGBUS for lack of space), and maps it. Nothing is left behind on error.
-    pub(crate) fn create(path: &Path, size: u64) -> Result<Segment> {
+    /// Creates the segment file `path` of `size` bytes, mode 0600, with all its space reserved
+    /// (so that no later page fault can SIGBUS for lack of space), mapped and prefaulted.
+    ///
+    /// The file is built under a hidden temporary name, initialised by `init`, and only then
+    /// renamed to `path` without replacing anything: whoever finds a file at `path` finds a
+    /// complete segment. Nothing is left behind on error.
+    pub(crate) fn create(path: &Path, size: u64, init: impl FnOnce(&Segment)) -> Result<Segment> {
         let dir = path.parent().unwrap_or(Path::new("/"));
+        if path.exists() {
+            return Err(Error::AlreadyExists(path.to_owned()));
+        }
         let free = free_bytes(dir)?;
         let no_space = || Error::InsufficientSpace {
             path: path.to_owned(),
@@ -45,29 +52,33 @@ impl Segment {
         if size > free {
             return Err(no_space());
         }
+        let temp = temporary_path(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(path)
+            .open(&temp)
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => Error::AlreadyExists(path.to_owned()),
                 std::io::ErrorKind::NotFound => Error::NotFound(dir.to_owned()),
-                _ => Error::io(format!("create {}", path.display()), e),
+                _ => Error::io(format!("create {}", temp.display()), e),
             })?;
-        let remove_on_error = RemoveOnDrop(Some(path.to_owned()));
+        let remove_on_error = RemoveOnDrop(Some(temp.clone()));
         // The umask may have cleared bits of 0600 but never adds any; make it exact.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+            .map_err(|e| Error::io(format!("chmod {}", temp.display()), e))?;
         reserve(&file, size).map_err(|e| match e {
             Errno::NOSPC | Errno::FBIG | Errno::NOMEM => no_space(),
             e => Error::io(format!("reserve {size} bytes for {}", path.display()), e),
         })?;
         let map = MmapRaw::map_raw(&file)
-            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+            .map_err(|e| Error::io(format!("mmap {}", temp.display()), e))?;
+        let segment = Segment { map };
+        segment.prefault();
+        init(&segment);
+        publish(&temp, path)?;
         remove_on_error.disarm();
-        Ok(Segment { map })
+        Ok(segment)
     }
 
     /// Opens and maps an existing segment file owned by this user.
@@ -196,6 +207,39 @@ fn write_zeros(file: &File, size: u64) -> std::result::Result<(), Errno> {
     Ok(())
 }
 
+/// A hidden name next to `path`, unique to this call, for a segment being built.
+fn temporary_path(path: &Path) -> PathBuf {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file_name = path
+        .file_name()
+        .map_or_else(Default::default, |n| n.to_string_lossy());
+    path.with_file_name(format!(
+        ".{file_name}.{}-{call}.creating",
+        std::process::id()
+    ))
+}
+
+/// Renames `temp` to `path` unless `path` exists, atomically (`renameat2(RENAME_NOREPLACE)`;
+/// on filesystems without it, `link` + `unlink`, which is just as exclusive).
+fn publish(temp: &Path, path: &Path) -> Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let exists = || Error::AlreadyExists(path.to_owned());
+    match renameat_with(CWD, temp, CWD, path, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => Err(exists()),
+        Err(Errno::INVAL | Errno::NOSYS) => match std::fs::hard_link(temp, path) {
+            Ok(()) => {
+                let _ = std::fs::remove_file(temp);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(e) => Err(Error::io(format!("link {}", path.display()), e)),
+        },
+        Err(e) => Err(Error::io(format!("rename to {}", path.display()), e)),
+    }
+}
+
 /// Removes a half-made file unless disarmed.
 struct RemoveOnDrop(Option<PathBuf>);
 
@@ -227,7 +271,10 @@ mod tests {
     #[test]
     fn create_is_exclusive_private_and_reserved() {
         let path = temp_path("create");
-        let seg = Segment::create(&path, 1 << 16).unwrap();
+        let seg = Segment::create(&path, 1 << 16, |s| {
+            s.word(0).store(7, std::sync::atomic::Ordering::Relaxed)
+        })
+        .unwrap();
         assert_eq!(seg.len(), 1 << 16);
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600);
@@ -236,7 +283,7 @@ mod tests {
             "space must be reserved, not sparse"
         );
         assert!(matches!(
-            Segment::create(&path, 1 << 16),
+            Segment::create(&path, 1 << 16, |_| ()),
             Err(Error::AlreadyExists(_))
         ));
         seg.word(8).store(42, std::sync::atomic::Ordering::Relaxed);
@@ -246,9 +293,33 @@ mod tests {
     }
 
     #[test]
+    fn segment_appears_only_once_initialised_and_leaves_no_temporary() {
+        let dir = std::env::temp_dir().join(format!("shmreplay-publish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shmreplay.x");
+        let seg = Segment::create(&path, 4096, |s| {
+            assert!(
+                !path.exists(),
+                "the segment is visible before init finished"
+            );
+            s.word(0).store(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(seg.len(), 4096);
+        let again = Segment::create(&path, 4096, |_| panic!("must not initialise"));
+        assert!(matches!(again, Err(Error::AlreadyExists(_))));
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("shmreplay.x")]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn too_big_fails_cleanly() {
         let path = temp_path("huge");
-        let err = Segment::create(&path, u64::MAX / 2).unwrap_err();
+        let err = Segment::create(&path, u64::MAX / 2, |_| ()).unwrap_err();
         assert!(matches!(err, Error::InsufficientSpace { .. }), "{err}");
         assert!(!path.exists());
     }
@@ -272,7 +343,7 @@ mod tests {
     #[should_panic(expected = "out of bounds")]
     fn access_outside_the_mapping_panics() {
         let path = temp_path("bounds");
-        let seg = Segment::create(&path, 4096).unwrap();
+        let seg = Segment::create(&path, 4096, |_| ()).unwrap();
         std::fs::remove_file(&path).unwrap();
         seg.load(4090, &mut [0u8; 8]);
     }
