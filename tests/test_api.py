@@ -711,3 +711,16 @@ def test_handles_prefault_the_segment(shm_dir, atari_fields):
         other.close()
         pages_written = 1000 * buf.record_bytes // 4096
         assert faults < pages_written // 10, (faults, pages_written)
+
+
+def test_inspect_looks_without_attaching(shm_dir, control_fields):
+    with shmreplay.ReplayBuffer.create(capacity=100, fields=control_fields, path=shm_dir) as buf:
+        buf.extend(helpers.rows_for_keys(control_fields, range(10)))
+        seen = shmreplay.ReplayBuffer.inspect(buf.name, path=shm_dir)
+        assert seen.stats()["attached"] == 1
+        assert seen.processes() == [os.getpid()]
+        assert len(seen) == 10 and seen.fields == buf.fields
+        helpers.assert_row_equal(seen[3], helpers.row_for_key(control_fields, 3))
+        seen.close()
+        with pytest.raises(FileNotFoundError):
+            shmreplay.ReplayBuffer.inspect("no-such-buffer", path=shm_dir)

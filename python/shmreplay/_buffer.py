@@ -158,6 +158,19 @@ class ReplayBuffer:
         directory = _dir_arg(path)
         return cls(_core.RawBuffer.attach(name, directory), directory, owner=False)
 
+    @classmethod
+    def inspect(cls, name: str, *, path: PathLike | None = None) -> "ReplayBuffer":
+        """Opens an existing buffer just to look at it (``fields``, ``stats()``, ``processes()``).
+
+        Unlike :meth:`attach`, the handle does not count as attached and does not prefault the
+        mapping, so looking is cheap and changes nothing. It still can write and sample.
+        Raises as :meth:`attach`.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        directory = _dir_arg(path)
+        return cls(_core.RawBuffer.inspect(name, directory), directory, owner=False)
+
     # ---- properties ----
 
     @property

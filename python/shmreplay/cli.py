@@ -97,11 +97,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _attach(name: str, path: str | None) -> Any:
+def _inspect(name: str, path: str | None) -> Any:
     import shmreplay
 
     try:
-        return shmreplay.ReplayBuffer.attach(name, path=path)
+        return shmreplay.ReplayBuffer.inspect(name, path=path)
     except FileNotFoundError:
         raise CliError(f"no buffer named {name!r} in {_directory(path)}") from None
 
@@ -116,7 +116,6 @@ def _describe(buf: Any) -> dict[str, Any]:
             {"name": field, "dtype": dt.name, "shape": list(shape), "bytes": dt.itemsize * math.prod(shape)}
         )
     stats = dict(buf.stats())
-    me = os.getpid()
     return {
         "name": buf.name,
         "path": buf.path,
@@ -126,13 +125,12 @@ def _describe(buf: Any) -> dict[str, Any]:
         "segment_bytes": buf.nbytes,
         "fields": fields,
         "stats": stats,
-        # this command is attached too while it reads; it is left out of the list
-        "processes": [pid for pid in buf.processes() if pid != me],
+        "processes": buf.processes(),
     }
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    buf = _attach(args.name, args.path)
+    buf = _inspect(args.name, args.path)
     try:
         info = _describe(buf)
     finally:

@@ -258,7 +258,7 @@ pub fn list(dir: Option<&Path>) -> Result<Vec<SegmentInfo>> {
         let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
             continue;
         };
-        if let Ok(buffer) = ReplayBuffer::open(name, Some(dir), false) {
+        if let Ok(buffer) = ReplayBuffer::inspect(name, Some(dir)) {
             let stats = buffer.stats();
             found.push(SegmentInfo {
                 name: name.to_owned(),
@@ -304,6 +304,13 @@ impl ReplayBuffer {
     /// Attaches to existing buffer `name` in `dir`, after validating everything in its header.
     pub fn attach(name: &str, dir: Option<&Path>) -> Result<ReplayBuffer> {
         ReplayBuffer::open(name, dir, true)
+    }
+
+    /// Opens buffer `name` just to look at it (schema, stats, processes): without counting as
+    /// an attached handle and without prefaulting the mapping. It can still write and sample;
+    /// it registers on first use.
+    pub fn inspect(name: &str, dir: Option<&Path>) -> Result<ReplayBuffer> {
+        ReplayBuffer::open(name, dir, false)
     }
 
     fn open(name: &str, dir: Option<&Path>, register: bool) -> Result<ReplayBuffer> {

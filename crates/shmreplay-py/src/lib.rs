@@ -190,6 +190,15 @@ impl RawBuffer {
             .map_err(|e| to_py(py, e))
     }
 
+    #[staticmethod]
+    #[pyo3(signature = (name, dir))]
+    fn inspect(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawBuffer> {
+        let name = name.to_owned();
+        py.detach(|| ReplayBuffer::inspect(&name, dir.as_deref()))
+            .map(RawBuffer::new)
+            .map_err(|e| to_py(py, e))
+    }
+
     #[getter]
     fn name(&self) -> PyResult<String> {
         Ok(self.get()?.name().to_owned())
