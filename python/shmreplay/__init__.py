@@ -26,6 +26,9 @@ __all__ = [
     "Stats",
     "BufferInfo",
     "FieldSpec",
+    "Shape",
+    "DTypeLike",
+    "PathLike",
 ]
 
 __version__ = "0.1.0"

@@ -60,6 +60,8 @@ const RETIRED: usize = 384;
 const SCHEMA_TEXT: usize = 512;
 
 const ENTRY_BYTES: usize = 128;
+/// 2^64 / golden ratio: consecutive multiples are far apart, for seeding generators.
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 const E_OWNER: usize = 0;
 const E_WRITING: usize = 8;
 const E_COUNTERS: usize = 16;
@@ -230,10 +232,7 @@ pub fn segment_path(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
 
 /// A fresh name, unique on this machine with overwhelming probability.
 pub fn unique_name() -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut rng = Rng(nanos ^ u64::from(std::process::id()).rotate_left(32));
+    let mut rng = Rng(unix_nanos() ^ u64::from(std::process::id()).rotate_left(32));
     format!("rb-{}-{:012x}", std::process::id(), rng.next() >> 16)
 }
 
@@ -332,10 +331,9 @@ impl ReplayBuffer {
         name: &str,
         path: impl Into<PathBuf>,
     ) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64)
-            ^ (&segment as *const Segment as u64);
+        // Handles made in the same nanosecond still draw different streams.
+        static HANDLES: AtomicU64 = AtomicU64::new(0);
+        let seed = unix_nanos() ^ HANDLES.fetch_add(1, Ordering::Relaxed).wrapping_mul(GOLDEN);
         ReplayBuffer {
             segment,
             schema,
@@ -761,7 +759,7 @@ impl ReplayBuffer {
     /// A generator for one call, distinct per call, per handle and per process (a forked child
     /// starts with its parent's state and must not repeat its draws).
     fn rng_for_call(&self) -> Rng {
-        let state = self.rng.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        let state = self.rng.fetch_add(GOLDEN, Ordering::Relaxed);
         let mut rng = Rng(state ^ u64::from(std::process::id()).rotate_left(40));
         rng.next();
         rng
