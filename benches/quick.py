@@ -18,7 +18,6 @@ with shmreplay.ReplayBuffer.create(capacity=cap, fields=atari) as buf:
     b64 = {"obs": np.random.randint(0, 255, (64, 4, 84, 84), np.uint8), "action": np.arange(64, dtype=np.int32), "reward": np.ones(64, np.float32), "next_obs": np.random.randint(0, 255, (64, 4, 84, 84), np.uint8), "done": np.zeros(64, bool)}
     r = rate(lambda: buf.extend(b64)); print(f"atari extend b=64: {r*64*rb/1e9:.2f} GB/s")
     for bs in (32, 256):
-        out = None
         r = rate(lambda: buf.sample(bs)); print(f"atari sample b={bs} fresh arrays: {r*bs*rb/1e9:.2f} GB/s")
         out = buf.sample(bs)
         r = rate(lambda: buf.sample(bs, out=out)); print(f"atari sample b={bs} out=: {r*bs*rb/1e9:.2f} GB/s")
