@@ -41,6 +41,7 @@ test: rust-test loom typecheck pytest
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc -p shmreplay-core --no-deps
 
 fmt:
 	cargo fmt --all
