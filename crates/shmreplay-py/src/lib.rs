@@ -146,6 +146,16 @@ impl RawBuffer {
         }
     }
 
+    /// Runs `make` (a create or an attach: file and memory work) without the GIL.
+    fn open(
+        py: Python<'_>,
+        make: impl FnOnce() -> shmreplay_core::Result<ReplayBuffer> + Send,
+    ) -> PyResult<RawBuffer> {
+        py.detach(make)
+            .map(RawBuffer::new)
+            .map_err(|e| to_py(py, e))
+    }
+
     /// The buffer, or `ValueError` once closed. An `Arc` so that `close` from another thread
     /// never unmaps memory a running copy still uses.
     fn get(&self) -> PyResult<Arc<ReplayBuffer>> {
@@ -175,28 +185,21 @@ impl RawBuffer {
             .collect::<shmreplay_core::Result<Vec<_>>>()
             .and_then(|f| Schema::new(&f))
             .map_err(|e| to_py(py, e))?;
-        let name = name.to_owned();
-        py.detach(|| ReplayBuffer::create(&name, dir.as_deref(), capacity, parsed))
-            .map(RawBuffer::new)
-            .map_err(|e| to_py(py, e))
+        RawBuffer::open(py, || {
+            ReplayBuffer::create(name, dir.as_deref(), capacity, parsed)
+        })
     }
 
     #[staticmethod]
     #[pyo3(signature = (name, dir))]
     fn attach(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawBuffer> {
-        let name = name.to_owned();
-        py.detach(|| ReplayBuffer::attach(&name, dir.as_deref()))
-            .map(RawBuffer::new)
-            .map_err(|e| to_py(py, e))
+        RawBuffer::open(py, || ReplayBuffer::attach(name, dir.as_deref()))
     }
 
     #[staticmethod]
     #[pyo3(signature = (name, dir))]
     fn inspect(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawBuffer> {
-        let name = name.to_owned();
-        py.detach(|| ReplayBuffer::inspect(&name, dir.as_deref()))
-            .map(RawBuffer::new)
-            .map_err(|e| to_py(py, e))
+        RawBuffer::open(py, || ReplayBuffer::inspect(name, dir.as_deref()))
     }
 
     #[getter]
