@@ -74,7 +74,7 @@ def test_ls_table(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shm
     proc = cli("ls", "--path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED"]
+    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "STATUS"]
     rows = {
         line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0] in ("alpha", "beta")
     }
@@ -82,7 +82,7 @@ def test_ls_table(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shm
     assert rows["alpha"].split()[1:4] == ["100", "25", "(25.0%)"]
     assert rows["beta"].split()[1:4] == ["64", "64", "(100.0%)"]
     for line in rows.values():
-        assert "STALE" not in line  # this test process is attached to both
+        assert line.split()[-1] == "live"  # this test process is attached to both
         assert "MB" in line or "kB" in line
     assert "2 buffers in" in proc.stdout
 
@@ -224,7 +224,7 @@ def test_default_directory() -> None:
 
 
 def test_stale_buffer_is_marked_and_removed(tmp_path: Path) -> None:
-    """A creator that dies without cleaning up leaves a STALE segment that ``rm --stale`` removes."""
+    """A creator that dies without cleaning up leaves a stale segment that ``rm --stale`` removes."""
     script = textwrap.dedent(
         f"""
         import os, shmreplay
@@ -237,7 +237,7 @@ def test_stale_buffer_is_marked_and_removed(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     listed = json.loads(cli("ls", "--json", "--path", str(tmp_path)).stdout)
     assert [(b["name"], b["stale"], b["attached"]) for b in listed] == [("orphan", True, 0)]
-    assert "STALE" in cli("ls", "--path", str(tmp_path)).stdout
+    assert cli("ls", "--path", str(tmp_path)).stdout.splitlines()[1].split()[-1] == "stale"
     proc = cli("rm", "--stale", "--path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "removed orphan"
@@ -247,7 +247,7 @@ def test_stale_buffer_is_marked_and_removed(tmp_path: Path) -> None:
 def test_help_and_usage_errors() -> None:
     proc = cli("--help")
     assert proc.returncode == 0
-    for command in ("ls", "info", "rm", "demo"):
+    for command in ("ls", "info", "gc", "rm", "demo"):
         assert command in proc.stdout
     proc = cli("demo", "--help")
     assert proc.returncode == 0 and "--synthetic" in proc.stdout and "--start-method" in proc.stdout

@@ -21,6 +21,7 @@ __all__ = [
     "CorruptSegmentError",
     "list_buffers",
     "remove",
+    "gc",
     "DEFAULT_DIR",
     "SampleInfo",
     "Stats",
@@ -36,13 +37,39 @@ __version__ = "0.1.0"
 DEFAULT_DIR: str = _core.DEFAULT_DIR
 
 
+def _dir(path: PathLike | None) -> str | None:
+    if path is None:
+        return None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return os.fspath(path)
+
+
 def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     """The buffers of this user in ``path`` (default ``/dev/shm``), sorted by name.
 
-    Each is a dict: name, path, capacity, size, bytes, record_bytes, attached (live handles)
-    and stale (no live process holds it).
+    Each is a dict: name, path, capacity, size, bytes, record_bytes, attached (live handles),
+    creator_pid, and stale (no live process holds it and its creator has exited). Files named
+    like segments that cannot be read are left out (``shmreplay ls`` shows them).
     """
-    return _core.list_buffers(None if path is None else os.fspath(path))  # type: ignore[return-value]
+    return _core.scan(_dir(path))[0]  # type: ignore[return-value]
+
+
+def gc(path: PathLike | None = None, *, dry_run: bool = False) -> list[str]:
+    """Removes this user's stale buffers in ``path`` (default ``/dev/shm``); returns their names.
+
+    A buffer is stale when no live process holds a handle to it and the process that created
+    it has exited (process identity includes its start time, so a reused pid does not count).
+    A live buffer is never removed, even if a process attaches while ``gc`` runs. Also removes
+    the hidden temporary files of creators that were killed while creating a buffer.
+
+    Args:
+        path: directory of the segments.
+        dry_run: only return the names that would be removed.
+    """
+    if not isinstance(dry_run, bool):
+        raise TypeError(f"dry_run must be a bool, got {type(dry_run).__name__}")
+    return _core.remove_stale(_dir(path), dry_run)
 
 
 def remove(name: str, *, path: PathLike | None = None) -> None:
@@ -50,4 +77,6 @@ def remove(name: str, *, path: PathLike | None = None) -> None:
 
     Raises ``FileNotFoundError`` if there is no such buffer.
     """
-    _core.remove(name, None if path is None else os.fspath(path))
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    _core.remove(name, _dir(path))

@@ -38,7 +38,11 @@ class Stats(TypedDict):
 
 
 class BufferInfo(TypedDict):
-    """One buffer found by :func:`shmreplay.list_buffers`."""
+    """One buffer found by :func:`shmreplay.list_buffers`.
+
+    ``stale``: no live process holds a handle and its creator has exited;
+    :func:`shmreplay.gc` removes it.
+    """
 
     name: str
     path: str
@@ -47,4 +51,5 @@ class BufferInfo(TypedDict):
     bytes: int
     record_bytes: int
     attached: int
+    creator_pid: int
     stale: bool

@@ -2,9 +2,11 @@
 
 ::
 
-    shmreplay ls [--json]              buffers on this machine (STALE = no live process attached)
+    shmreplay ls [--json]              buffers on this machine: live, stale (every process that
+                                       used it is gone) or corrupt (not a readable segment)
     shmreplay info NAME [--json]       schema, sizes, counters and attached processes
-    shmreplay rm NAME [NAME ...]       remove segments (``--stale`` removes every stale one)
+    shmreplay gc [--dry-run] [--json]  remove this user's stale buffers, never a live one
+    shmreplay rm NAME [NAME ...]       remove segments (``--stale``: same as ``gc``)
     shmreplay demo [--synthetic] ...   live actor-learner demo with Atari frames
 
 Every subcommand takes ``--path DIR`` for buffers outside the default directory (/dev/shm).
@@ -59,14 +61,16 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    import shmreplay
+    from . import _core
 
-    buffers = sorted(shmreplay.list_buffers(args.path), key=lambda b: b["name"])
+    buffers, unreadable = _core.scan(args.path)
     if args.json:
-        print(json.dumps(buffers, indent=2))
+        listed = [{**b, "status": "stale" if b["stale"] else "live"} for b in buffers]
+        listed += [{**u, "status": "corrupt"} for u in unreadable]
+        print(json.dumps(listed, indent=2))
         return 0
     where = _directory(args.path)
-    if not buffers:
+    if not buffers and not unreadable:
         print(f"No shmreplay buffers in {where}.")
         return 0
     rows = [
@@ -76,19 +80,42 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _fill(b["size"], b["capacity"]),
             format_bytes(b["bytes"]),
             str(b["attached"]),
-            "STALE" if b["stale"] else "",
+            "stale" if b["stale"] else "live",
         ]
         for b in buffers
     ]
-    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", ""]
+    rows += [[u["name"], "", "", "", "", f"corrupt: {u['reason']}"] for u in unreadable]
+    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "STATUS"]
     for text in _table(headers, rows, [False, True, True, True, True, False]):
         print(text)
     total = sum(b["bytes"] for b in buffers)
     stale = sum(1 for b in buffers if b["stale"])
     footer = f"{len(buffers)} buffer{'s' if len(buffers) != 1 else ''} in {where}, {format_bytes(total)}"
     if stale:
-        footer += f"; {stale} STALE (no live process attached): remove with `{PROG} rm --stale`"
+        footer += f"; {stale} stale (every process that used it is gone): remove with `{PROG} gc`"
+    if unreadable:
+        footer += f"; {len(unreadable)} corrupt file(s): inspect, then `{PROG} rm NAME`"
     print(footer)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# gc
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    import shmreplay
+
+    removed = shmreplay.gc(args.path, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps({"removed": removed, "dry_run": args.dry_run}))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for name in removed:
+        print(f"{verb} {name}")
+    if not removed:
+        print(f"No stale buffers in {_directory(args.path)}.")
     return 0
 
 
@@ -172,13 +199,13 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
     if not args.names and not args.stale:
         raise CliError("rm: name at least one buffer, or pass --stale")
+    if args.stale:
+        for name in shmreplay.gc(args.path):
+            print(f"removed {name}")
     listed = {b["name"]: b for b in shmreplay.list_buffers(args.path)}
     names = list(args.names)
-    if args.stale:
-        names += [n for n, b in sorted(listed.items()) if b["stale"] and n not in names]
-        if not names:
-            print(f"No stale buffers in {_directory(args.path)}.")
-            return 0
+    if args.stale and not names:
+        return 0
     status = 0
     for name in names:
         try:
@@ -250,11 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
+    p = add("gc", "remove this user's stale buffers (every process that used them is gone)")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_gc)
+
     p = add("rm", "remove replay buffers")
     p.add_argument("names", metavar="NAME", nargs="*")
-    p.add_argument(
-        "--stale", action="store_true", help="also remove every buffer no live process is attached to"
-    )
+    p.add_argument("--stale", action="store_true", help="also remove every stale buffer (as `gc`)")
     p.set_defaults(func=cmd_rm)
 
     p = add(

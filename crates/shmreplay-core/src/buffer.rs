@@ -7,6 +7,7 @@
 //! 128     insert cursor (own cache lines: every insert touches it)
 //! 256     filled-slot count
 //! 384     counters folded in from handles that closed or died
+//! 448     reaper: the `gc` deciding to remove the segment, or REAPED once it decided
 //! 512     schema text
 //! table   MAX_OWNERS handle entries of 128 bytes: owner identity, ticket being written, counters
 //! seq     one version word per slot (the seqlocks, see `slot`)
@@ -19,10 +20,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::interrupt::Patience;
 use crate::process;
 use crate::schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
-use crate::segment::Segment;
-use crate::slot::{self, Claim};
+use crate::segment::{self, Segment};
+use crate::slot::{self, Busy, Claim};
 
 /// Where segments live unless a directory is given: POSIX shared memory.
 pub const DEFAULT_DIR: &str = "/dev/shm";
@@ -57,7 +59,10 @@ const H_END: usize = 128;
 const CURSOR: usize = 128;
 const FILLED: usize = 256;
 const RETIRED: usize = 384;
+const REAPER: usize = 448;
 const SCHEMA_TEXT: usize = 512;
+/// The reaper word once a `gc` has decided to remove the segment (no process has this identity).
+const REAPED: u64 = u64::MAX;
 
 const ENTRY_BYTES: usize = 128;
 /// 2^64 / golden ratio: consecutive multiples are far apart, for seeding generators.
@@ -167,8 +172,25 @@ pub struct SegmentInfo {
     pub bytes: u64,
     pub record_bytes: u64,
     pub attached: u64,
-    /// No live process holds a handle: whoever made it is gone.
+    /// Pid of the process that created the buffer.
+    pub creator_pid: u32,
+    /// No live process holds a handle and its creator is gone: [`remove_stale`] removes it.
     pub stale: bool,
+}
+
+/// A file named like a segment that cannot be opened as one (damaged, or from another version).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub name: String,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// What [`list`] found in a directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub buffers: Vec<SegmentInfo>,
+    pub unreadable: Vec<Unreadable>,
 }
 
 /// The handle-table entry this handle writes its counters and claims into, registered by the
@@ -245,34 +267,61 @@ pub fn remove(name: &str, dir: Option<&Path>) -> Result<()> {
     })
 }
 
-/// The valid buffers of this user in `dir` (default [`DEFAULT_DIR`]), sorted by name. Files
-/// that are not valid segments, or that belong to other users, are left out.
-pub fn list(dir: Option<&Path>) -> Result<Vec<SegmentInfo>> {
+/// The buffers of this user in `dir` (default [`DEFAULT_DIR`]), sorted by name, and the files
+/// named like segments that cannot be opened as one. Other users' files are left out.
+pub fn list(dir: Option<&Path>) -> Result<Listing> {
     let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
     let entries =
         std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-    let mut found = Vec::new();
+    let mut listing = Listing::default();
     for entry in entries.flatten() {
         let file_name = entry.file_name();
         let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
             continue;
         };
-        if let Ok(buffer) = ReplayBuffer::inspect(name, Some(dir)) {
-            let stats = buffer.stats();
-            found.push(SegmentInfo {
+        match ReplayBuffer::inspect(name, Some(dir)) {
+            Ok(buffer) => listing.buffers.push(buffer.info()),
+            Err(Error::PermissionDenied { .. } | Error::NotFound(_)) => {}
+            Err(e) => listing.unreadable.push(Unreadable {
                 name: name.to_owned(),
-                path: buffer.path.clone(),
-                capacity: stats.capacity,
-                size: stats.size,
-                bytes: buffer.layout.total_bytes as u64,
-                record_bytes: buffer.layout.record_bytes as u64,
-                attached: stats.attached,
-                stale: stats.attached == 0,
-            });
+                path: entry.path(),
+                reason: match e {
+                    Error::Corrupt { reason, .. } => reason,
+                    e => e.to_string(),
+                },
+            }),
         }
     }
-    found.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(found)
+    listing.buffers.sort_by(|a, b| a.name.cmp(&b.name));
+    listing.unreadable.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(listing)
+}
+
+/// Removes the stale buffers of this user in `dir` (default [`DEFAULT_DIR`]): those that no
+/// live process holds and whose creator is gone. Returns their names; with `dry_run`, only
+/// names them. Also removes the hidden files of creators that died while creating a segment.
+///
+/// A buffer some process attaches while this runs is never removed: the attacher registers its
+/// handle, then checks the segment's reaper word; this function claims the reaper word, then
+/// checks the handles (both sequentially consistent, so at least one sees the other).
+pub fn remove_stale(dir: Option<&Path>, dry_run: bool) -> Result<Vec<String>> {
+    let listing = list(dir)?;
+    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
+    let mut removed = Vec::new();
+    for info in listing.buffers.into_iter().filter(|info| info.stale) {
+        let Ok(buffer) = ReplayBuffer::inspect(&info.name, Some(dir)) else {
+            continue;
+        };
+        if dry_run || buffer.reap()? {
+            removed.push(info.name);
+        }
+    }
+    if !dry_run {
+        for temporary in segment::abandoned_temporaries(dir) {
+            let _ = std::fs::remove_file(temporary);
+        }
+    }
+    Ok(removed)
 }
 
 impl ReplayBuffer {
@@ -289,14 +338,17 @@ impl ReplayBuffer {
         let path = segment_path(name, dir)?;
         let text = schema.encode();
         let layout = Layout::new(capacity, schema.record_bytes(), text.len())?;
+        let me = process::current();
+        // The creator's handle is registered before the segment is published, so that no `gc`
+        // ever sees it without a live holder.
         let segment = Segment::create(&path, layout.total_bytes as u64, |segment| {
-            write_header(segment, &schema, &layout, &text)
+            write_header(segment, &schema, &layout, &text);
+            segment
+                .word(layout.table_offset + E_OWNER)
+                .store(me, Ordering::Release);
         })?;
         let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, path);
-        if let Err(e) = buffer.register() {
-            let _ = std::fs::remove_file(&buffer.path);
-            return Err(e);
-        }
+        buffer.adopt(&mut buffer.lock_registration(), process::pid_of(me), 0);
         Ok(buffer)
     }
 
@@ -318,8 +370,8 @@ impl ReplayBuffer {
         let (schema, layout) = read_header(&segment, &path)?;
         let buffer = ReplayBuffer::from_parts(segment, schema, layout, name, &path);
         if register {
-            buffer.segment.prefault();
             buffer.register()?;
+            buffer.segment.prefault(&mut Patience::new())?;
         }
         Ok(buffer)
     }
@@ -402,7 +454,22 @@ impl ReplayBuffer {
     /// exceeds the capacity only the last `capacity` are written. Returns `n`.
     ///
     /// Everything is validated before the first byte is written.
+    ///
+    /// A writer waits only for the previous writer of a slot it claims (one lap older, still
+    /// copying). If the installed [`interrupt`](crate::interrupt) check fires meanwhile, it
+    /// stops with [`Error::Interrupted`]: the rows before that slot were inserted, the rest not.
     pub fn extend(&self, columns: &[&[u8]]) -> Result<usize> {
+        self.insert(columns, None)
+    }
+
+    /// [`extend`](Self::extend), calling `pause(slot)` after the first field of the first row
+    /// is copied, while the slot is still claimed. For tests that kill a writer mid-copy.
+    #[doc(hidden)]
+    pub fn extend_pausing(&self, columns: &[&[u8]], pause: &mut dyn FnMut(u64)) -> Result<usize> {
+        self.insert(columns, Some(pause))
+    }
+
+    fn insert(&self, columns: &[&[u8]], mut pause: Option<&mut dyn FnMut(u64)>) -> Result<usize> {
         let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
         if n == 0 {
             return Ok(0);
@@ -420,6 +487,8 @@ impl ReplayBuffer {
         // Rows that the same call overwrites at once are never written: they count as superseded.
         let skipped = n.saturating_sub(self.layout.capacity);
         let (mut inserted, mut recovered, mut superseded) = (0u64, 0u64, skipped as u64);
+        let mut patience = Patience::new();
+        let mut interrupted = false;
         for row in skipped..n {
             let ticket = first_ticket + row as u64;
             let index = (ticket % self.capacity()) as usize;
@@ -427,16 +496,34 @@ impl ReplayBuffer {
             // Published by the claim's Release CAS; `is_orphaned` reads it. Release: a reader
             // that sees this newer mark also sees the commit of our previous ticket.
             writing.store(ticket + 1, Ordering::Release);
-            match slot::claim(seq, ticket, entry, |word| self.is_orphaned(word)) {
+            let on_busy = |word| {
+                if patience.interrupted() {
+                    Busy::GiveUp
+                } else if self.is_orphaned(word) {
+                    Busy::TakeOver
+                } else {
+                    Busy::Wait
+                }
+            };
+            match slot::claim(seq, ticket, entry, on_busy) {
                 Claim::Superseded => superseded += 1,
+                Claim::GaveUp => {
+                    interrupted = true;
+                    break;
+                }
                 Claim::Acquired {
                     first,
                     recovered: took_over,
                 } => {
                     let record = self.record_offset(index);
-                    for (field, column) in self.schema.fields().iter().zip(columns) {
+                    for (i, (field, column)) in self.schema.fields().iter().zip(columns).enumerate() {
                         let value = &column[row * field.bytes..(row + 1) * field.bytes];
                         self.segment.store(record + field.offset, value);
+                        if i == 0 && row == skipped {
+                            if let Some(pause) = pause.as_mut() {
+                                pause(index as u64);
+                            }
+                        }
                     }
                     slot::commit(seq, ticket);
                     if first {
@@ -451,6 +538,9 @@ impl ReplayBuffer {
         self.count(entry, Counter::Inserts, inserted);
         self.count(entry, Counter::Recovered, recovered);
         self.count(entry, Counter::Superseded, superseded);
+        if interrupted {
+            return Err(Error::Interrupted);
+        }
         Ok(n)
     }
 
@@ -485,6 +575,7 @@ impl ReplayBuffer {
         let mut rng = self.rng_for_call();
         let mut retries = 0u64;
         let started = Instant::now();
+        let mut patience = Patience::new();
         // Slots past the cursor were never claimed. Read once per call (writers hammer that
         // cache line), and again after a miss while the ring is still filling.
         let claimed_slots = || {
@@ -509,6 +600,10 @@ impl ReplayBuffer {
                 }
                 if misses % 1024 == 0 {
                     std::thread::yield_now();
+                    if patience.interrupted() {
+                        self.count(entry, Counter::Retries, retries);
+                        return Err(Error::Interrupted);
+                    }
                     if started.elapsed() > Duration::from_secs(10) {
                         self.count(entry, Counter::Retries, retries);
                         return Err(Error::Contended(format!(
@@ -540,6 +635,7 @@ impl ReplayBuffer {
         }
         let index = index as usize;
         let started = Instant::now();
+        let mut patience = Patience::new();
         let mut attempt = 0u64;
         loop {
             attempt += 1;
@@ -567,6 +663,9 @@ impl ReplayBuffer {
                     "slot {index} stayed busy for 5 s"
                 )));
             }
+            if patience.interrupted() {
+                return Err(Error::Interrupted);
+            }
             std::thread::yield_now();
         }
     }
@@ -589,12 +688,7 @@ impl ReplayBuffer {
         for (i, total) in totals.iter_mut().enumerate() {
             *total = self.word(RETIRED + 8 * i).load(Ordering::Relaxed);
         }
-        let mut attached = 0;
         for entry in 0..MAX_HANDLES {
-            let owner = self.entry_word(entry, E_OWNER).load(Ordering::Acquire);
-            if owner != 0 && process::is_alive(owner) {
-                attached += 1;
-            }
             for (i, total) in totals.iter_mut().enumerate() {
                 *total += self
                     .entry_word(entry, E_COUNTERS + 8 * i)
@@ -610,23 +704,87 @@ impl ReplayBuffer {
             retries,
             recovered,
             superseded,
-            attached,
+            attached: self.live_owners().count() as u64,
         }
     }
 
     /// Pids of the live processes holding handles to this buffer, sorted, without repeats.
     pub fn processes(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = (0..MAX_HANDLES)
-            .map(|e| self.entry_word(e, E_OWNER).load(Ordering::Acquire))
-            .filter(|&owner| owner != 0 && process::is_alive(owner))
-            .map(process::pid_of)
-            .collect();
+        let mut pids: Vec<u32> = self.live_owners().map(process::pid_of).collect();
         pids.sort_unstable();
         pids.dedup();
         pids
     }
 
+    /// What [`list`] reports about this buffer.
+    pub fn info(&self) -> SegmentInfo {
+        let stats = self.stats();
+        let creator = self.word(H_CREATOR).load(Ordering::Relaxed);
+        SegmentInfo {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            capacity: stats.capacity,
+            size: stats.size,
+            bytes: self.segment_bytes(),
+            record_bytes: self.layout.record_bytes as u64,
+            attached: stats.attached,
+            creator_pid: process::pid_of(creator),
+            stale: stats.attached == 0 && !process::is_alive(creator),
+        }
+    }
+
     // ---- internals ----
+
+    /// Identities of the live processes named in the handle table (one per handle).
+    fn live_owners(&self) -> impl Iterator<Item = u64> + '_ {
+        (0..MAX_HANDLES)
+            // SeqCst: pairs with `register` against `reap` (see `remove_stale`).
+            .map(|e| self.entry_word(e, E_OWNER).load(Ordering::SeqCst))
+            .filter(|&owner| owner != 0 && process::is_alive(owner))
+    }
+
+    /// Removes the segment file if the buffer is still stale, unless another `gc` is at it.
+    /// Returns whether it removed it.
+    fn reap(&self) -> Result<bool> {
+        let reaper = self.word(REAPER);
+        let current = reaper.load(Ordering::SeqCst);
+        if current != 0 && current != REAPED && process::is_alive(current) {
+            return Ok(false);
+        }
+        let me = process::current();
+        if reaper
+            .compare_exchange(current, me, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Ok(false);
+        }
+        if !self.info().stale {
+            reaper.store(0, Ordering::SeqCst);
+            return Ok(false);
+        }
+        reaper.store(REAPED, Ordering::SeqCst);
+        if !self.segment.is_at(&self.path) {
+            return Ok(false);
+        }
+        self.unlink()?;
+        Ok(true)
+    }
+
+    /// Called right after registering: fails if a `gc` removed (or is removing) the segment.
+    fn check_not_reaped(&self) -> Result<()> {
+        let reaper = self.word(REAPER);
+        let mut patience = Patience::new();
+        loop {
+            match reaper.load(Ordering::SeqCst) {
+                REAPED => return Err(Error::NotFound(self.path.clone())),
+                // A gc that died while deciding removed nothing.
+                r if r == 0 || !process::is_alive(r) => return Ok(()),
+                // A gc is deciding (a few milliseconds): it either saw our handle or removes.
+                _ if patience.interrupted() => return Err(Error::Interrupted),
+                _ => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
 
     fn word(&self, offset: usize) -> &AtomicU64 {
         self.segment.word(offset)
@@ -696,13 +854,13 @@ impl ReplayBuffer {
 
     /// This handle's entry, registered for the calling process (again after a `fork`).
     fn registration(&self) -> Result<MutexGuard<'_, Option<Registration>>> {
-        let guard = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.lock_registration();
         if guard.as_ref().is_some_and(|r| r.pid == std::process::id()) {
             return Ok(guard);
         }
         drop(guard);
         self.register()?;
-        Ok(self.registration.lock().unwrap_or_else(|e| e.into_inner()))
+        Ok(self.lock_registration())
     }
 
     /// The entry to count this process's samples in, without waiting for a writer of this handle.
@@ -718,7 +876,7 @@ impl ReplayBuffer {
     /// retired totals first).
     fn register(&self) -> Result<()> {
         let me = process::current();
-        let mut slot = self.registration.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.lock_registration();
         for reclaim_dead in [false, true] {
             for entry in 0..MAX_HANDLES {
                 let owner_word = self.entry_word(entry, E_OWNER);
@@ -727,22 +885,42 @@ impl ReplayBuffer {
                 if !free {
                     continue;
                 }
+                // SeqCst: see `remove_stale`.
                 if owner_word
-                    .compare_exchange(owner, me, Ordering::AcqRel, Ordering::Relaxed)
+                    .compare_exchange(owner, me, Ordering::SeqCst, Ordering::Relaxed)
                     .is_ok()
                 {
                     self.retire_counters(entry);
                     self.entry_word(entry, E_WRITING)
                         .store(0, Ordering::Release);
-                    let pid = process::pid_of(me);
-                    *slot = Some(Registration { pid, entry });
-                    self.registered
-                        .store(u64::from(pid) << 32 | entry as u64, Ordering::Release);
+                    if let Err(e) = self.check_not_reaped() {
+                        self.release(entry);
+                        return Err(e);
+                    }
+                    self.adopt(&mut slot, process::pid_of(me), entry);
                     return Ok(());
                 }
             }
         }
         Err(Error::TooManyHandles(MAX_HANDLES))
+    }
+
+    fn lock_registration(&self) -> MutexGuard<'_, Option<Registration>> {
+        self.registration.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes handle-table entry `entry`, registered by process `pid`, this handle's.
+    fn adopt(&self, slot: &mut Option<Registration>, pid: u32, entry: usize) {
+        *slot = Some(Registration { pid, entry });
+        self.registered
+            .store(u64::from(pid) << 32 | entry as u64, Ordering::Release);
+    }
+
+    /// Gives handle-table entry `entry` back, its counters folded into the retired totals.
+    fn release(&self, entry: usize) {
+        self.retire_counters(entry);
+        self.entry_word(entry, E_WRITING).store(0, Ordering::Relaxed);
+        self.entry_word(entry, E_OWNER).store(0, Ordering::Release);
     }
 
     fn retire_counters(&self, entry: usize) {
@@ -775,11 +953,7 @@ impl Drop for ReplayBuffer {
             .unwrap_or_else(|e| e.into_inner());
         if let Some(r) = registration.take() {
             if r.pid == std::process::id() {
-                self.retire_counters(r.entry);
-                self.entry_word(r.entry, E_WRITING)
-                    .store(0, Ordering::Relaxed);
-                self.entry_word(r.entry, E_OWNER)
-                    .store(0, Ordering::Release);
+                self.release(r.entry);
             }
         }
     }

@@ -38,6 +38,8 @@ pub enum Error {
         "all {0} handle entries of this buffer are in use by live processes; close some handles"
     )]
     TooManyHandles(usize),
+    #[error("interrupted")]
+    Interrupted,
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -39,6 +39,8 @@
 #![cfg_attr(loom, allow(dead_code))]
 
 mod error;
+#[cfg(not(loom))]
+pub mod interrupt;
 mod schema;
 pub mod slot;
 mod sync;
@@ -54,7 +56,8 @@ mod segment;
 
 #[cfg(not(loom))]
 pub use buffer::{
-    list, remove, segment_path, unique_name, validate_name, ReplayBuffer, SegmentInfo, Stats,
+    list, remove, remove_stale, segment_path, unique_name, validate_name, Listing, ReplayBuffer,
+    SegmentInfo, Stats, Unreadable,
     DEFAULT_DIR, FILE_PREFIX, MAX_CAPACITY, MAX_HANDLES, MAX_NAME_LEN,
 };
 pub use error::{human_bytes, Error, Result};

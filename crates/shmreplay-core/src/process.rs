@@ -40,6 +40,11 @@ pub fn is_alive(identity: u64) -> bool {
     }
 }
 
+/// True if some process (not a zombie) has pid `pid`; for names that carry only a pid.
+pub fn pid_is_running(pid: u32) -> bool {
+    read_stat(pid).is_some_and(|(state, _)| !matches!(state, 'Z' | 'X' | 'x'))
+}
+
 fn start_time(pid: u32) -> Option<u64> {
     read_stat(pid).map(|(_, start)| start)
 }

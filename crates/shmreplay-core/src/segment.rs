@@ -11,17 +11,21 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{Advice, MmapRaw};
-use rustix::fs::FallocateFlags;
+use rustix::fs::{FallocateFlags, OFlags};
 use rustix::io::Errno;
 
 use crate::copy;
 use crate::error::{Error, Result};
+use crate::interrupt::Patience;
+use crate::process;
 
 /// A mapped segment file. The file descriptor is closed once mapped: a buffer costs its
 /// process one mapping and no descriptor, whatever its capacity.
 #[derive(Debug)]
 pub(crate) struct Segment {
     map: MmapRaw,
+    /// `(device, inode)` of the file mapped: tells whether a path still names this segment.
+    file_id: (u64, u64),
 }
 
 /// Free bytes for an unprivileged writer on the filesystem holding `dir`.
@@ -67,14 +71,16 @@ impl Segment {
         // The umask may have cleared bits of 0600 but never adds any; make it exact.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format!("chmod {}", temp.display()), e))?;
-        reserve(&file, size).map_err(|e| match e {
-            Errno::NOSPC | Errno::FBIG | Errno::NOMEM => no_space(),
-            e => Error::io(format!("reserve {size} bytes for {}", path.display()), e),
+        let mut patience = Patience::new();
+        reserve(&file, size, &mut patience).map_err(|e| match e {
+            Reserve::Interrupted => Error::Interrupted,
+            Reserve::Failed(Errno::NOSPC | Errno::FBIG | Errno::NOMEM) => no_space(),
+            Reserve::Failed(e) => {
+                Error::io(format!("reserve {size} bytes for {}", path.display()), e)
+            }
         })?;
-        let map = MmapRaw::map_raw(&file)
-            .map_err(|e| Error::io(format!("mmap {}", temp.display()), e))?;
-        let segment = Segment { map };
-        segment.prefault();
+        let segment = Segment::map(&file, &temp)?;
+        segment.prefault(&mut patience)?;
         init(&segment);
         publish(&temp, path)?;
         remove_on_error.disarm();
@@ -83,9 +89,12 @@ impl Segment {
 
     /// Opens and maps an existing segment file owned by this user.
     pub(crate) fn open(path: &Path, min_size: u64) -> Result<Segment> {
+        // Never through a symbolic link: in a shared directory like /dev/shm anyone can plant
+        // one under a buffer's name.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
             .open(path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Error::NotFound(path.to_owned()),
@@ -93,6 +102,12 @@ impl Segment {
                     path: path.to_owned(),
                     reason: "the segment belongs to another user (mode 0600)".into(),
                 },
+                _ if e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => {
+                    Error::PermissionDenied {
+                        path: path.to_owned(),
+                        reason: "it is a symbolic link, which shmreplay never follows".into(),
+                    }
+                }
                 _ => Error::io(format!("open {}", path.display()), e),
             })?;
         let meta = file
@@ -121,9 +136,24 @@ impl Segment {
                 meta.len()
             )));
         }
-        let map = MmapRaw::map_raw(&file)
-            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
-        Ok(Segment { map })
+        Segment::map(&file, path)
+    }
+
+    fn map(file: &File, path: &Path) -> Result<Segment> {
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let map =
+            MmapRaw::map_raw(file).map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        Ok(Segment {
+            map,
+            file_id: (meta.dev(), meta.ino()),
+        })
+    }
+
+    /// True if `path` (not followed if a link) is the file this segment maps.
+    pub(crate) fn is_at(&self, path: &Path) -> bool {
+        std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -133,8 +163,24 @@ impl Segment {
     /// Fills this process's page tables for the whole mapping now, so that inserts and samples
     /// do not take a page fault on every 4 KiB they touch for the first time (8x slower first
     /// writes of Atari records, measured). Best effort: kernels before 5.14 lack the advice.
-    pub(crate) fn prefault(&self) {
-        let _ = self.map.advise(Advice::PopulateWrite);
+    ///
+    /// Done in chunks, polling `patience` in between: a 5.6 GB segment takes seconds.
+    pub(crate) fn prefault(&self, patience: &mut Patience) -> Result<()> {
+        const CHUNK: usize = 64 << 20;
+        for offset in (0..self.map.len()).step_by(CHUNK) {
+            if patience.interrupted() {
+                return Err(Error::Interrupted);
+            }
+            let len = CHUNK.min(self.map.len() - offset);
+            if self
+                .map
+                .advise_range(Advice::PopulateWrite, offset, len)
+                .is_err()
+            {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Panics unless `[offset, offset + len)` lies inside the mapping and `offset` is 8-aligned.
@@ -179,12 +225,18 @@ impl Segment {
 /// On tmpfs the zeros are written even after `fallocate`: tmpfs clears fallocated pages lazily,
 /// one 4 KiB page fault at a time, and for a 5.6 GB segment that took 11.9 s against 2.2 s for
 /// `fallocate` + writing zeros + prefaulting the mapping (measured on the development machine).
-fn reserve(file: &File, size: u64) -> std::result::Result<(), Errno> {
+fn reserve(file: &File, size: u64, patience: &mut Patience) -> std::result::Result<(), Reserve> {
     match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
         Ok(()) if !is_tmpfs(file) => Ok(()),
-        Ok(()) | Err(Errno::OPNOTSUPP) => write_zeros(file, size),
-        Err(e) => Err(e),
+        Ok(()) | Err(Errno::OPNOTSUPP) => write_zeros(file, size, patience),
+        Err(e) => Err(Reserve::Failed(e)),
     }
+}
+
+/// Why [`reserve`] stopped.
+enum Reserve {
+    Failed(Errno),
+    Interrupted,
 }
 
 fn is_tmpfs(file: &File) -> bool {
@@ -194,14 +246,17 @@ fn is_tmpfs(file: &File) -> bool {
     rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
 }
 
-fn write_zeros(file: &File, size: u64) -> std::result::Result<(), Errno> {
+fn write_zeros(file: &File, size: u64, patience: &mut Patience) -> std::result::Result<(), Reserve> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; 4 << 20];
     let mut offset = 0;
     while offset < size {
+        if patience.interrupted() {
+            return Err(Reserve::Interrupted);
+        }
         let n = (size - offset).min(zeros.len() as u64) as usize;
         file.write_all_at(&zeros[..n], offset)
-            .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+            .map_err(|e| Reserve::Failed(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
         offset += n as u64;
     }
     Ok(())
@@ -218,6 +273,34 @@ fn temporary_path(path: &Path) -> PathBuf {
         ".{file_name}.{}-{call}.creating",
         std::process::id()
     ))
+}
+
+/// The hidden files in `dir` that creators which died mid-create left behind (see
+/// [`temporary_path`]): only this user's, and only those whose creating process is gone.
+pub(crate) fn abandoned_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let me = rustix::process::geteuid().as_raw();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(creator_of_temporary) else {
+                return false;
+            };
+            entry.metadata().is_ok_and(|m| m.uid() == me && m.is_file())
+                && !process::pid_is_running(pid)
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// The creating pid named in a temporary file name `.{segment}.{pid}-{call}.creating`.
+fn creator_of_temporary(file_name: &str) -> Option<u32> {
+    let middle = file_name.strip_prefix('.')?.strip_suffix(".creating")?;
+    let (_, tag) = middle.rsplit_once('.')?;
+    tag.split_once('-')?.0.parse().ok()
 }
 
 /// Renames `temp` to `path` unless `path` exists, atomically (`renameat2(RENAME_NOREPLACE)`;

@@ -83,18 +83,31 @@ pub enum Claim {
     },
     /// A newer ticket already owns this slot: our record would be overwritten at once, drop it.
     Superseded,
+    /// The caller gave up waiting for the slot's writer ([`Busy::GiveUp`]); nothing was changed.
+    GaveUp,
+}
+
+/// What a writer waiting for a slot's busy writer does next, decided by [`claim`]'s caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Busy {
+    /// The writer is alive: keep waiting.
+    Wait,
+    /// The writer is dead and will never finish: take the slot over.
+    TakeOver,
+    /// Stop waiting (the caller was interrupted).
+    GiveUp,
 }
 
 /// Locks the slot whose version word is `seq` for insert `ticket`, as handle-table entry `owner`.
 ///
 /// Waits only for another *writer* of the same slot, i.e. an insert one lap older that is still
-/// copying; `orphaned(word)` is asked (rarely: after spinning) whether the writer named in busy
-/// word `word` is dead, in which case the slot is taken over.
+/// copying; `busy(word)` is asked (rarely: after spinning) what to do about the writer named in
+/// busy word `word`: wait on, take the slot over (that writer is dead), or give up.
 pub fn claim(
     seq: &AtomicU64,
     ticket: u64,
     owner: usize,
-    mut orphaned: impl FnMut(u64) -> bool,
+    mut on_busy: impl FnMut(u64) -> Busy,
 ) -> Claim {
     let mut current = seq.load(Ordering::Acquire);
     let mut spins = 0u32;
@@ -105,8 +118,15 @@ pub fn claim(
         let recovered = is_busy(current);
         if recovered {
             spins += 1;
-            let dead = spins % SPINS_PER_LIVENESS_CHECK == 0 && orphaned(current);
-            if !dead {
+            let verdict = if spins % SPINS_PER_LIVENESS_CHECK == 0 {
+                on_busy(current)
+            } else {
+                Busy::Wait
+            };
+            if verdict == Busy::GiveUp {
+                return Claim::GaveUp;
+            }
+            if verdict == Busy::Wait {
                 if spins < 16 {
                     spin_loop();
                 } else {
@@ -205,7 +225,7 @@ mod tests {
         let got = claim(&seq, 12, 1, |w| {
             asked += 1;
             assert_eq!(owner_of(w), 9);
-            true
+            Busy::TakeOver
         });
         assert_eq!(asked, 1);
         assert_eq!(
@@ -216,6 +236,23 @@ mod tests {
             }
         );
         assert_eq!(owner_of(seq.load(Ordering::Relaxed)), 1);
+    }
+
+    #[test]
+    fn giving_up_leaves_the_slot_to_its_writer() {
+        let word = busy(2, 9, false);
+        let seq = AtomicU64::new(word);
+        let mut asked = 0;
+        let got = claim(&seq, 12, 1, |_| {
+            asked += 1;
+            if asked < 3 {
+                Busy::Wait
+            } else {
+                Busy::GiveUp
+            }
+        });
+        assert_eq!((got, asked), (Claim::GaveUp, 3));
+        assert_eq!(seq.load(Ordering::Relaxed), word);
     }
 }
 
@@ -259,7 +296,13 @@ mod loom_tests {
         ) {
             let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
             if let Claim::Acquired { .. } =
-                claim(&self.seq, ticket, owner, |w| owner_dead(owner_of(w)))
+                claim(&self.seq, ticket, owner, |w| {
+                if owner_dead(owner_of(w)) {
+                    Busy::TakeOver
+                } else {
+                    Busy::Wait
+                }
+            })
             {
                 self.data[0].store(value, Ordering::Relaxed);
                 if die_mid_copy {

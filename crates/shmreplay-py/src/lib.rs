@@ -4,17 +4,35 @@
 //! package; this layer checks again what memory safety depends on (contiguity, byte counts,
 //! writability) and releases the GIL around every copy and every wait.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyIndexError, PyOSError, PyPermissionError,
-    PyRuntimeError, PyTimeoutError, PyValueError,
+    PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyOSError,
+    PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use shmreplay_core::{DType, Error, ReplayBuffer, Schema};
+
+thread_local! {
+    /// The exception a signal handler raised while a core call of this thread was waiting.
+    static PENDING_SIGNAL: RefCell<Option<PyErr>> = const { RefCell::new(None) };
+}
+
+/// The core's interrupt check: runs Python's signal handlers (Ctrl-C raises KeyboardInterrupt
+/// there), keeping what they raised for `to_py`. Core calls poll it every few milliseconds.
+fn python_signal_raised() -> bool {
+    Python::attach(|py| match py.check_signals() {
+        Ok(()) => false,
+        Err(e) => {
+            PENDING_SIGNAL.with(|pending| *pending.borrow_mut() = Some(e));
+            true
+        }
+    })
+}
 
 /// Maps a core error onto the Python exception a user would expect.
 fn to_py(py: Python<'_>, error: Error) -> PyErr {
@@ -52,6 +70,9 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
             Err(e) => e,
         },
         Error::Contended(_) => PyTimeoutError::new_err(message),
+        Error::Interrupted => PENDING_SIGNAL
+            .with(|pending| pending.borrow_mut().take())
+            .unwrap_or_else(|| PyKeyboardInterrupt::new_err(message)),
         Error::TooManyHandles(_) => PyRuntimeError::new_err(message),
         // OSError(errno, text) becomes FileNotFoundError, PermissionError... as usual.
         Error::Io { context, source } => match source.raw_os_error() {
@@ -259,6 +280,30 @@ impl RawBuffer {
             .map_err(|e| to_py(py, e))
     }
 
+    /// Test hook: `extend`, calling `on_pause(slot)` (with the GIL) after the first field of the
+    /// first row is copied, while the slot is still claimed; a test kills the writer there.
+    fn extend_pausing(
+        &self,
+        py: Python<'_>,
+        columns: Vec<Bound<'_, PyUntypedArray>>,
+        on_pause: Py<PyAny>,
+    ) -> PyResult<usize> {
+        let buffer = self.get()?;
+        let columns = input_bytes(&columns)?;
+        let mut pause = |slot: u64| {
+            Python::attach(|py| {
+                if let Err(e) = on_pause.call1(py, (slot,)) {
+                    e.restore(py);
+                }
+            })
+        };
+        let inserted = py.detach(|| buffer.extend_pausing(&columns, &mut pause));
+        if let Some(e) = PyErr::take(py) {
+            return Err(e);
+        }
+        inserted.map_err(|e| to_py(py, e))
+    }
+
     /// Fills one fresh array per field plus uint64 `index` and `key` arrays with a random batch.
     fn sample_into(
         &self,
@@ -339,14 +384,20 @@ fn as_u64s(bytes: &mut [u8]) -> PyResult<&mut [u64]> {
     Ok(words)
 }
 
-/// `[{name, path, capacity, size, bytes, record_bytes, attached, stale}]` for `dir`.
+/// `(buffers, unreadable)` in `dir`: `[{name, path, capacity, size, bytes, record_bytes,
+/// attached, creator_pid, stale}]` and `[{name, path, reason}]`.
 #[pyfunction]
 #[pyo3(signature = (dir=None))]
-fn list_buffers<'py>(py: Python<'py>, dir: Option<PathBuf>) -> PyResult<Vec<Bound<'py, PyDict>>> {
-    let infos = py
+#[allow(clippy::type_complexity)]
+fn scan<'py>(
+    py: Python<'py>,
+    dir: Option<PathBuf>,
+) -> PyResult<(Vec<Bound<'py, PyDict>>, Vec<Bound<'py, PyDict>>)> {
+    let listing = py
         .detach(|| shmreplay_core::list(dir.as_deref()))
         .map_err(|e| to_py(py, e))?;
-    infos
+    let buffers = listing
+        .buffers
         .into_iter()
         .map(|info| {
             let dict = PyDict::new(py);
@@ -357,10 +408,31 @@ fn list_buffers<'py>(py: Python<'py>, dir: Option<PathBuf>) -> PyResult<Vec<Boun
             dict.set_item("bytes", info.bytes)?;
             dict.set_item("record_bytes", info.record_bytes)?;
             dict.set_item("attached", info.attached)?;
+            dict.set_item("creator_pid", info.creator_pid)?;
             dict.set_item("stale", info.stale)?;
             Ok(dict)
         })
-        .collect()
+        .collect::<PyResult<_>>()?;
+    let unreadable = listing
+        .unreadable
+        .into_iter()
+        .map(|file| {
+            let dict = PyDict::new(py);
+            dict.set_item("name", file.name)?;
+            dict.set_item("path", file.path.display().to_string())?;
+            dict.set_item("reason", file.reason)?;
+            Ok(dict)
+        })
+        .collect::<PyResult<_>>()?;
+    Ok((buffers, unreadable))
+}
+
+/// Removes the stale buffers in `dir` (only names them with `dry_run`); returns their names.
+#[pyfunction]
+#[pyo3(signature = (dir=None, dry_run=false))]
+fn remove_stale(py: Python<'_>, dir: Option<PathBuf>, dry_run: bool) -> PyResult<Vec<String>> {
+    py.detach(|| shmreplay_core::remove_stale(dir.as_deref(), dry_run))
+        .map_err(|e| to_py(py, e))
 }
 
 #[pyfunction]
@@ -381,8 +453,10 @@ fn validate_name(py: Python<'_>, name: &str) -> PyResult<()> {
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    shmreplay_core::interrupt::set_check(python_signal_raised);
     m.add_class::<RawBuffer>()?;
-    m.add_function(wrap_pyfunction!(list_buffers, m)?)?;
+    m.add_function(wrap_pyfunction!(scan, m)?)?;
+    m.add_function(wrap_pyfunction!(remove_stale, m)?)?;
     m.add_function(wrap_pyfunction!(remove, m)?)?;
     m.add_function(wrap_pyfunction!(unique_name, m)?)?;
     m.add_function(wrap_pyfunction!(validate_name, m)?)?;
