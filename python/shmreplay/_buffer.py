@@ -352,7 +352,8 @@ class ReplayBuffer:
         """A consistent copy of slot ``index`` (negative counts from ``capacity``).
 
         Scalar fields come back as numpy scalars. Raises ``IndexError`` for an index out of
-        range or a slot that was never written.
+        range or a slot that holds no record (never written, or its writer died while writing
+        it), and ``TimeoutError`` if a live writer kept the slot busy for 5 s.
         """
         i = _int_arg("index", index, -(1 << 63))
         if i < 0:
@@ -361,7 +362,9 @@ class ReplayBuffer:
             raise IndexError(f"slot {index} is out of range for capacity {self.capacity}")
         out = {name: np.empty(shape, dtype) for name, (shape, dtype) in self._fields.items()}
         if self._raw.read(i, list(out.values())) is None:
-            raise IndexError(f"slot {index} has not been written yet")
+            raise IndexError(
+                f"slot {index} holds no record (never written, or its writer died while writing it)"
+            )
         return {name: a[()] if a.ndim == 0 else a for name, a in out.items()}
 
     def stats(self) -> Stats:

@@ -516,7 +516,8 @@ impl ReplayBuffer {
                     recovered: took_over,
                 } => {
                     let record = self.record_offset(index);
-                    for (i, (field, column)) in self.schema.fields().iter().zip(columns).enumerate() {
+                    for (i, (field, column)) in self.schema.fields().iter().zip(columns).enumerate()
+                    {
                         let value = &column[row * field.bytes..(row + 1) * field.bytes];
                         self.segment.store(record + field.offset, value);
                         if i == 0 && row == skipped {
@@ -620,7 +621,8 @@ impl ReplayBuffer {
     }
 
     /// Copies slot `index` into `out` (`out[i]` holds one value of field `i`), returning its
-    /// ticket, or `None` if the slot was never written. Waits (briefly) for a writer of the slot.
+    /// ticket, or `None` if the slot holds no record: never written, or its writer died while
+    /// writing it (the next insert into the slot recovers it). Waits (briefly) for a live writer.
     pub fn read(&self, index: u64, out: &mut [&mut [u8]]) -> Result<Option<u64>> {
         if index >= self.capacity() {
             return Err(Error::InvalidArgument(format!(
@@ -653,10 +655,7 @@ impl ReplayBuffer {
                 && self.is_orphaned(word)
                 && self.seq(index).load(Ordering::Acquire) == word
             {
-                return Err(Error::Contended(format!(
-                    "slot {index} was being written by a process that died; the next insert into \
-                     it recovers it"
-                )));
+                return Ok(None);
             }
             if started.elapsed() > Duration::from_secs(5) {
                 return Err(Error::Contended(format!(
@@ -919,7 +918,8 @@ impl ReplayBuffer {
     /// Gives handle-table entry `entry` back, its counters folded into the retired totals.
     fn release(&self, entry: usize) {
         self.retire_counters(entry);
-        self.entry_word(entry, E_WRITING).store(0, Ordering::Relaxed);
+        self.entry_word(entry, E_WRITING)
+            .store(0, Ordering::Relaxed);
         self.entry_word(entry, E_OWNER).store(0, Ordering::Release);
     }
 

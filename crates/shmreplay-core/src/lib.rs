@@ -57,8 +57,8 @@ mod segment;
 #[cfg(not(loom))]
 pub use buffer::{
     list, remove, remove_stale, segment_path, unique_name, validate_name, Listing, ReplayBuffer,
-    SegmentInfo, Stats, Unreadable,
-    DEFAULT_DIR, FILE_PREFIX, MAX_CAPACITY, MAX_HANDLES, MAX_NAME_LEN,
+    SegmentInfo, Stats, Unreadable, DEFAULT_DIR, FILE_PREFIX, MAX_CAPACITY, MAX_HANDLES,
+    MAX_NAME_LEN,
 };
 pub use error::{human_bytes, Error, Result};
 pub use schema::{DType, Field, Schema};

@@ -246,7 +246,11 @@ fn is_tmpfs(file: &File) -> bool {
     rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
 }
 
-fn write_zeros(file: &File, size: u64, patience: &mut Patience) -> std::result::Result<(), Reserve> {
+fn write_zeros(
+    file: &File,
+    size: u64,
+    patience: &mut Patience,
+) -> std::result::Result<(), Reserve> {
     use std::os::unix::fs::FileExt;
     let zeros = vec![0u8; 4 << 20];
     let mut offset = 0;

@@ -295,15 +295,13 @@ mod loom_tests {
             owner_dead: &dyn Fn(usize) -> bool,
         ) {
             let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
-            if let Claim::Acquired { .. } =
-                claim(&self.seq, ticket, owner, |w| {
+            if let Claim::Acquired { .. } = claim(&self.seq, ticket, owner, |w| {
                 if owner_dead(owner_of(w)) {
                     Busy::TakeOver
                 } else {
                     Busy::Wait
                 }
-            })
-            {
+            }) {
                 self.data[0].store(value, Ordering::Relaxed);
                 if die_mid_copy {
                     return;
