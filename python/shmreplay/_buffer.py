@@ -84,6 +84,13 @@ def _dir_arg(path: Any) -> str | None:
     return path
 
 
+def _rows(batch: dict[str, Any]) -> int | None:
+    """The leading dimension of a batch's first value, if it is a numpy array (fast path)."""
+    for value in batch.values():
+        return value.shape[0] if type(value) is np.ndarray and value.ndim else None
+    return None
+
+
 def _reattach(name: str, path: str | None) -> "ReplayBuffer":
     return ReplayBuffer.attach(name, path=path)
 
@@ -266,13 +273,18 @@ class ReplayBuffer:
         Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
         or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses.
         """
-        self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())])
+        if not self._raw.put(values):
+            self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())])
 
     def extend(self, batch: Mapping[str, Any]) -> None:
         """Inserts N transitions given as ``{field: array of N rows}`` (wrapping around the ring).
 
         Validates every field before writing anything; errors as for :meth:`add`.
         """
+        if type(batch) is dict:
+            rows = _rows(batch)
+            if rows is not None and self._raw.put(batch, rows):
+                return
         if not isinstance(batch, Mapping):
             raise TypeError(f"extend takes a mapping {{field: array}}, got {type(batch).__name__}")
         self._raw.extend(self._columns(batch, (-1,)))

@@ -21,25 +21,29 @@ pub fn set_check(check: fn() -> bool) {
     let _ = CHECK.set(check);
 }
 
-/// Polls the installed check no more often than every [`POLL`].
+/// Polls the installed check no more often than every [`POLL`], starting [`POLL`] after its
+/// first question (so a call that never waits never reads the clock).
 pub(crate) struct Patience {
-    next_poll: Instant,
+    next_poll: Option<Instant>,
 }
 
 impl Patience {
     pub(crate) fn new() -> Patience {
-        Patience {
-            next_poll: Instant::now() + POLL,
-        }
+        Patience { next_poll: None }
     }
 
     /// True once the installed check asked to stop.
     pub(crate) fn interrupted(&mut self) -> bool {
         let now = Instant::now();
-        if now < self.next_poll {
-            return false;
+        match self.next_poll {
+            Some(next) if now >= next => {}
+            Some(_) => return false,
+            None => {
+                self.next_poll = Some(now + POLL);
+                return false;
+            }
         }
-        self.next_poll = now + POLL;
+        self.next_poll = Some(now + POLL);
         CHECK.get().is_some_and(|check| check())
     }
 }

@@ -8,14 +8,19 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::PyUntypedArray;
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyOSError,
     PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 use shmreplay_core::{DType, Error, ReplayBuffer, Schema};
+
+mod arrays;
+mod rows;
+
+use arrays::{as_u64s, input_bytes, output_bytes};
 
 thread_local! {
     /// The exception a signal handler raised while a core call of this thread was waiting.
@@ -86,84 +91,25 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
     }
 }
 
-/// The bytes of a C-contiguous numpy array, checked for what copying into or out of it needs.
-///
-/// # Safety
-/// Nothing else reads or writes the array's memory while the returned slice lives: the array is
-/// fresh (the Python package allocates outputs), or it is an input only read here. Outputs of
-/// one call are also checked not to overlap each other ([`disjoint`]).
-// numpy memory is reached through a shared `Bound`; exclusivity is the documented contract.
-#[allow(clippy::mut_from_ref)]
-unsafe fn array_bytes<'a>(
-    array: &'a Bound<'_, PyUntypedArray>,
-    writable: bool,
-) -> PyResult<&'a mut [u8]> {
-    if !array.is_c_contiguous() {
-        return Err(PyValueError::new_err(
-            "arrays passed to shmreplay._core must be C-contiguous",
-        ));
-    }
-    let len = array.shape().iter().product::<usize>() * array.dtype().itemsize();
-    let raw = array.as_array_ptr();
-    // SAFETY: `raw` points to a live ndarray object (we hold a reference to it); reading its
-    // header fields under the GIL is how numpy's own C API accesses them.
-    let (data, flags) = unsafe { ((*raw).fields.data.cast::<u8>(), (*raw).fields.flags) };
-    if writable && flags & numpy::npyffi::NPY_ARRAY_WRITEABLE == 0 {
-        return Err(PyValueError::new_err("output array is read-only"));
-    }
-    if len == 0 {
-        return Ok(&mut []);
-    }
-    // SAFETY: a C-contiguous array owns `len` bytes at `data`, kept alive by `array` for 'a;
-    // exclusive use during the call is this function's contract.
-    Ok(unsafe { std::slice::from_raw_parts_mut(data, len) })
-}
-
-/// Input columns: read-only views of the callers' arrays.
-fn input_bytes<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<&'a [u8]>> {
-    arrays
-        .iter()
-        // SAFETY: only read; the GIL-holding caller keeps the arrays alive for the call.
-        .map(|a| unsafe { array_bytes(a, false) }.map(|b| &*b))
-        .collect()
-}
-
-/// Output arrays, checked writable and pairwise disjoint.
-#[allow(clippy::mut_from_ref)] // see `array_bytes`
-fn output_bytes<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<&'a mut [u8]>> {
-    // SAFETY: outputs are arrays the Python package has just allocated; `disjoint` rejects the
-    // same memory passed twice, so the slices never alias.
-    let outputs = arrays
-        .iter()
-        .map(|a| unsafe { array_bytes(a, true) })
-        .collect::<PyResult<Vec<_>>>()?;
-    disjoint(&outputs)?;
-    Ok(outputs)
-}
-
-fn disjoint(slices: &[&mut [u8]]) -> PyResult<()> {
-    let mut ranges: Vec<(usize, usize)> = slices
-        .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| (s.as_ptr() as usize, s.as_ptr() as usize + s.len()))
-        .collect();
-    ranges.sort_unstable();
-    if ranges.windows(2).any(|w| w[1].0 < w[0].1) {
-        return Err(PyValueError::new_err("output arrays overlap"));
-    }
-    Ok(())
-}
-
 /// A handle to one shared-memory replay buffer (wrapped by `shmreplay.ReplayBuffer`).
 #[pyclass(frozen, module = "shmreplay._core")]
 struct RawBuffer {
     inner: Mutex<Option<Arc<ReplayBuffer>>>,
+    /// The field names as interned Python strings: `put` looks them up on every call.
+    names: Vec<Py<PyString>>,
 }
 
 impl RawBuffer {
-    fn new(buffer: ReplayBuffer) -> Self {
+    fn new(py: Python<'_>, buffer: ReplayBuffer) -> Self {
+        let names = buffer
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| PyString::intern(py, &f.name).unbind())
+            .collect();
         RawBuffer {
             inner: Mutex::new(Some(Arc::new(buffer))),
+            names,
         }
     }
 
@@ -173,7 +119,7 @@ impl RawBuffer {
         make: impl FnOnce() -> shmreplay_core::Result<ReplayBuffer> + Send,
     ) -> PyResult<RawBuffer> {
         py.detach(make)
-            .map(RawBuffer::new)
+            .map(|buffer| RawBuffer::new(py, buffer))
             .map_err(|e| to_py(py, e))
     }
 
@@ -280,6 +226,32 @@ impl RawBuffer {
             .map_err(|e| to_py(py, e))
     }
 
+    /// The fast path of `add` (`rows=None`) and `extend` (`rows=N`): inserts `values` and
+    /// returns True if every value is an array of its field's exact dtype and shape or a Python
+    /// scalar its field holds exactly; otherwise returns False and writes nothing.
+    #[pyo3(signature = (values, rows=None))]
+    fn put(
+        &self,
+        py: Python<'_>,
+        values: &Bound<'_, PyDict>,
+        rows: Option<usize>,
+    ) -> PyResult<bool> {
+        let buffer = self.get()?;
+        let mut arrays = Vec::new();
+        let Some(columns) = rows::columns(buffer.schema(), &self.names, values, rows, &mut arrays)
+        else {
+            return Ok(false);
+        };
+        let columns: Vec<&[u8]> = columns.iter().map(|c| c.bytes()).collect();
+        // Small inserts are quicker than releasing and retaking the GIL.
+        let inserted = if columns.iter().map(|c| c.len()).sum::<usize>() < 64 << 10 {
+            buffer.extend(&columns)
+        } else {
+            py.detach(|| buffer.extend(&columns))
+        };
+        inserted.map(|_| true).map_err(|e| to_py(py, e))
+    }
+
     /// Test hook: `extend`, calling `on_pause(slot)` (with the GIL) after the first field of the
     /// first row is copied, while the slot is still claimed; a test kills the writer there.
     fn extend_pausing(
@@ -370,18 +342,6 @@ impl RawBuffer {
     fn close(&self) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
-}
-
-fn as_u64s(bytes: &mut [u8]) -> PyResult<&mut [u64]> {
-    // SAFETY: every bit pattern is a valid u64, and `align_to_mut` only puts aligned,
-    // whole words in the middle part.
-    let (head, words, tail) = unsafe { bytes.align_to_mut::<u64>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(PyValueError::new_err(
-            "index and key must be aligned uint64 arrays",
-        ));
-    }
-    Ok(words)
 }
 
 /// `(buffers, unreadable)` in `dir`: `[{name, path, capacity, size, bytes, record_bytes,
