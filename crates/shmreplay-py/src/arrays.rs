@@ -109,7 +109,7 @@ pub(crate) fn numpy_scalar_bytes(
     }
     .cast_into::<numpy::PyArrayDescr>()
     .ok()?;
-    let fits = descr.kind() as u8 == kind
+    let fits = descr.kind() == kind
         && descr.itemsize() == size
         && matches!(descr.byteorder(), b'=' | b'|')
         && size <= 8;

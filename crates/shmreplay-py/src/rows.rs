@@ -80,7 +80,7 @@ fn array_fits(array: &Bound<'_, PyUntypedArray>, field: &Field, rows: Option<usi
     };
     shape_fits
         && array.is_c_contiguous()
-        && dtype.kind() as u8 == code[0]
+        && dtype.kind() == code[0]
         && dtype.itemsize() == field.dtype.size()
         && matches!(dtype.byteorder(), b'=' | b'|')
 }
