@@ -1,6 +1,6 @@
 //! The per-slot seqlock: the whole concurrency protocol of the ring, in one place.
 //!
-//! Each slot has one version word `seq`, kept in an array apart from the record data:
+//! Each slot has one version word `seq`, stored right before the slot's record:
 //!
 //! ```text
 //!  63                          12   11    10 … 1   0
