@@ -495,6 +495,9 @@ impl ReplayBuffer {
         for row in skipped..n {
             let ticket = first_ticket + row as u64;
             let index = (ticket % self.capacity()) as usize;
+            if row + PREFETCH_AHEAD < n {
+                self.prefetch(((ticket + PREFETCH_AHEAD as u64) % self.capacity()) as usize);
+            }
             let seq = self.seq(index);
             // Published by the claim's Release CAS; `is_orphaned` reads it. Release: a reader
             // that sees this newer mark also sees the commit of our previous ticket.
