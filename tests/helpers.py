@@ -648,3 +648,98 @@ def kill_and_reap(procs: Iterable[Any], timeout: float = 10.0) -> None:
     for p in procs:
         if p.pid is not None:
             p.join(timeout)
+
+
+# ---------------------------------------------------------------------------------------
+# Running a function in a forked child (no pickling of the function: closures are fine)
+# ---------------------------------------------------------------------------------------
+
+
+def run_forked(fn: Callable[[], Any], timeout: float = 60.0, *, as_user: tuple[int, int] | None = None) -> Any:
+    """Runs ``fn()`` in an ``os.fork()`` child and returns its (pickled) result.
+
+    With ``as_user=(uid, gid)`` the child first drops every privilege to that user (root
+    only). The child leaves with ``os._exit`` (no atexit handlers, no finalizers of objects
+    inherited from the parent). An exception in the child is re-raised here as an
+    AssertionError carrying the child's traceback; a child that does not answer within
+    ``timeout`` seconds is killed and reported.
+    """
+    import pickle
+    import select
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        status = 0
+        try:
+            os.close(r)
+            if as_user is not None:
+                uid, gid = as_user
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+            payload = pickle.dumps(("ok", fn()))
+        except BaseException:  # noqa: BLE001 - everything goes to the parent
+            payload = pickle.dumps(("err", traceback.format_exc()))
+            status = 1
+        try:
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(w, view):]
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"forked child {pid} did not finish within {timeout}s")
+            ready, _, _ = select.select([r], [], [], left)
+            if ready:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    finally:
+        os.close(r)
+        if time.monotonic() >= deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _, wait_status = os.waitpid(pid, 0)
+    if not chunks:
+        raise AssertionError(f"forked child {pid} died without an answer (wait status {wait_status:#x})")
+    status, value = pickle.loads(b"".join(chunks))
+    if status == "err":
+        raise AssertionError(f"forked child {pid} failed:\n{value}")
+    return value
+
+
+def open_fds() -> int:
+    """Open file descriptors of this process."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def segment_mappings(marker: str = "shmreplay.") -> int:
+    """Lines of /proc/self/maps that map a segment file (deleted or not)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if marker in line)
+
+
+def child_pickle_cycles_and_extend(buf: Any, fields: Mapping[str, Any], start: int, n: int, cycles: int) -> dict:
+    """Spawned child given a pickled handle: re-pickles it ``cycles`` times (each an attach
+    and a close), inserts keys start..start+n-1, and reports its own descriptor growth."""
+    import gc
+    import pickle
+
+    fds = open_fds()
+    for _ in range(cycles):
+        pickle.loads(pickle.dumps(buf)).close()
+    buf.extend(rows_for_keys(fields, range(start, start + n)))
+    gc.collect()
+    out = {"pid": os.getpid(), "fds": open_fds() - fds, "attached": buf.stats()["attached"], "owner": buf.is_owner}
+    buf.close()
+    return out
