@@ -297,7 +297,6 @@ def test_path_must_be_an_existing_directory(shm_name, shm_dir):
     assert sorted(os.listdir(shm_dir)) == ["plain-file"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: path= naming a regular file raises FileNotFoundError('no replay buffer at <file>')")
 def test_path_that_is_a_file_says_not_a_directory(shm_name, shm_dir):
     a_file = shm_dir / "plain-file"
     a_file.write_bytes(b"content")
@@ -422,7 +421,6 @@ def test_symlink_planted_at_the_creation_name_is_not_written_through(tmp_path):
             assert stat.S_IMODE(seg.stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: links planted at the predictable hidden creation names make create raise FileExistsError for a name that does not exist")
 def test_planted_creation_names_do_not_stop_create(tmp_path):
     """In a shared directory (/dev/shm is world-writable) anyone can plant files at
     ``.shmreplay.<name>.<pid>-<n>.creating`` for a victim's pid: create should pick another

@@ -468,7 +468,6 @@ def _is_busy_without_ticket(version_word: int) -> bool:
     return bool(version_word & 1) and version_word >> 12 == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a busy version word with ticket field 0 stalls buf[i] for 5 s (TimeoutError)")
 def test_busy_version_word_without_ticket_does_not_stall_reads(pristine):
     """A slot version word of 1 (busy, owner entry 0, ticket field 0) is taken as being written
     by the reader's own live handle (entry 0; its idle 'writing' word 0 equals the wrapped
@@ -661,7 +660,6 @@ def _start_ticks(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[19])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reaper word naming a live process makes attach wait forever")
 def test_hostile_reaper_word_does_not_hang_attach(pristine):
     """The reaper word is not covered by any validation: set to the identity of a live process
     that is not running a gc (here pid 1), every attach waits for that "gc" to finish -- forever.
@@ -712,8 +710,8 @@ def test_special_file_at_segment_name_is_corrupt(tmp_path, kind):
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("adir", marks=pytest.mark.xfail(strict=True, reason="BUG: a directory at the segment name raises IsADirectoryError, not CorruptSegmentError")),
-        pytest.param("asock", marks=pytest.mark.xfail(strict=True, reason="BUG: a socket at the segment name raises OSError(ENXIO), not CorruptSegmentError")),
+        "adir",
+        "asock",
     ],
 )
 def test_directory_or_socket_at_segment_name_is_corrupt(tmp_path, kind):

@@ -7,10 +7,9 @@ and no kernel object per slot. See :class:`ReplayBuffer`.
 
 from __future__ import annotations
 
-import os
 
 from . import _core
-from ._buffer import ReplayBuffer
+from ._buffer import ReplayBuffer, _dir_arg
 from ._errors import CorruptSegmentError, EmptyBufferError, InsufficientSpaceError
 from ._types import BufferInfo, DTypeLike, FieldSpec, PathLike, SampleInfo, Shape, Stats
 
@@ -37,14 +36,6 @@ __version__ = "0.1.0"
 DEFAULT_DIR: str = _core.DEFAULT_DIR
 
 
-def _dir(path: PathLike | None) -> str | None:
-    if path is None:
-        return None
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    return os.fspath(path)
-
-
 def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     """The buffers of this user in ``path`` (default ``/dev/shm``), sorted by name.
 
@@ -52,7 +43,7 @@ def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     creator_pid, and stale (no live process holds it and its creator has exited). Files named
     like segments that cannot be read are left out (``shmreplay ls`` shows them).
     """
-    return _core.scan(_dir(path))[0]  # type: ignore[return-value]
+    return _core.scan(_dir_arg(path))[0]  # type: ignore[return-value]
 
 
 def gc(path: PathLike | None = None, *, dry_run: bool = False) -> list[str]:
@@ -69,7 +60,7 @@ def gc(path: PathLike | None = None, *, dry_run: bool = False) -> list[str]:
     """
     if not isinstance(dry_run, bool):
         raise TypeError(f"dry_run must be a bool, got {type(dry_run).__name__}")
-    return _core.remove_stale(_dir(path), dry_run)
+    return _core.remove_stale(_dir_arg(path), dry_run)
 
 
 def remove(name: str, *, path: PathLike | None = None) -> None:
@@ -79,4 +70,4 @@ def remove(name: str, *, path: PathLike | None = None) -> None:
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    _core.remove(name, _dir(path))
+    _core.remove(name, _dir_arg(path))

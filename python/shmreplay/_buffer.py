@@ -15,6 +15,8 @@ from ._types import FieldSpec, PathLike, SampleInfo, Stats
 FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
 _KINDS = {"b": "bool", "u": "unsigned integer", "i": "signed integer", "f": "floating point"}
+_CODES = {"b1", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"}
+_MAX_DIMENSION = 1 << 40
 
 
 def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
@@ -23,7 +25,7 @@ def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
         dt = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"field {field!r}: {dtype!r} is not a numpy dtype") from e
-    if dt.kind not in _KINDS or dt.fields is not None or dt.subdtype is not None:
+    if f"{dt.kind}{dt.itemsize}" not in _CODES or dt.fields is not None or dt.subdtype is not None:
         raise TypeError(
             f"field {field!r}: dtype {dt} is not supported "
             "(use bool, int8-64, uint8-64 or float16/32/64)"
@@ -42,8 +44,10 @@ def _shape(field: str, shape: Any) -> tuple[int, ...]:
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
             raise TypeError(f"field {field!r}: shape must be an int or a tuple of ints, got {shape!r}")
-        if d < 1:
-            raise ValueError(f"field {field!r}: every dimension must be >= 1, got shape {shape!r}")
+        if not 1 <= d <= _MAX_DIMENSION:
+            raise ValueError(
+                f"field {field!r}: every dimension must be between 1 and 2**40, got shape {shape!r}"
+            )
     return tuple(int(d) for d in dims)
 
 
@@ -63,8 +67,8 @@ def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
     return parsed
 
 
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
+def _int_arg(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got a bool")
     try:
         n = operator.index(value)
@@ -72,6 +76,8 @@ def _int_arg(name: str, value: Any, minimum: int) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
+    if maximum is not None and n > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {n}")
     return n
 
 
@@ -82,6 +88,14 @@ def _dir_arg(path: Any) -> str | None:
     if not isinstance(path, str):
         raise TypeError("path must be a str or os.PathLike[str]")
     return path
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _rows(batch: dict[str, Any]) -> int | None:
@@ -141,7 +155,7 @@ class ReplayBuffer:
             InsufficientSpaceError: the filesystem cannot hold the segment (nothing is created).
             ValueError, TypeError: invalid name, capacity or fields.
         """
-        capacity = _int_arg("capacity", capacity, 1)
+        capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
         directory = _dir_arg(path)
         if name is None:
@@ -235,9 +249,17 @@ class ReplayBuffer:
         shape, dtype = self._fields[field]
         try:
             array = np.asarray(value)
+        except OverflowError:
+            raise ValueError(f"field {field!r}: values out of range for {dtype}") from None
         except (ValueError, TypeError) as e:
             raise ValueError(f"field {field!r}: cannot convert to an array: {e}") from None
-        if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        # Python ints (not numpy arrays) go into any integer field whose range holds them.
+        python_ints = not isinstance(value, (np.ndarray, np.generic)) and dtype.kind in "iu"
+        if python_ints and array.dtype.kind == "O" and all(_is_int(v) for v in array.flat):
+            raise ValueError(f"field {field!r}: values out of range for {dtype}")
+        if python_ints and array.dtype.kind in "iu":
+            pass
+        elif not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise TypeError(
                 f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
                 "(numpy 'same_kind' casting refuses it)"
@@ -328,6 +350,13 @@ class ReplayBuffer:
             EmptyBufferError: nothing has been committed yet.
         """
         n = _int_arg("batch_size", batch_size, 1)
+        if not isinstance(return_info, (bool, np.bool_)):
+            raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
+        if n * self.record_bytes > _physical_memory():
+            raise MemoryError(
+                f"a batch of {n:,} rows of {self.record_bytes:,} bytes needs more memory than this "
+                "machine has"
+            )
         if out is None:
             arrays = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
         else:
@@ -367,7 +396,7 @@ class ReplayBuffer:
         range or a slot that holds no record (never written, or its writer died while writing
         it), and ``TimeoutError`` if a live writer kept the slot busy for 5 s.
         """
-        i = _int_arg("index", index, -(1 << 63))
+        i = _int_arg("index", index, -(1 << 200))
         if i < 0:
             i += self.capacity
         if not 0 <= i < self.capacity:

@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `shmreplay ls | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (OSError, ValueError, TypeError, MemoryError, RuntimeError) as exc:
+    except (OSError, ValueError, TypeError, MemoryError, RuntimeError, OverflowError) as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
     return 1
 

@@ -67,6 +67,8 @@ const REAPER: usize = 448;
 const SCHEMA_TEXT: usize = 512;
 /// The reaper word once a `gc` has decided to remove the segment (no process has this identity).
 const REAPED: u64 = u64::MAX;
+/// How long an attach waits for a `gc` that is deciding about the segment.
+const REAPER_PATIENCE: Duration = Duration::from_secs(2);
 
 const ENTRY_BYTES: usize = 128;
 /// How many rows ahead `sample_into` prefetches.
@@ -249,10 +251,14 @@ pub fn validate_name(name: &str) -> Result<()> {
 pub fn segment_path(name: &str, dir: Option<&Path>) -> Result<PathBuf> {
     validate_name(name)?;
     let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
-    if !dir.is_dir() {
-        return Err(Error::NotFound(dir.to_owned()));
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(dir.join(format!("{FILE_PREFIX}{name}"))),
+        Ok(_) => Err(Error::io(
+            format!("{} is not a directory", dir.display()),
+            std::io::Error::from_raw_os_error(rustix::io::Errno::NOTDIR.raw_os_error()),
+        )),
+        Err(e) => Err(Error::io(format!("no directory {}", dir.display()), e)),
     }
-    Ok(dir.join(format!("{FILE_PREFIX}{name}")))
 }
 
 /// A fresh name, unique on this machine with overwhelming probability.
@@ -709,14 +715,16 @@ impl ReplayBuffer {
     /// Counters summed over every handle that ever used the buffer.
     pub fn stats(&self) -> Stats {
         let mut totals = [0u64; COUNTERS.len()];
+        // Wrapping: the counters live in shared memory, which anyone with access may scribble.
         for (i, total) in totals.iter_mut().enumerate() {
             *total = self.word(RETIRED + 8 * i).load(Ordering::Relaxed);
         }
         for entry in 0..MAX_HANDLES {
             for (i, total) in totals.iter_mut().enumerate() {
-                *total += self
-                    .entry_word(entry, E_COUNTERS + 8 * i)
-                    .load(Ordering::Relaxed);
+                *total = total.wrapping_add(
+                    self.entry_word(entry, E_COUNTERS + 8 * i)
+                        .load(Ordering::Relaxed),
+                );
             }
         }
         let [inserts, samples, retries, recovered, superseded] = totals;
@@ -797,13 +805,16 @@ impl ReplayBuffer {
     /// Called right after registering: fails if a `gc` removed (or is removing) the segment.
     fn check_not_reaped(&self) -> Result<()> {
         let reaper = self.word(REAPER);
+        let started = Instant::now();
         let mut patience = Patience::new();
         loop {
             match reaper.load(Ordering::SeqCst) {
                 REAPED => return Err(Error::NotFound(self.path.clone())),
                 // A gc that died while deciding removed nothing.
                 r if r == 0 || !process::is_alive(r) => return Ok(()),
-                // A gc is deciding (a few milliseconds): it either saw our handle or removes.
+                // A gc decides in milliseconds (it either saw our handle or removes the file);
+                // a word that names a live process for longer was forged, not written by a gc.
+                _ if started.elapsed() > REAPER_PATIENCE => return Ok(()),
                 _ if patience.interrupted() => return Err(Error::Interrupted),
                 _ => std::thread::sleep(Duration::from_micros(200)),
             }
@@ -874,10 +885,13 @@ impl ReplayBuffer {
     /// moved on to other work or was released, or its process is dead. A writer that finished
     /// this slot also "moved on": callers re-check that the slot still holds `word`.
     fn is_orphaned(&self, word: u64) -> bool {
+        if !slot::names_a_ticket(word) {
+            return true; // forged or damaged: no writer ever stores such a word
+        }
         let entry = slot::owner_of(word);
         let owner = self.entry_word(entry, E_OWNER).load(Ordering::Acquire);
         let writing = self.entry_word(entry, E_WRITING).load(Ordering::Acquire);
-        writing != slot::ticket_of(word) + 1 || owner == 0 || !process::is_alive(owner)
+        writing != slot::ticket_of(word).wrapping_add(1) || owner == 0 || !process::is_alive(owner)
     }
 
     /// This handle's entry, registered for the calling process (again after a `fork`).

@@ -56,17 +56,7 @@ impl Segment {
         if size > free {
             return Err(no_space());
         }
-        let temp = temporary_path(path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NotFound(dir.to_owned()),
-                _ => Error::io(format!("create {}", temp.display()), e),
-            })?;
+        let (temp, file) = create_temporary(path)?;
         let remove_on_error = RemoveOnDrop(Some(temp.clone()));
         // The umask may have cleared bits of 0600 but never adds any; make it exact.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
@@ -106,6 +96,16 @@ impl Segment {
                     Error::PermissionDenied {
                         path: path.to_owned(),
                         reason: "it is a symbolic link, which shmreplay never follows".into(),
+                    }
+                }
+                // A directory, a socket, a device without a driver.
+                _ if [Errno::ISDIR, Errno::NXIO, Errno::NODEV]
+                    .iter()
+                    .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) =>
+                {
+                    Error::Corrupt {
+                        path: path.to_owned(),
+                        reason: "not a regular file".into(),
                     }
                 }
                 _ => Error::io(format!("open {}", path.display()), e),
@@ -283,16 +283,38 @@ fn write_zeros(
     Ok(())
 }
 
-/// A hidden name next to `path`, unique to this call, for a segment being built.
-fn temporary_path(path: &Path) -> PathBuf {
-    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+/// Creates (exclusively, mode 0600) a hidden file next to `path` for a segment being built,
+/// named `.{file name}.{pid}-{random}.creating`. The random part is unpredictable, so that
+/// nobody can block a creation by planting files under the names it will use.
+fn create_temporary(path: &Path) -> Result<(PathBuf, File)> {
     let file_name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_string_lossy());
-    path.with_file_name(format!(
-        ".{file_name}.{}-{call}.creating",
-        std::process::id()
+    let mut last_error = None;
+    for _ in 0..16 {
+        let mut random = [0u8; 8];
+        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())
+            .map_err(|e| Error::io("getrandom", e))?;
+        let temp = path.with_file_name(format!(
+            ".{file_name}.{}-{:016x}.creating",
+            process::pid(),
+            u64::from_ne_bytes(random)
+        ));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+        {
+            Ok(file) => return Ok((temp, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
+            Err(e) => return Err(Error::io(format!("create {}", temp.display()), e)),
+        }
+    }
+    Err(Error::io(
+        format!("create a temporary file next to {}", path.display()),
+        last_error.expect("16 attempts"),
     ))
 }
 

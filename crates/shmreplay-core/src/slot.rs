@@ -57,9 +57,15 @@ fn busy(ticket: u64, owner: usize, first: bool) -> u64 {
     committed(ticket) | ((owner as u64) << OWNER_SHIFT) | if first { FIRST } else { 0 } | BUSY
 }
 
-/// The insert ticket a non-zero seq word refers to.
+/// The insert ticket a seq word refers to (meaningful when [`names_a_ticket`]).
 pub fn ticket_of(word: u64) -> u64 {
     (word >> TICKET_SHIFT).wrapping_sub(1)
+}
+
+/// False for 0 (never written) and for damaged words with flags but no ticket, which no
+/// writer stores: a waiting writer takes such a slot over.
+pub fn names_a_ticket(word: u64) -> bool {
+    word >> TICKET_SHIFT != 0
 }
 
 pub fn is_busy(word: u64) -> bool {
@@ -112,7 +118,7 @@ pub fn claim(
     let mut current = seq.load(Ordering::Acquire);
     let mut spins = 0u32;
     loop {
-        if current != 0 && ticket_of(current) > ticket {
+        if names_a_ticket(current) && ticket_of(current) > ticket {
             return Claim::Superseded;
         }
         let recovered = is_busy(current);
