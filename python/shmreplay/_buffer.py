@@ -94,8 +94,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def _physical_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+_PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _rows(batch: dict[str, Any]) -> int | None:
@@ -352,7 +351,7 @@ class ReplayBuffer:
         n = _int_arg("batch_size", batch_size, 1)
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
-        if n * self.record_bytes > _physical_memory():
+        if n * self.record_bytes > _PHYSICAL_MEMORY:
             raise MemoryError(
                 f"a batch of {n:,} rows of {self.record_bytes:,} bytes needs more memory than this "
                 "machine has"
