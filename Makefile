@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test loom pytest typecheck lint fmt clean
+.PHONY: demo test dev venv rust-test loom pytest typecheck lint fmt clean bench bench-deps bench-quick soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -37,6 +37,23 @@ typecheck: dev
 	$(PY) -m mypy python/shmreplay
 
 test: rust-test loom typecheck pytest
+
+# The benchmark suite against the peers (optional extras installed here) and the limit.
+bench-deps: $(VENV)/.bench-installed
+$(VENV)/.bench-installed: benches/requirements.txt | venv
+	$(PY) -m pip install --quiet -r benches/requirements.txt
+	touch $@
+
+bench: dev bench-deps
+	$(PY) benches/run.py
+
+bench-quick: dev bench-deps
+	$(PY) benches/run.py --quick $(BENCH_ARGS)
+
+# Reliability soak (not part of `make test`): `make soak MINUTES=10`.
+MINUTES ?= 10
+soak: dev
+	ci/soak.sh --minutes $(MINUTES)
 
 lint:
 	cargo fmt --all -- --check
