@@ -94,7 +94,8 @@ def layout(capacity: int, record_bytes: int, schema_len: int) -> dict | None:
         return None
     table = roundup(SCHEMA_TEXT + schema_len, ENTRY_BYTES)
     data = roundup(table + MAX_HANDLES * ENTRY_BYTES, 4096)
-    slot = record_bytes + 8  # each slot: its version word, then its record
+    # each slot: its version word, then its record (cache-line aligned from 1 KiB on)
+    slot = record_bytes + 8 if record_bytes < 1024 else roundup(record_bytes + 64, 64)
     total = data + capacity * slot
     if total > 2**63 - 1:
         return None

@@ -99,14 +99,18 @@ fn reseal(data: &mut [u8]) {
 }
 
 /// Mirror of the segment layout: `(table, slot_bytes, data, total)`, if representable. Each
-/// slot is its version word followed by its record.
+/// slot is its version word followed by its record (cache-line aligned from 1 KiB on).
 fn layout(capacity: u64, record_bytes: u64, schema_len: u64) -> Option<(u64, u64, u64, u64)> {
     if capacity == 0 || capacity > 1 << 40 || schema_len > 32 * 1024 {
         return None;
     }
     let table = (SCHEMA_TEXT as u64 + schema_len).next_multiple_of(ENTRY_BYTES as u64);
     let data = (table + (MAX_HANDLES * ENTRY_BYTES) as u64).next_multiple_of(4096);
-    let slot = record_bytes.checked_add(8)?;
+    let slot = if record_bytes < 1024 {
+        record_bytes.checked_add(8)?
+    } else {
+        record_bytes.checked_add(64)?.next_multiple_of(64)
+    };
     let total = capacity
         .checked_mul(slot)?
         .checked_add(data)
