@@ -2,7 +2,7 @@
 //! the interpreter whether Ctrl-C (or another signal handler) wants the call to end.
 //!
 //! Calls that can wait or run long (creating a large segment, a writer waiting for the previous
-//! writer of its slot, a sampler redrawing busy slots) poll [`Patience::interrupted`], which
+//! writer of its slot, a sampler redrawing busy slots) poll the check through `Patience`, which
 //! runs the installed check at most every [`POLL`], and then fail with [`Error::Interrupted`].
 //!
 //! [`Error::Interrupted`]: crate::Error::Interrupted
