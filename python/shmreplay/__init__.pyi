@@ -27,3 +27,6 @@ def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
 
 def remove(name: str, *, path: PathLike | None = None) -> None:
     """Removes buffer ``name``; raises ``FileNotFoundError`` if there is none."""
+
+def gc(path: PathLike | None = None, *, dry_run: bool = False) -> list[str]:
+    """Removes this user's stale buffers in ``path`` (default ``/dev/shm``); returns their names."""
