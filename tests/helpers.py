@@ -743,3 +743,9 @@ def child_pickle_cycles_and_extend(buf: Any, fields: Mapping[str, Any], start: i
     out = {"pid": os.getpid(), "fds": open_fds() - fds, "attached": buf.stats()["attached"], "owner": buf.is_owner}
     buf.close()
     return out
+
+
+def default_sigint() -> None:
+    """``Popen(preexec_fn=...)`` for children that a test interrupts with SIGINT: a shell that runs
+    the tests in the background ignores SIGINT, and children would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

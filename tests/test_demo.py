@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import helpers
 from shmreplay import atari, demo
 
 
@@ -132,6 +133,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         [sys.executable, "-m", "shmreplay.cli", "demo", "--synthetic", "--seconds", "0",
          "--capacity", "2000", "--path", str(shm), "--json", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=helpers.default_sigint,
     )  # fmt: skip
     try:
         assert proc.stdout is not None

@@ -362,6 +362,7 @@ def test_ctrl_c_stops_a_waiting_call_promptly(call, shm_name):
             stdout=subprocess.PIPE,
             text=True,
             env=env,
+            preexec_fn=helpers.default_sigint,
         )
         assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
         time.sleep(0.5)  # well inside the wait (5 s for read, 10 s for sample, forever for add)
