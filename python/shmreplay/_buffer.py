@@ -256,9 +256,8 @@ class ReplayBuffer:
         python_ints = not isinstance(value, (np.ndarray, np.generic)) and dtype.kind in "iu"
         if python_ints and array.dtype.kind == "O" and all(_is_int(v) for v in array.flat):
             raise ValueError(f"field {field!r}: values out of range for {dtype}")
-        if python_ints and array.dtype.kind in "iu":
-            pass
-        elif not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        value_checked = python_ints and array.dtype.kind in "iu"  # range-checked below
+        if not value_checked and not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise TypeError(
                 f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
                 "(numpy 'same_kind' casting refuses it)"

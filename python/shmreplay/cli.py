@@ -202,12 +202,9 @@ def cmd_rm(args: argparse.Namespace) -> int:
     if args.stale:
         for name in shmreplay.gc(args.path):
             print(f"removed {name}")
-    listed = {b["name"]: b for b in shmreplay.list_buffers(args.path)}
-    names = list(args.names)
-    if args.stale and not names:
-        return 0
+    listed = {b["name"]: b for b in shmreplay.list_buffers(args.path)} if args.names else {}
     status = 0
-    for name in names:
+    for name in args.names:
         try:
             shmreplay.remove(name, path=args.path)
         except FileNotFoundError:

@@ -119,6 +119,11 @@ struct Layout {
 }
 
 impl Layout {
+    /// Records copied whole through a private buffer (see [`STAGED_RECORD_BYTES`]).
+    fn staged(&self) -> bool {
+        self.record_bytes <= STAGED_RECORD_BYTES
+    }
+
     fn new(capacity: u64, record_bytes: usize, schema_len: usize) -> Result<Layout> {
         if capacity == 0 || capacity > MAX_CAPACITY {
             return Err(Error::InvalidArgument(format!(
@@ -297,21 +302,14 @@ pub fn remove(name: &str, dir: Option<&Path>) -> Result<()> {
 /// The buffers of this user in `dir` (default [`DEFAULT_DIR`]), sorted by name, and the files
 /// named like segments that cannot be opened as one. Other users' files are left out.
 pub fn list(dir: Option<&Path>) -> Result<Listing> {
-    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
-    let entries =
-        std::fs::read_dir(dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
     let mut listing = Listing::default();
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(name) = file_name.to_str().and_then(|n| n.strip_prefix(FILE_PREFIX)) else {
-            continue;
-        };
-        match ReplayBuffer::inspect(name, Some(dir)) {
+    for (name, path, opened) in segments(dir)? {
+        match opened {
             Ok(buffer) => listing.buffers.push(buffer.info()),
             Err(Error::PermissionDenied { .. } | Error::NotFound(_)) => {}
             Err(e) => listing.unreadable.push(Unreadable {
-                name: name.to_owned(),
-                path: entry.path(),
+                name,
+                path,
                 reason: match e {
                     Error::Corrupt { reason, .. } => reason,
                     e => e.to_string(),
@@ -324,6 +322,22 @@ pub fn list(dir: Option<&Path>) -> Result<Listing> {
     Ok(listing)
 }
 
+/// Every file named like a segment in `dir` (default [`DEFAULT_DIR`]), opened with
+/// [`ReplayBuffer::inspect`]: `(name, path, the handle or why it could not be opened)`.
+fn segments(
+    dir: Option<&Path>,
+) -> Result<impl Iterator<Item = (String, PathBuf, Result<ReplayBuffer>)>> {
+    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR)).to_owned();
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    Ok(entries.flatten().filter_map(move |entry| {
+        let file_name = entry.file_name();
+        let name = file_name.to_str()?.strip_prefix(FILE_PREFIX)?.to_owned();
+        let opened = ReplayBuffer::inspect(&name, Some(&dir));
+        Some((name, entry.path(), opened))
+    }))
+}
+
 /// Removes the stale buffers of this user in `dir` (default [`DEFAULT_DIR`]): those that no
 /// live process holds and whose creator is gone. Returns their names; with `dry_run`, only
 /// names them. Also removes the hidden files of creators that died while creating a segment.
@@ -332,19 +346,17 @@ pub fn list(dir: Option<&Path>) -> Result<Listing> {
 /// handle, then checks the segment's reaper word; this function claims the reaper word, then
 /// checks the handles (both sequentially consistent, so at least one sees the other).
 pub fn remove_stale(dir: Option<&Path>, dry_run: bool) -> Result<Vec<String>> {
-    let listing = list(dir)?;
-    let dir = dir.unwrap_or(Path::new(DEFAULT_DIR));
     let mut removed = Vec::new();
-    for info in listing.buffers.into_iter().filter(|info| info.stale) {
-        let Ok(buffer) = ReplayBuffer::inspect(&info.name, Some(dir)) else {
-            continue;
-        };
-        if dry_run || buffer.reap()? {
-            removed.push(info.name);
+    for (name, _, opened) in segments(dir)? {
+        let Ok(buffer) = opened else { continue };
+        // `reap` decides again once it holds the reaper word; this spares live buffers it.
+        if buffer.info().stale && (dry_run || buffer.reap()?) {
+            removed.push(name);
         }
     }
+    removed.sort();
     if !dry_run {
-        for temporary in segment::abandoned_temporaries(dir) {
+        for temporary in segment::abandoned_temporaries(dir.unwrap_or(Path::new(DEFAULT_DIR))) {
             let _ = std::fs::remove_file(temporary);
         }
     }
@@ -547,7 +559,7 @@ impl ReplayBuffer {
                 } => {
                     let record = self.record_offset(index);
                     let fields = self.schema.fields().iter().zip(columns);
-                    if self.layout.record_bytes <= STAGED_RECORD_BYTES && pause.is_none() {
+                    if self.layout.staged() && pause.is_none() {
                         // Small records: assembled privately, then stored with one copy.
                         let mut staged = [0u8; STAGED_RECORD_BYTES];
                         for (field, column) in fields {
@@ -735,7 +747,7 @@ impl ReplayBuffer {
         let seq = self.seq(index);
         let begun = slot::read_begin(seq)?;
         let record = self.record_offset(index);
-        if self.layout.record_bytes <= STAGED_RECORD_BYTES {
+        if self.layout.staged() {
             // Small records: one copy of the whole record, then split into fields once valid.
             let mut staged = [0u8; STAGED_RECORD_BYTES];
             let staged = &mut staged[..self.layout.record_bytes];
@@ -819,12 +831,13 @@ impl ReplayBuffer {
             .filter(|&owner| owner != 0 && process::is_alive(owner))
     }
 
-    /// Removes the segment file if the buffer is still stale, unless another `gc` is at it.
-    /// Returns whether it removed it.
+    /// Removes the segment file if the buffer is stale, unless another `gc` is at it. Returns
+    /// whether it removed it.
     fn reap(&self) -> Result<bool> {
         let reaper = self.word(REAPER);
+        // REAPED names no process: a gc that died after deciding is finished here.
         let current = reaper.load(Ordering::SeqCst);
-        if current != 0 && current != REAPED && process::is_alive(current) {
+        if current != 0 && process::is_alive(current) {
             return Ok(false);
         }
         let me = process::current();
