@@ -641,7 +641,8 @@ impl ReplayBuffer {
         let mut claimed = claimed_slots();
         // Every slot is drawn first, and the one `PREFETCH_AHEAD` rows ahead is prefetched
         // while a row is copied: random rows miss the cache, and this keeps several misses in
-        // flight instead of waiting for one at a time (3.5x faster on 1M-slot control rows).
+        // flight instead of waiting for one at a time (1M control slots, `cargo bench ... sample`:
+        // 143 us per 256 rows without prefetching, 29 us with it).
         for slot_index in index.iter_mut() {
             *slot_index = rng.below(claimed);
         }
