@@ -1,29 +1,56 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up, then run the live actor-learner demo (Atari frames)
-#   make test   - set up, then run every test (Rust unit/loom/proptest/multi-process + pytest)
+#   make test   - set up, then run every test (Rust unit/loom/proptest/multi-process, in release
+#                 and debug builds, + pytest, + the Python concurrency tests on the portable
+#                 copy kernel)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test loom pytest typecheck lint fmt clean bench bench-deps bench-quick soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-words typecheck lint fmt clean bench bench-deps bench-quick soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.23" "pytest>=8" "hypothesis>=6" "mypy>=1.10" "gymnasium>=1.0" "ale-py>=0.10"
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.23" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" "mypy>=1.10" "gymnasium>=1.0" "ale-py>=0.10"
 	touch $@
 
-# Build the Rust extension (release) into the venv, with the Python sources editable.
+# Build the Rust extension (release) into the venv, with the Python sources editable. The
+# `test-hooks` feature adds the hooks that tests/ uses to stop a writer inside a copy.
 dev: venv
-	$(VENV)/bin/maturin develop --release --quiet
+	$(VENV)/bin/maturin develop --release --features test-hooks --quiet
 
 demo: dev
 	$(VENV)/bin/shmreplay demo $(DEMO_ARGS)
 
+# Rust tests run under cargo-nextest where it is installed: each test in its own process, and
+# one that hangs is killed (.config/nextest.toml) instead of stalling the run. Nextest does not
+# run doc tests, so `cargo test --doc` follows it. Without nextest, `cargo test` runs all of
+# them, doc tests included, with no per-test timeout.
+RUST_TESTS := --workspace --exclude shmreplay-py
+# $(1): cargo profile flags; $(2): non-empty to run the doc tests too.
+define run_rust_tests
+	@if cargo nextest --version >/dev/null 2>&1; then \
+		echo "cargo nextest run $(RUST_TESTS) $(1)" && \
+		cargo nextest run $(RUST_TESTS) $(1) && \
+		if [ -n "$(2)" ]; then \
+			echo "cargo test $(RUST_TESTS) $(1) --doc" && \
+			cargo test $(RUST_TESTS) $(1) --doc; \
+		fi; \
+	else \
+		echo "cargo-nextest is not installed: cargo test $(RUST_TESTS) $(1) (no per-test timeout)" && \
+		cargo test $(RUST_TESTS) $(1); \
+	fi
+endef
+
 rust-test:
-	cargo test --workspace --exclude shmreplay-py --release
+	$(call run_rust_tests,--release,doc)
+
+# The same tests in a debug build: debug assertions and integer overflow checks are on.
+rust-test-debug:
+	$(call run_rust_tests,)
 
 loom:
 	RUSTFLAGS="--cfg loom" cargo test -p shmreplay-core --release --lib --target-dir target/loom -- loom
@@ -31,12 +58,17 @@ loom:
 pytest: dev
 	$(PY) -m pytest -q tests
 
+# The multi-process tests again, with the portable atomic-word copy kernel forced (the one used
+# where no faster kernel is available), so that it is exercised on every machine.
+test-words: dev
+	SHMREPLAY_COPY_KERNEL=words $(PY) -m pytest -q tests/test_concurrency.py tests/test_recovery.py
+
 # The hand-written stubs must match the runtime, and the package must type-check against them.
 typecheck: dev
 	$(PY) -m mypy.stubtest shmreplay --ignore-missing-stub
 	$(PY) -m mypy python/shmreplay
 
-test: rust-test loom typecheck pytest
+test: rust-test rust-test-debug loom typecheck pytest test-words
 
 # The benchmark suite against the peers (optional extras installed here) and the limit.
 bench-deps: $(VENV)/.bench-installed

@@ -749,3 +749,273 @@ def default_sigint() -> None:
     """``Popen(preexec_fn=...)`` for children that a test interrupts with SIGINT: a shell that runs
     the tests in the background ignores SIGINT, and children would inherit that."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------------------------------
+# Stopping a writer inside a write (test hook), full descriptor tables, process states
+# ---------------------------------------------------------------------------------------
+
+#: Where the test hook can stop a writer: "copy" (after the first half of the first row's
+#: record bytes were stored: mid-copy for certain, whatever the record size) and "count"
+#: (after the first row's commit, before that row is counted in ``len``).
+HOOK_STAGES = ("copy", "count")
+
+
+class HookUnavailable(AssertionError):
+    """This build has no test hook for the stage a test needs (an AssertionError: the test
+    fails, it is not skipped, until the core that provides it is built)."""
+
+
+def has_stage_hook() -> bool:
+    """True once the core exposes ``_core._test_extend_pausing(raw, columns, on_pause, stage)``."""
+    import shmreplay
+
+    return hasattr(shmreplay._core, "_test_extend_pausing")
+
+
+def hook_columns(buf: Any, batch: Mapping[str, Any]) -> list[np.ndarray]:
+    """``batch`` as the hook takes it: one C-contiguous array per field, in field order, of the
+    field's exact dtype, with a leading row dimension."""
+    columns = []
+    for name, (shape, dtype) in buf.fields.items():
+        column = np.ascontiguousarray(np.asarray(batch[name]), dtype=dtype)
+        if column.shape[1:] != tuple(shape):
+            raise ValueError(f"field {name!r}: rows of shape {column.shape[1:]}, expected {shape}")
+        columns.append(column)
+    if len({c.shape[0] for c in columns}) != 1:
+        raise ValueError("fields have different numbers of rows")
+    return columns
+
+
+def extend_pausing(buf: Any, batch: Mapping[str, Any], on_pause: Callable[[int], Any], stage: str = "copy") -> int:
+    """Inserts ``batch`` through the test hook: ``on_pause(slot)`` is called (with the GIL) once,
+    at ``stage`` of the first row, with that row's slot still claimed. Returns the row count.
+
+    Uses ``_core._test_extend_pausing`` when the build has it, else the older
+    ``RawBuffer.extend_pausing`` (which stops after the first *field* of the first row, i.e.
+    stage "copy" only; any other stage raises :class:`HookUnavailable`).
+    """
+    import shmreplay
+
+    if stage not in HOOK_STAGES:
+        raise ValueError(f"unknown hook stage {stage!r} (expected one of {HOOK_STAGES})")
+    columns = hook_columns(buf, batch)
+    hook = getattr(shmreplay._core, "_test_extend_pausing", None)
+    if hook is not None:
+        return hook(buf._raw, columns, on_pause, stage)
+    if stage != "copy":
+        raise HookUnavailable(
+            f"this build has no test hook for stage {stage!r}: it needs "
+            "shmreplay._core._test_extend_pausing (only RawBuffer.extend_pausing, stage 'copy', exists)"
+        )
+    return buf._raw.extend_pausing(columns, on_pause)
+
+
+def fill_fd_table(headroom: int = 8) -> list[int]:
+    """Fills this process's descriptor table: lowers RLIMIT_NOFILE to a few above the highest
+    open descriptor, then opens /dev/null until EMFILE. Returns the descriptors it opened; from
+    here on every open(), socket(), pidfd_open()... of this process fails with EMFILE."""
+    import errno
+    import resource
+
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, highest + headroom), hard))
+    fds: list[int] = []
+    while True:
+        try:
+            fds.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError as e:
+            if e.errno != errno.EMFILE:
+                raise
+            break
+        if len(fds) > 1 << 16:  # pragma: no cover - the limit did not take
+            raise AssertionError("could not fill the descriptor table")
+    try:
+        os.close(os.open(os.devnull, os.O_RDONLY))
+    except OSError as e:
+        assert e.errno == errno.EMFILE, e
+    else:  # pragma: no cover
+        raise AssertionError("the descriptor table is not full")
+    return fds
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (R, S, T, Z, ...) or None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rfind(")") + 2 :].split()[0]
+
+
+def process_gone(pid: int) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie nobody reaped yet)."""
+    return proc_state(pid) in (None, "Z", "X", "x")
+
+
+def stop_process(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel reports it stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    if not wait_until(lambda: proc_state(pid) in ("T", "t"), timeout):
+        raise AssertionError(f"process {pid} did not stop (state {proc_state(pid)})")
+
+
+def child_paused_writer(
+    name: str,
+    path: str | None,
+    batch: Mapping[str, np.ndarray],
+    stage: str,
+    conn: Any,
+    release: Any,
+    linger: Any,
+    fill_fds: bool,
+) -> None:
+    """Child: attaches and inserts ``batch`` through the test hook, stopping at ``stage`` of the
+    first row. There it sends ``("paused", slot, pid, fds_opened)`` on ``conn`` and then waits
+    for a message on the ``release`` connection (None: until killed). Once the insert returns
+    it sends ``("done", rows, stats)`` and, if ``linger`` is a connection, stays alive (holding
+    its handle) until a message or EOF arrives there. With ``fill_fds`` its descriptor table is
+    full (EMFILE) before it writes.
+
+    Waits are on pipes, never on multiprocessing locks: the parent SIGSTOPs this process at
+    arbitrary moments, and a lock held by a stopped process would block the parent."""
+    try:
+        buf = _attach(name, path)
+        fds = fill_fd_table() if fill_fds else []
+
+        def pause(slot: int) -> None:
+            conn.send(("paused", int(slot), os.getpid(), len(fds)))
+            if release is None:
+                time.sleep(300)  # until killed (the test kills it long before)
+                os._exit(3)
+            if not release.poll(120):
+                os._exit(3)
+
+        rows = extend_pausing(buf, batch, pause, stage)
+        conn.send(("done", rows, dict(buf.stats())))
+        if linger is not None:
+            linger.poll(120)
+    except BaseException:  # noqa: BLE001 - everything goes to the parent
+        try:
+            conn.send(("err", traceback.format_exc()))
+        finally:
+            os._exit(1)
+
+
+class PausedWriter:
+    """A writer process stopped by the test hook inside its first row (see `child_paused_writer`).
+
+    ``resumable=True`` lets :meth:`resume` finish the insert; otherwise the writer waits until
+    killed. ``linger=True`` keeps it alive (holding its handle) after the insert finished.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        name: str,
+        path: str | os.PathLike[str] | None,
+        batch: Mapping[str, np.ndarray],
+        stage: str = "copy",
+        *,
+        resumable: bool = False,
+        linger: bool = False,
+        fill_fds: bool = False,
+    ) -> None:
+        self.ctx = ctx
+        self.conn, child_end = ctx.Pipe(duplex=False)
+        release_end, self.release = ctx.Pipe(duplex=False) if resumable else (None, None)
+        linger_end, self.linger = ctx.Pipe(duplex=False) if linger else (None, None)
+        args = (name, None if path is None else str(path), dict(batch), stage, child_end, release_end, linger_end, fill_fds)
+        self.proc = ctx.Process(target=child_paused_writer, args=args, daemon=True)
+        self.slot: int | None = None
+        self.fds_opened = 0
+        self.done: tuple | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> "PausedWriter":
+        """Starts the writer and returns once it is stopped inside the write."""
+        self.proc.start()
+        try:
+            msg = self._recv(timeout)
+            if msg[0] != "paused":
+                raise AssertionError(f"the writer never reached the hook: {msg}")
+            _, self.slot, _pid, self.fds_opened = msg
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def _recv(self, timeout: float) -> tuple:
+        if not wait_until(lambda: self.conn.poll() or not self.proc.is_alive(), timeout):
+            raise AssertionError(f"writer {self.proc.pid} sent nothing within {timeout}s")
+        if not self.conn.poll(1.0):
+            raise AssertionError(f"writer {self.proc.pid} exited (code {self.proc.exitcode}) without a word")
+        msg = self.conn.recv()
+        if msg[0] == "err":
+            raise AssertionError(f"writer {self.proc.pid} failed:\n{msg[1]}")
+        return msg
+
+    def stop(self) -> None:
+        stop_process(self.pid)
+
+    def cont(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def resume(self) -> None:
+        """Lets a resumable writer finish its insert (continuing it if it was stopped)."""
+        assert self.release is not None, "not resumable"
+        self.release.send("go")
+        self.cont()
+
+    def wait_done(self, timeout: float = 30.0) -> tuple:
+        """``("done", rows, stats)`` once the resumed insert returned."""
+        if self.done is None:
+            self.done = self._recv(timeout)
+        return self.done
+
+    def kill(self) -> None:
+        if self.proc.pid is None:
+            return
+        if self.proc.is_alive():
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.join(30)
+        assert not self.proc.is_alive(), f"writer {self.proc.pid} survived SIGKILL"
+
+
+def child_insert_reporting(name: str, path: str | None, batch: Mapping[str, np.ndarray], conn: Any, fill_fds: bool) -> None:
+    """Child: attaches, fills its own descriptor table first if ``fill_fds`` (EMFILE), then
+    inserts ``batch``. Sends ``("inserting", fds_opened, t)`` right before the insert and
+    ``("done", t, stats)`` or ``("raised", "Type: message", t)`` after it."""
+    try:
+        buf = _attach(name, path)
+        fds = fill_fd_table() if fill_fds else []
+        conn.send(("inserting", len(fds), time.monotonic()))
+        try:
+            buf.extend(dict(batch))
+        except Exception as e:  # noqa: BLE001
+            conn.send(("raised", f"{type(e).__name__}: {e}", time.monotonic()))
+            return
+        conn.send(("done", time.monotonic(), dict(buf.stats())))
+    except BaseException:  # noqa: BLE001
+        try:
+            conn.send(("err", traceback.format_exc()))
+        finally:
+            os._exit(1)
+
+
+def intervals_overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """True if the closed intervals a and b (CLOCK_MONOTONIC times, comparable across the
+    processes of one machine) share an instant."""
+    return a[0] <= b[1] and b[0] <= a[1]

@@ -162,6 +162,11 @@ ADD_CASES = [
     pytest.param(dict(q=2**64), BAD_VALUE, id="pyint-2**64-into-uint64"),
     pytest.param(dict(a=2**70), BAD_VALUE, id="pyint-2**70-into-int32"),
     pytest.param(dict(v=[1, 2, 70000]), BAD_VALUE, id="pyint-list-too-big-for-uint16"),
+    # numpy makes these lists float64 (or object): still a range error, not a dtype one
+    pytest.param(dict(v=[2**63 + 1, 1, 2]), BAD_VALUE, id="pyint-list-beyond-int64-into-uint16"),
+    pytest.param(dict(v=[-1, 2**63 + 1, 2]), BAD_VALUE, id="pyint-list-mixed-signs-into-uint16"),
+    pytest.param(dict(v=[2**63 + 1, 1, 2.0]), BAD_TYPE, id="pyint-list-with-a-float-into-uint16"),
+    pytest.param(dict(v=[2**64, 1, None]), BAD_TYPE, id="pyint-list-with-none-into-uint16"),
 ]
 
 
@@ -226,6 +231,11 @@ EXTEND_CASES = [
     pytest.param(lambda: _batch(a=5), BAD_VALUE, id="scalar-for-a-column"),
     pytest.param(lambda: _batch(a=np.int32(5)), BAD_VALUE, id="0d-for-a-column"),
     pytest.param(lambda: _batch(x=np.float32(1)), BAD_VALUE, id="0d-first-field"),
+    # one row given without its leading dimension: not taken as a row
+    pytest.param(lambda: _batch(1, a=5), BAD_VALUE, id="one-row-python-scalar-for-a-column"),
+    pytest.param(lambda: _batch(1, a=np.int32(5)), BAD_VALUE, id="one-row-numpy-scalar-for-a-column"),
+    pytest.param(lambda: _batch(1, q=np.array(5, np.uint64)), BAD_VALUE, id="one-row-0d-array-for-a-column"),
+    pytest.param(lambda: _batch(1, b=np.True_), BAD_VALUE, id="one-row-numpy-bool-for-a-column"),
     pytest.param(lambda: _batch(v=[[1, 2, 3]] * 3 + [[1, 2]]), BAD_VALUE, id="ragged-column"),
     pytest.param(lambda: _batch(a=np.array([1.0, np.nan, 2.0])), BAD_TYPE, id="nan-into-int-column"),
     pytest.param(lambda: _batch(b=np.array([0, 1, 0])), BAD_TYPE, id="ints-into-bool-column"),
@@ -233,6 +243,10 @@ EXTEND_CASES = [
     pytest.param(lambda: _batch(a=np.array([1, 2**40, 3])), BAD_VALUE, id="int64-too-big-for-int32"),
     pytest.param(lambda: _batch(q=np.array([1, 2, -3])), BAD_TYPE, id="negative-int64-into-uint64"),
     pytest.param(lambda: _batch(u=[1, 2, 300]), BAD_VALUE, id="pyint-list-too-big-for-uint8"),
+    pytest.param(lambda: _batch(q=[2**63 + 1, 5, 2.0]), BAD_TYPE, id="big-pyint-list-with-a-float"),
+    pytest.param(lambda: _batch(q=[2**63 + 1, 5, None]), BAD_TYPE, id="big-pyint-list-with-none"),
+    pytest.param(lambda: _batch(q=np.array([2**63 + 1, 5, 1])), BAD_TYPE, id="float64-array-of-big-ints"),
+    pytest.param(lambda: _batch(q=[1.0, 2.0, 3.0]), BAD_TYPE, id="pyfloat-list-into-uint64"),
     pytest.param(lambda: _batch(z=np.zeros(3)), BAD_VALUE, id="extra-field"),
     pytest.param(lambda: _batch(v=_DROP), BAD_VALUE, id="missing-field"),
     pytest.param(lambda: {k: v for k, v in list(_batch().items())[::-1][:-1]}, BAD_VALUE, id="reordered-and-missing"),
@@ -274,6 +288,103 @@ def test_extend_accepts_in_range_ints_into_unsigned(buf, column):
     buf.extend(_batch(u=column))
     assert buf.stats()["inserts"] == inserts + 3
     assert [int(buf[(inserts + i) % CAP]["u"]) for i in range(3)] == [int(c) for c in column]
+
+
+BIG = 2**63 + 1  # np.asarray([BIG, 5]) is float64, which rounds BIG to 2**63
+
+
+@pytest.mark.parametrize(
+    "column",
+    [
+        pytest.param([BIG, 5], id="list"),
+        pytest.param((BIG, 5), id="tuple"),
+        pytest.param([2**64 - 1, 0], id="uint64-max-and-0"),
+        pytest.param([True, BIG], id="with-a-bool"),
+        pytest.param([np.uint64(BIG), 2**64 - 2], id="with-a-numpy-int"),
+    ],
+)
+def test_extend_stores_python_ints_beyond_int64_exactly(buf, column):
+    inserts = buf.stats()["inserts"]
+    buf.extend(_batch(2, q=column))
+    assert buf.stats()["inserts"] == inserts + 2
+    assert [int(buf[(inserts + i) % CAP]["q"]) for i in range(2)] == [int(c) for c in column]
+
+
+def test_nested_python_ints_are_stored_exactly(shm_dir):
+    fields = {"u": ((2,), np.uint64), "m": ((2, 2), np.uint64), "i": ((2,), np.int64)}
+    with ReplayBuffer.create("nested", capacity=4, fields=fields, path=shm_dir) as b:
+        b.extend(
+            {
+                "u": [[BIG, 5], (2**64 - 1, 0)],
+                "m": [[[BIG, 1], [2, 3]], [(4, 5), [6, 2**64 - 1]]],
+                "i": [[-(2**63), 2**63 - 1], [1, -1]],
+            }
+        )
+        b.add(u=[BIG, 7], m=((BIG, BIG + 2), [0, 1]), i=(2**63 - 1, -(2**63)))
+        assert len(b) == 3
+        assert [[int(v) for v in b[s]["u"]] for s in range(3)] == [[BIG, 5], [2**64 - 1, 0], [BIG, 7]]
+        assert b[0]["m"].tolist() == [[BIG, 1], [2, 3]]
+        assert b[1]["m"].tolist() == [[4, 5], [6, 2**64 - 1]]
+        assert b[2]["m"].tolist() == [[BIG, BIG + 2], [0, 1]]
+        assert b[2]["i"].tolist() == [2**63 - 1, -(2**63)]
+
+
+@pytest.mark.parametrize(
+    "changes, field, dtype",
+    [
+        pytest.param(dict(q=[-1, BIG]), "q", "uint64", id="negative-beside-beyond-int64"),
+        pytest.param(dict(q=[2**64, 5]), "q", "uint64", id="2**64"),
+        pytest.param(dict(q=[-(2**70), 5]), "q", "uint64", id="-2**70"),
+        pytest.param(dict(a=[BIG, 1]), "a", "int32", id="beyond-int64-into-int32"),
+        pytest.param(dict(a=(1, -(2**63) - 1)), "a", "int32", id="below-int64-into-int32"),
+        pytest.param(dict(v=[[BIG, 1, 2], [1, 2, 3]]), "v", "uint16", id="nested-into-uint16"),
+    ],
+)
+def test_extend_refuses_python_ints_out_of_range(buf, changes, field, dtype):
+    err = refused(buf, ValueError, lambda: buf.extend(_batch(2, **changes)))
+    assert f"field {field!r}: values out of range for {dtype}" in str(err)
+
+
+def _scalar_only(shm_dir):
+    return ReplayBuffer.create(
+        "scalars", capacity=4, fields={"reward": ((), np.float32), "done": ((), np.bool_)}, path=shm_dir
+    )
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        pytest.param({"reward": 1.0, "done": False}, id="python-scalars"),
+        pytest.param({"reward": np.float32(1.0), "done": np.False_}, id="numpy-scalars"),
+        pytest.param({"reward": np.array(1.0, np.float32), "done": np.array(False)}, id="0d-arrays"),
+        pytest.param({"reward": np.array(1.0), "done": np.array(False)}, id="0d-arrays-other-dtype"),
+        pytest.param({"reward": np.ones(1, np.float32), "done": np.array(False)}, id="1-row-then-0d"),
+        pytest.param({"reward": np.ones(1, np.float32), "done": True}, id="1-row-then-python-scalar"),
+    ],
+)
+def test_extend_refuses_rows_without_a_leading_dimension(shm_dir, batch):
+    """extend takes N rows; a lone scalar is not silently one row (add takes one row)."""
+    with _scalar_only(shm_dir) as b:
+        b.add(reward=0.5, done=True)
+        with pytest.raises(ValueError, match="leading"):
+            b.extend(batch)
+        assert len(b) == 1 and b.stats()["inserts"] == 1
+        b.extend({k: np.reshape(v, 1) for k, v in batch.items()})  # with the row dimension it is fine
+        assert len(b) == 2 and float(b[1]["reward"]) == 1.0
+
+
+def test_add_takes_fields_named_like_its_parameters(shm_dir):
+    fields = {"self": ((), np.float32), "values": ((2,), np.int32), "batch": ((), np.uint8)}
+    with ReplayBuffer.create("kw", capacity=4, fields=fields, path=shm_dir) as b:
+        b.add(**{"self": 1.5, "values": np.array([1, 2], np.int32), "batch": 3})  # fast path
+        b.add(self=2.5, values=[3, 4], batch=np.uint16(4))  # converted by numpy
+        b.extend({"self": [3.5], "values": [[5, 6]], "batch": [5]})
+        assert [float(b[i]["self"]) for i in range(3)] == [1.5, 2.5, 3.5]
+        assert [b[i]["values"].tolist() for i in range(3)] == [[1, 2], [3, 4], [5, 6]]
+        assert [int(b[i]["batch"]) for i in range(3)] == [3, 4, 5]
+        with pytest.raises(ValueError, match="values"):
+            b.add(self=1.0, batch=1)
+        assert len(b) == 3
 
 
 # --------------------------------------------------------------------------- sample
@@ -384,6 +495,12 @@ INDICES = [
     pytest.param(-(2**63), IndexError, id="-2**63"),
     pytest.param(-(2**63) - 1, IndexError, id="-2**63-1"),
     pytest.param(-(2**70), IndexError, id="-2**70"),
+    pytest.param(-(2**200) - 1, IndexError, id="-2**200-1"),
+    pytest.param(-(2**300), IndexError, id="-2**300"),
+    pytest.param(2**300, IndexError, id="2**300"),
+    pytest.param(np.int64(-(2**63)), IndexError, id="np.int64-min"),
+    pytest.param(np.uint64(2**64 - 1), IndexError, id="np.uint64-max"),
+    pytest.param(np.True_, TypeError, id="np.True_"),
     pytest.param(1.0, TypeError, id="1.0"),
     pytest.param(float("nan"), TypeError, id="nan"),
     pytest.param(np.float32(0), TypeError, id="np.float32"),
@@ -481,6 +598,35 @@ def test_attach_and_inspect_refuse_paths(buf, path, exc):
 
 def test_attach_and_inspect_refuse_positional_path(buf, shm_dir):
     refused(buf, TypeError, lambda: ReplayBuffer.attach("matrix", str(shm_dir)))
+
+
+ODD_DTYPES = [
+    pytest.param(None, id="None"),
+    pytest.param(object, id="object"),
+    pytest.param("O", id="O"),
+    pytest.param("U5", id="U5"),
+    pytest.param("S4", id="S4"),
+    pytest.param(str, id="str"),
+    pytest.param(np.void, id="np.void"),
+    pytest.param("V", id="V"),
+    pytest.param("M8", id="M8"),
+    pytest.param("m8[ns]", id="m8"),
+    pytest.param("T", id="StringDType"),
+    pytest.param(complex, id="complex"),
+    pytest.param("c8", id="complex64"),
+    pytest.param("f4,", id="one-field-structured"),
+    pytest.param([("p", "f4"), ("p", "f4")], id="structured-duplicate-names"),
+    pytest.param("bogus", id="unknown-name"),
+    pytest.param("", id="empty-str"),
+]
+
+
+@pytest.mark.parametrize("dtype", ODD_DTYPES)
+def test_create_refuses_odd_dtypes(buf, shm_dir, dtype):
+    fields = _fields(x=((), dtype))
+    err = refused(buf, TypeError, lambda: ReplayBuffer.create("new", capacity=4, fields=fields, path=shm_dir))
+    assert "field 'x'" in str(err)
+    assert not os.path.exists(shm_dir / "shmreplay.new")
 
 
 # --------------------------------------------------------------------------- module functions

@@ -253,3 +253,135 @@ def test_help_and_usage_errors() -> None:
     assert proc.returncode == 0 and "--synthetic" in proc.stdout and "--start-method" in proc.stdout
     proc = cli()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# hostile file names: anybody can create files in /dev/shm
+# --------------------------------------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    "evil\nname live 0 0",  # a newline that would forge a second row
+    "\x1b[31mred",  # a terminal escape sequence
+    "clear\x1b[2J\x1b[H",  # clears the screen
+    "cr\rover",  # carriage return: overwrites the row on a terminal
+    "rtl\u202eevil",  # bidirectional override
+    "sep\u2028line",  # a Unicode line separator
+    "bell\x07tab\there",
+]
+
+
+def assert_no_raw_control(text: str) -> list[str]:
+    """Only printable characters and the newlines that end lines; returns the lines."""
+    raw = sorted({ch for ch in text if not ch.isprintable() and ch != "\n"})
+    assert not raw, f"raw control characters in the output: {raw!r}\n{text!r}"
+    assert "\x1b" not in text
+    return text.rstrip("\n").split("\n") if text else []
+
+
+def make_orphan(directory: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, shmreplay
+        fields = {{"x": ((), "int64")}}
+        buf = shmreplay.ReplayBuffer.create("orphan", capacity=8, fields=fields, path={str(directory)!r})
+        buf.add(x=1)
+        os._exit(0)
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+@pytest.fixture
+def hostile_dir(tmp_path: Path) -> Iterator[tuple[Path, shmreplay.ReplayBuffer]]:
+    """A directory with a live buffer (``alpha``), a stale one (``orphan``, its creator exited)
+    and files whose names try to forge rows."""
+    make_orphan(tmp_path)
+    for name in HOSTILE_NAMES:
+        fd = os.open(os.path.join(tmp_path, "shmreplay." + name), os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"x" * 64)
+        os.close(fd)
+    buf = shmreplay.ReplayBuffer.create("alpha", capacity=8, fields=FIELDS, path=tmp_path)
+    try:
+        fill(buf, 3)
+        yield tmp_path, buf
+    finally:
+        buf.close()
+
+
+def test_ls_escapes_hostile_names(hostile_dir: tuple[Path, shmreplay.ReplayBuffer]) -> None:
+    directory, _ = hostile_dir
+    proc = cli("ls", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    lines = assert_no_raw_control(proc.stdout)
+    # header, one row per file (alpha, orphan and every hostile one), footer: nothing forged
+    assert len(lines) == 1 + 2 + len(HOSTILE_NAMES) + 1, proc.stdout
+    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "STATUS"]
+    body = lines[1:-1]
+    assert [line for line in body if line.split()[-1] == "live"] == [
+        line for line in body if line.startswith("alpha ")
+    ]
+    assert sum(1 for line in body if "corrupt:" in line) == len(HOSTILE_NAMES)
+    # each hostile name is shown escaped, on its own row
+    for name in HOSTILE_NAMES:
+        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in name)
+        assert any(line.startswith(shown + " ") for line in body), (shown, body)
+    assert [line.split()[-1] for line in body if line.startswith("orphan ")] == ["stale"]
+    assert lines[-1].startswith("2 buffers in ")
+    assert f"{len(HOSTILE_NAMES)} corrupt" in lines[-1]
+
+
+def test_ls_json_keeps_hostile_names_exact(hostile_dir: tuple[Path, shmreplay.ReplayBuffer]) -> None:
+    directory, _ = hostile_dir
+    proc = cli("ls", "--json", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert_no_raw_control(proc.stdout)
+    listed = json.loads(proc.stdout)
+    assert sorted(b["name"] for b in listed) == sorted(["alpha", "orphan", *HOSTILE_NAMES])
+    status = {b["name"]: b["status"] for b in listed}
+    assert status["alpha"] == "live" and status["orphan"] == "stale"
+    assert all(status[name] == "corrupt" for name in HOSTILE_NAMES)
+
+
+def test_other_commands_escape_hostile_names(hostile_dir: tuple[Path, shmreplay.ReplayBuffer]) -> None:
+    directory, _ = hostile_dir
+    proc = cli("info", "alpha", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert_no_raw_control(proc.stdout)
+    proc = cli("gc", "--dry-run", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert assert_no_raw_control(proc.stdout) == ["would remove orphan"]
+    assert len(os.listdir(directory)) == 2 + len(HOSTILE_NAMES)
+    for name in HOSTILE_NAMES:
+        for command in (["info", name], ["rm", name]):
+            proc = cli(*command, "--path", str(directory))
+            assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+            assert_no_raw_control(proc.stdout)
+            lines = assert_no_raw_control(proc.stderr)
+            assert len(lines) == 1 and lines[0].startswith("shmreplay: error:"), (command, proc.stderr)
+    # a hostile directory name in an error
+    proc = cli("ls", "--path", str(directory / "no\nsuch\x1b[2J"))
+    assert_one_line_error(proc, "no such directory")
+    assert_no_raw_control(proc.stderr)
+    # only the stale buffer is removed; the live one and the unreadable files stay
+    proc = cli("rm", "--stale", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert assert_no_raw_control(proc.stdout) == ["removed orphan"]
+    assert_no_raw_control(proc.stderr)
+    proc = cli("gc", "--path", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert assert_no_raw_control(proc.stdout) == [f"No stale buffers in {directory}."]
+    assert sorted(os.listdir(directory)) == sorted(f"shmreplay.{n}" for n in ["alpha", *HOSTILE_NAMES])
+
+
+def test_escaping_function() -> None:
+    from shmreplay._format import printable
+
+    assert printable("alpha-1.b_2") == "alpha-1.b_2"
+    assert printable("café au lait") == "café au lait"
+    assert printable("a\nb") == "a\\nb"
+    assert printable("\x1b[31mred") == "\\x1b[31mred"
+    assert printable("r\u202el") == "r\\u202el"
+    assert printable("\udcff") == "\\udcff"  # an undecodable byte (surrogateescape)
+    for ch in map(chr, range(0x110000)):
+        shown = printable(ch)
+        assert shown.isprintable(), repr(ch)

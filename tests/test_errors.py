@@ -468,3 +468,187 @@ def test_insufficient_space_dev_shm(shm_name):
     assert not os.path.exists(segment_path(shm_name))
     with pytest.raises(FileNotFoundError):
         ReplayBuffer.attach(shm_name)
+
+
+# --------------------------------------------------------------------------- exception hierarchy
+
+# (class, the built-in base it keeps, arguments of an instance like the ones the core raises)
+HIERARCHY = [
+    (shmreplay.InsufficientSpaceError, MemoryError, ("need 10 bytes, 3 free", 10, 3, "/dev/shm/shmreplay.x")),
+    (shmreplay.EmptyBufferError, ValueError, ("the replay buffer is empty: nothing to sample yet",)),
+    (shmreplay.CorruptSegmentError, ValueError, ("/dev/shm/shmreplay.x is not a usable shmreplay segment",)),
+    (shmreplay.ContendedError, TimeoutError, ("slot 3 stayed busy for 5 s",)),
+    (shmreplay.TooManyHandlesError, RuntimeError, ("all 1024 handle entries of this buffer are in use",)),
+]
+HIERARCHY_IDS = [cls.__name__ for cls, _, _ in HIERARCHY]
+
+
+def test_every_exception_is_exported():
+    from shmreplay import _errors
+
+    names = {cls.__name__ for cls, _, _ in HIERARCHY} | {"ShmReplayError"}
+    assert names <= set(shmreplay.__all__)
+    for name in names:
+        assert getattr(shmreplay, name) is getattr(_errors, name)
+        assert getattr(shmreplay, name).__module__ == "shmreplay._errors"
+        assert getattr(shmreplay, name).__doc__, f"{name} has no docstring"
+    # every exception class defined in _errors is in the hierarchy (and exported)
+    defined = {n for n, v in vars(_errors).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    assert defined == names
+    assert issubclass(shmreplay.ShmReplayError, Exception)
+    assert not issubclass(shmreplay.ShmReplayError, (ValueError, OSError, MemoryError, RuntimeError))
+
+
+@pytest.mark.parametrize("cls,builtin,args", HIERARCHY, ids=HIERARCHY_IDS)
+def test_exception_has_both_bases(cls, builtin, args):
+    assert issubclass(cls, shmreplay.ShmReplayError) and issubclass(cls, builtin)
+    err = cls(*args)
+    assert isinstance(err, shmreplay.ShmReplayError)
+    assert isinstance(err, builtin)
+    assert str(err) == args[0]
+    # the same exception type is not derived from any other family by accident
+    others = {MemoryError, ValueError, TimeoutError, RuntimeError} - {builtin}
+    assert not any(isinstance(err, o) for o in others if not issubclass(builtin, o)), cls.__mro__
+
+
+@pytest.mark.parametrize("cls,builtin,args", HIERARCHY, ids=HIERARCHY_IDS)
+def test_except_clauses_catch_each(cls, builtin, args):
+    with pytest.raises(cls):
+        try:
+            raise cls(*args)
+        except shmreplay.ShmReplayError as caught:
+            assert type(caught) is cls
+            raise
+    try:
+        raise cls(*args)
+    except builtin as caught:  # the built-in base still catches it
+        assert type(caught) is cls
+
+
+@pytest.mark.parametrize("cls,builtin,args", HIERARCHY, ids=HIERARCHY_IDS)
+def test_exception_pickles(cls, builtin, args):
+    import pickle
+
+    err = cls(*args)
+    err.add_note("raised in a child process")
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        copy = pickle.loads(pickle.dumps(err, protocol=protocol))
+        assert type(copy) is cls
+        assert str(copy) == str(err)
+        assert copy.args == err.args
+        assert copy.__notes__ == ["raised in a child process"]
+    if cls is shmreplay.InsufficientSpaceError:
+        assert (copy.needed, copy.free, copy.path) == (10, 3, "/dev/shm/shmreplay.x")
+
+
+def _raise_in_child(index: int) -> None:
+    cls, _, args = HIERARCHY[index]
+    raise cls(*args)
+
+
+def test_exceptions_cross_process_boundaries():
+    """A ``concurrent.futures`` pool pickles the exception a child raised back to the parent."""
+    import concurrent.futures
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        for i, (cls, builtin, args) in enumerate(HIERARCHY):
+            with pytest.raises(cls) as exc:
+                pool.submit(_raise_in_child, i).result(timeout=60)
+            assert isinstance(exc.value, shmreplay.ShmReplayError) and isinstance(exc.value, builtin)
+            assert str(exc.value) == args[0]
+
+
+# --------------------------------------------------------------------------- raised by the core
+
+
+def test_core_raises_the_hierarchy(shm_name, shm_dir, control_fields):
+    with ReplayBuffer.create(shm_name, capacity=4, fields=control_fields) as buf:
+        with pytest.raises(shmreplay.ShmReplayError) as exc:
+            buf.sample(1)
+        assert type(exc.value) is EmptyBufferError
+    path = segment_path(shm_name, shm_dir)
+    with open(path, "wb") as f:
+        f.write(b"\0" * (1 << 16))
+    os.chmod(path, 0o600)
+    with pytest.raises(shmreplay.ShmReplayError) as exc:
+        ReplayBuffer.attach(shm_name, path=shm_dir)
+    assert isinstance(exc.value, shmreplay.CorruptSegmentError), repr(exc.value)
+
+
+def test_too_many_handles(shm_name, control_fields):
+    """Every handle takes one entry of the buffer's fixed table; once all are taken, the next
+    attach raises TooManyHandlesError, and closing one makes room again."""
+    handles = []
+    with ReplayBuffer.create(shm_name, capacity=4, fields=control_fields) as buf:
+        try:
+            with pytest.raises(shmreplay.ShmReplayError) as exc:
+                for _ in range(100_000):
+                    handles.append(ReplayBuffer.attach(shm_name))
+            err = exc.value
+            assert type(err) is shmreplay.TooManyHandlesError, repr(err)
+            assert isinstance(err, RuntimeError)
+            assert "handle" in str(err)
+            assert buf.stats()["attached"] == len(handles) + 1
+            handles.pop().close()
+            handles.append(ReplayBuffer.attach(shm_name))
+        finally:
+            for h in handles:
+                h.close()
+        assert buf.stats()["attached"] == 1
+
+
+def _hold_slot_mid_copy(name, fields, conn) -> None:
+    """Child: inserts one row and stops for good inside its copy, slot claimed, after telling
+    the parent which slot it holds. It stays alive: a live writer, not a dead one."""
+    import time
+
+    import helpers
+
+    buf = ReplayBuffer.attach(name)
+
+    def pause(slot: int) -> None:
+        conn.send(slot)
+        while True:
+            time.sleep(60)
+
+    batch = rows_for_keys(fields, [1])
+    if hasattr(helpers, "extend_pausing"):
+        helpers.extend_pausing(buf, batch, pause, "copy")
+    else:  # the hook of older builds
+        buf._raw.extend_pausing(buf._columns(batch, (1,)), pause)
+
+
+def test_contended_slot_raises_contended_error(shm_name, control_fields):
+    """A live writer holding the only slot of a ring: ``buf[0]`` and ``sample`` give up after
+    their bounds with ContendedError (a TimeoutError), not a hang and not a torn row."""
+    import multiprocessing
+    import signal
+    import time
+
+    from helpers import wait_until
+
+    with ReplayBuffer.create(shm_name, capacity=1, fields=control_fields) as buf:
+        buf.add(**row_for_key(control_fields, 0))
+        ctx = multiprocessing.get_context("fork")
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_hold_slot_mid_copy, args=(shm_name, control_fields, child_end), daemon=True)
+        proc.start()
+        try:
+            assert wait_until(lambda: parent_end.poll() or not proc.is_alive(), timeout=60)
+            assert parent_end.poll(), f"the writer never reached its copy (exit code {proc.exitcode})"
+            assert parent_end.recv() == 0
+            started = time.monotonic()
+            with pytest.raises(shmreplay.ShmReplayError) as exc:
+                buf[0]
+            assert type(exc.value) is shmreplay.ContendedError, repr(exc.value)
+            assert isinstance(exc.value, TimeoutError)
+            assert time.monotonic() - started < 60
+            with pytest.raises(shmreplay.ContendedError):
+                buf.sample(1)
+            assert proc.is_alive()
+        finally:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.join(30)

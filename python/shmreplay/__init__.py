@@ -10,14 +10,24 @@ from __future__ import annotations
 
 from . import _core
 from ._buffer import ReplayBuffer, _dir_arg
-from ._errors import CorruptSegmentError, EmptyBufferError, InsufficientSpaceError
+from ._errors import (
+    ContendedError,
+    CorruptSegmentError,
+    EmptyBufferError,
+    InsufficientSpaceError,
+    ShmReplayError,
+    TooManyHandlesError,
+)
 from ._types import BufferInfo, DTypeLike, FieldSpec, PathLike, SampleInfo, Shape, Stats
 
 __all__ = [
     "ReplayBuffer",
+    "ShmReplayError",
     "InsufficientSpaceError",
     "EmptyBufferError",
     "CorruptSegmentError",
+    "ContendedError",
+    "TooManyHandlesError",
     "list_buffers",
     "remove",
     "gc",

@@ -8,9 +8,12 @@ the runtime by ``mypy.stubtest`` in ``make test``.
 import os
 
 from ._buffer import ReplayBuffer as ReplayBuffer
+from ._errors import ContendedError as ContendedError
 from ._errors import CorruptSegmentError as CorruptSegmentError
 from ._errors import EmptyBufferError as EmptyBufferError
 from ._errors import InsufficientSpaceError as InsufficientSpaceError
+from ._errors import ShmReplayError as ShmReplayError
+from ._errors import TooManyHandlesError as TooManyHandlesError
 from ._types import BufferInfo as BufferInfo
 from ._types import DTypeLike as DTypeLike
 from ._types import FieldSpec as FieldSpec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 from types import TracebackType
@@ -21,10 +22,12 @@ _MAX_DIMENSION = 1 << 40
 
 def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
     """Normalises a field's dtype and returns it with the core's short code (``"u1"``...)."""
+    if dtype is None:  # np.dtype(None) is float64
+        raise TypeError(f"field {field!r}: dtype must be given, got None")
     try:
         dt = np.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"field {field!r}: {dtype!r} is not a numpy dtype") from e
+    except (TypeError, ValueError) as e:  # ValueError: e.g. a structured dtype naming a field twice
+        raise TypeError(f"field {field!r}: {dtype!r} is not a numpy dtype ({e})") from e
     if f"{dt.kind}{dt.itemsize}" not in _CODES or dt.fields is not None or dt.subdtype is not None:
         raise TypeError(
             f"field {field!r}: dtype {dt} is not supported "
@@ -67,14 +70,14 @@ def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
     return parsed
 
 
-def _int_arg(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+def _int_arg(name: str, value: Any, minimum: int | None, maximum: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, got a bool")
     try:
         n = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if n < minimum:
+    if minimum is not None and n < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     if maximum is not None and n > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {n}")
@@ -90,8 +93,24 @@ def _dir_arg(path: Any) -> str | None:
     return path
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+def _leaves(value: Any) -> list[Any]:
+    """The elements of nested lists and tuples, in order."""
+    if not isinstance(value, (list, tuple)):
+        return [value]
+    return [leaf for v in value for leaf in _leaves(v)]
+
+
+def _exact_ints(field: str, value: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """``value`` (an int or nested lists/tuples of ints) as an array of integer ``dtype``, or
+    ``None`` if it holds anything else. numpy infers float64 (inexact) or object for ints beyond
+    int64 or mixing those with negatives, so convert them one by one."""
+    leaves = _leaves(value)
+    if len(leaves) != math.prod(shape) or not all(isinstance(v, (int, np.integer)) for v in leaves):
+        return None
+    info = np.iinfo(dtype)
+    if not all(info.min <= int(v) <= info.max for v in leaves):
+        raise ValueError(f"field {field!r}: values out of range for {dtype}")
+    return np.array([int(v) for v in leaves], dtype=dtype).reshape(shape)
 
 
 _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -254,17 +273,24 @@ class ReplayBuffer:
             raise ValueError(f"field {field!r}: cannot convert to an array: {e}") from None
         # Python ints (not numpy arrays) go into any integer field whose range holds them.
         python_ints = not isinstance(value, (np.ndarray, np.generic)) and dtype.kind in "iu"
-        if python_ints and array.dtype.kind == "O" and all(_is_int(v) for v in array.flat):
-            raise ValueError(f"field {field!r}: values out of range for {dtype}")
+        if python_ints and array.dtype.kind in "fO":
+            exact = _exact_ints(field, value, array.shape, dtype)
+            if exact is not None:  # else floats or other objects among them: refused below
+                array = exact
         value_checked = python_ints and array.dtype.kind in "iu"  # range-checked below
         if not value_checked and not np.can_cast(array.dtype, dtype, casting="same_kind"):
             raise TypeError(
                 f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
                 "(numpy 'same_kind' casting refuses it)"
             )
-        expected = leading + shape
-        if array.shape != expected and not (leading and array.shape[1:] == shape):
-            want = f"(N, {', '.join(map(str, shape))})" if leading else str(shape)
+        if leading and array.ndim == 0:
+            raise ValueError(
+                f"field {field!r}: extend takes rows (a leading dimension), got a single value "
+                "(use add for one row, or wrap it in a list)"
+            )
+        if (array.shape[1:] if leading else array.shape) != shape:
+            dims = (["N"] if leading else []) + [str(d) for d in shape]
+            want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
             raise ValueError(f"field {field!r}: expected shape {want}, got {array.shape}")
         if array.dtype.kind in "iu" and dtype.kind in "iu" and not np.can_cast(array.dtype, dtype) and array.size:
             info = np.iinfo(dtype)
@@ -287,7 +313,7 @@ class ReplayBuffer:
                 raise ValueError(f"fields have different numbers of rows: {rows}")
         return columns
 
-    def add(self, **values: Any) -> None:
+    def add(self, /, **values: Any) -> None:
         """Inserts one transition: one keyword argument per field.
 
         Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
@@ -359,9 +385,7 @@ class ReplayBuffer:
             arrays = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
         else:
             arrays = self._check_out(out, n)
-        index = np.empty(n, np.uint64)
-        key = np.empty(n, np.uint64)
-        self._raw.sample_into(list(arrays.values()), index, key)
+        index, key = self._raw.sample_into(list(arrays.values()), n)
         if return_info:
             info: SampleInfo = {"index": index.view(np.int64), "key": key}
             return arrays, info
@@ -394,7 +418,7 @@ class ReplayBuffer:
         range or a slot that holds no record (never written, or its writer died while writing
         it), and ``TimeoutError`` if a live writer kept the slot busy for 5 s.
         """
-        i = _int_arg("index", index, -(1 << 200))
+        i = _int_arg("index", index, None)
         if i < 0:
             i += self.capacity
         if not 0 <= i < self.capacity:

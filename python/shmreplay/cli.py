@@ -11,6 +11,11 @@
 
 Every subcommand takes ``--path DIR`` for buffers outside the default directory (/dev/shm).
 Errors are one line on stderr and exit code 1.
+
+Names, paths and reasons come from a shared directory where anyone can create files, so all
+text printed from the filesystem goes through :func:`~shmreplay._format.printable` (``--json``
+output is escaped by ``json.dumps``): a file name cannot forge output lines or send escape
+sequences to the terminal.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._format import format_bytes
+from ._format import format_bytes, printable
 
 __all__ = ["main", "build_parser"]
 
@@ -42,7 +47,7 @@ def _fill(size: int, capacity: int) -> str:
 def _directory(path: str | None) -> str:
     import shmreplay
 
-    return path if path is not None else shmreplay.DEFAULT_DIR
+    return printable(path if path is not None else shmreplay.DEFAULT_DIR)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> list[str]:
@@ -75,7 +80,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [
-            b["name"],
+            printable(b["name"]),
             f"{b['capacity']:,}",
             _fill(b["size"], b["capacity"]),
             format_bytes(b["bytes"]),
@@ -84,7 +89,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         ]
         for b in buffers
     ]
-    rows += [[u["name"], "", "", "", "", f"corrupt: {u['reason']}"] for u in unreadable]
+    rows += [[printable(u["name"]), "", "", "", "", f"corrupt: {printable(u['reason'])}"] for u in unreadable]
     headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "STATUS"]
     for text in _table(headers, rows, [False, True, True, True, True, False]):
         print(text)
@@ -113,7 +118,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for name in removed:
-        print(f"{verb} {name}")
+        print(f"{verb} {printable(name)}")
     if not removed:
         print(f"No stale buffers in {_directory(args.path)}.")
     return 0
@@ -165,14 +170,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"buffer        {info['name']}")
-    print(f"path          {info['path']}")
+    print(f"buffer        {printable(info['name'])}")
+    print(f"path          {printable(info['path'])}")
     print(f"capacity      {info['capacity']:,} records")
     print(f"fill          {_fill(info['size'], info['capacity'])}")
     print(f"record bytes  {info['record_bytes']:,}")
     print(f"segment       {format_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
     print()
-    rows = [[f["name"], f["dtype"], str(tuple(f["shape"])), f"{f['bytes']:,}"] for f in info["fields"]]
+    rows = [
+        [printable(f["name"]), printable(f["dtype"]), str(tuple(f["shape"])), f"{f['bytes']:,}"]
+        for f in info["fields"]
+    ]
     for text in _table(["FIELD", "DTYPE", "SHAPE", "BYTES"], rows, [False, False, False, True]):
         print(text)
     print()
@@ -201,7 +209,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
         raise CliError("rm: name at least one buffer, or pass --stale")
     if args.stale:
         for name in shmreplay.gc(args.path):
-            print(f"removed {name}")
+            print(f"removed {printable(name)}")
     listed = {b["name"]: b for b in shmreplay.list_buffers(args.path)} if args.names else {}
     status = 0
     for name in args.names:
@@ -211,7 +219,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             print(f"{PROG}: error: no buffer named {name!r} in {_directory(args.path)}", file=sys.stderr)
             status = 1
             continue
-        print(f"removed {name}")
+        print(f"removed {printable(name)}")
         entry = listed.get(name)
         if entry is not None and entry["attached"] and not entry["stale"]:
             attached = entry["attached"]
@@ -295,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    return " ".join(text.split())
+    return printable(" ".join(text.split()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,10 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.path is not None and not os.path.isdir(args.path):
-            raise CliError(f"no such directory: {args.path}")
+            raise CliError(f"no such directory: {printable(args.path)}")
         return int(args.func(args))
     except CliError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(str(exc))}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # e.g. `shmreplay ls | head -1`

@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
-/// Everything that can go wrong in shmreplay. Every variant names what to fix.
+/// Everything that can go wrong in shmreplay. Every variant names what to fix; callers match
+/// on the variant, never on the message.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("invalid buffer name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
@@ -32,6 +34,10 @@ pub enum Error {
     PermissionDenied { path: PathBuf, reason: String },
     #[error("the replay buffer is empty: nothing to sample yet")]
     Empty,
+    #[error("slot {index} is out of range for capacity {capacity}")]
+    IndexOutOfRange { index: u64, capacity: u64 },
+    /// A wait outlasted its bound: a slot held by a live (or not provably dead) writer, a gc
+    /// deciding about the buffer, or sampling that found no consistent row.
     #[error("{0}")]
     Contended(String),
     #[error(

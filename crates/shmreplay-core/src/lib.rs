@@ -4,14 +4,26 @@
 //! processes insert transitions and learner processes sample random batches from one ring of
 //! fixed-size records, concurrently, with no lock and no kernel object per slot.
 //!
+//! The crate is layered; each layer uses only the ones before it:
+//!
+//! * [`platform`]: the operating system and the CPU: mapping a segment file, copy kernels,
+//!   kernel-held locks, process liveness, interrupts. All of the crate's `unsafe` is here.
+//! * `layout`: where everything is in a segment (header, section directory, [`Schema`]); pure
+//!   computation.
+//! * [`protocol`]: the concurrency protocols (slot seqlock, handle table, attach/gc
+//!   handshake), each model-checked with loom.
+//! * the buffer ([`ReplayBuffer`]: writer, sampler, stats) and the registry ([`list`],
+//!   [`remove`], [`remove_stale`]).
+//!
+//! Guarantees, in short:
+//!
 //! * One segment file per buffer (`/dev/shm/shmreplay.<name>` by default), created exclusively
 //!   with mode 0600 and its whole size reserved up front, mapped by every process that attaches.
-//! * Each slot is a seqlock ([`slot`]): writers claim tickets from one atomic cursor and never
-//!   wait for readers; readers validate every copy and redraw on a torn or in-progress slot.
-//! * A writer killed mid-copy leaves its slot marked busy; readers skip it and the next writer of
-//!   that slot takes it over once the owner is known dead ([`process`]).
-//! * All shared bytes are accessed atomically ([`copy`]); `unsafe` lives only in `copy` and
-//!   `segment`.
+//! * Each slot is a seqlock: writers claim tickets from one atomic cursor and never wait for
+//!   readers; readers validate every copy and redraw on a torn or in-progress slot.
+//! * A writer killed mid-copy leaves its slot marked busy; readers skip it and the next writer
+//!   of that slot takes it over once the owner is *proved* dead (its kernel lock released, or
+//!   its pid gone); when death cannot be proved, writers wait (bounded, interruptible).
 //!
 //! ```
 //! use shmreplay_core::{DType, ReplayBuffer, Schema};
@@ -19,14 +31,14 @@
 //! let schema = Schema::new(&[("obs", DType::U8, vec![4]), ("reward", DType::F32, vec![])])?;
 //! let dir = std::env::temp_dir();
 //! let name = shmreplay_core::unique_name();
-//! let buffer = ReplayBuffer::create(&name, Some(&dir), 1000, schema)?;
+//! let buffer = ReplayBuffer::builder(&name).dir(&dir).capacity(1000).schema(schema).create()?;
 //!
 //! // Two records, column-wise: 2 x 4 bytes of obs, 2 x f32 reward.
 //! let rewards: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|r| r.to_le_bytes()).collect();
 //! buffer.extend(&[&[1, 2, 3, 4, 5, 6, 7, 8], &rewards])?;
 //!
 //! // Any process: attach by name and sample a batch of 3 into caller-owned buffers.
-//! let learner = ReplayBuffer::attach(&name, Some(&dir))?;
+//! let learner = ReplayBuffer::builder(&name).dir(&dir).open()?;
 //! let (mut obs, mut reward) = (vec![0u8; 3 * 4], vec![0u8; 3 * 4]);
 //! let (mut index, mut key) = (vec![0u64; 3], vec![0u64; 3]);
 //! learner.sample_into(&mut [&mut obs, &mut reward], &mut index, &mut key)?;
@@ -36,29 +48,36 @@
 //! # Ok::<(), shmreplay_core::Error>(())
 //! ```
 
-#![cfg_attr(loom, allow(dead_code))]
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
 
 mod error;
 #[cfg(not(loom))]
-pub mod interrupt;
-mod schema;
-pub mod slot;
+mod layout;
+pub mod protocol;
 mod sync;
 
 #[cfg(not(loom))]
 mod buffer;
 #[cfg(not(loom))]
-pub mod copy;
+pub mod platform;
 #[cfg(not(loom))]
-pub mod process;
-#[cfg(not(loom))]
-mod segment;
+mod registry;
 
 #[cfg(not(loom))]
 pub use buffer::{
-    list, remove, remove_stale, segment_path, unique_name, validate_name, Listing, ReplayBuffer,
-    SegmentInfo, Stats, Unreadable, DEFAULT_DIR, FILE_PREFIX, MAX_CAPACITY, MAX_HANDLES,
-    MAX_NAME_LEN,
+    Blocking, Builder, InColumn, NoBlocking, OutColumn, ReplayBuffer, SegmentInfo, Stats,
+};
+#[cfg(all(not(loom), feature = "test-hooks"))]
+pub use buffer::PauseAt;
+#[cfg(not(loom))]
+pub use layout::schema::{DType, Field, Schema};
+#[cfg(not(loom))]
+pub use layout::{LAYOUT_VERSION, MAX_CAPACITY, MAX_HANDLES};
+#[cfg(not(loom))]
+pub use registry::{
+    list, remove, remove_segment, remove_stale, segment_path, unique_name, validate_name, Listing, Unreadable,
+    DEFAULT_DIR, FILE_PREFIX, MAX_NAME_LEN,
 };
 pub use error::{human_bytes, Error, Result};
-pub use schema::{DType, Field, Schema};
+#[cfg(not(loom))]
+pub use platform::{copy, interrupt};

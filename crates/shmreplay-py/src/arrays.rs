@@ -4,19 +4,13 @@ use numpy::npyffi::PY_ARRAY_API;
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use shmreplay_core::{InColumn, OutColumn};
 
-/// The bytes of a C-contiguous numpy array, checked for what copying into or out of it needs.
-///
-/// # Safety
-/// Nothing else reads or writes the array's memory while the returned slice lives: the array is
-/// fresh (the Python package allocates outputs), or it is an input only read here. Outputs of
-/// one call are also checked not to overlap each other ([`disjoint`]).
-// numpy memory is reached through a shared `Bound`; exclusivity is the documented contract.
-#[allow(clippy::mut_from_ref)]
-unsafe fn array_bytes<'a>(
-    array: &'a Bound<'_, PyUntypedArray>,
-    writable: bool,
-) -> PyResult<&'a mut [u8]> {
+/// The address and byte length of a C-contiguous numpy array, checked for what copying into
+/// or out of it needs. No Rust reference to its memory is ever formed: other views of the same
+/// memory may exist (overlapping inputs, arrays other threads hold), so copies reach it through
+/// the core's raw [`InColumn`] / [`OutColumn`] ranges.
+fn array_memory(array: &Bound<'_, PyUntypedArray>, writable: bool) -> PyResult<(*mut u8, usize)> {
     if !array.is_c_contiguous() {
         return Err(PyValueError::new_err(
             "arrays passed to shmreplay._core must be C-contiguous",
@@ -30,62 +24,48 @@ unsafe fn array_bytes<'a>(
     if writable && flags & numpy::npyffi::NPY_ARRAY_WRITEABLE == 0 {
         return Err(PyValueError::new_err("output array is read-only"));
     }
-    if len == 0 {
-        return Ok(&mut []);
-    }
-    // SAFETY: a C-contiguous array owns `len` bytes at `data`, kept alive by `array` for 'a;
-    // exclusive use during the call is this function's contract.
-    Ok(unsafe { std::slice::from_raw_parts_mut(data, len) })
+    Ok((data, len))
 }
 
-/// An input column: a read-only view of the caller's array.
-pub(crate) fn input_bytes_of<'a>(array: &'a Bound<'_, PyUntypedArray>) -> PyResult<&'a [u8]> {
-    // SAFETY: only read; the GIL-holding caller keeps the array alive for the call.
-    unsafe { array_bytes(array, false) }.map(|b| &*b)
+/// An input column: a read-only view of the caller's array, valid while `array` is borrowed.
+pub(crate) fn input_of<'a>(array: &'a Bound<'_, PyUntypedArray>) -> PyResult<InColumn<'a>> {
+    let (data, len) = array_memory(array, false)?;
+    // SAFETY: a C-contiguous array owns `len` bytes at `data`; the borrow of `array` (a strong
+    // reference) keeps it alive for 'a, and numpy cannot free or move the data of an array
+    // that has other references (`resize` refuses). Only reads go through it.
+    Ok(unsafe { InColumn::from_raw(data, len) })
 }
 
-pub(crate) fn input_bytes<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<&'a [u8]>> {
-    arrays.iter().map(input_bytes_of).collect()
+pub(crate) fn inputs<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<InColumn<'a>>> {
+    arrays.iter().map(input_of).collect()
 }
 
 /// Output arrays, checked writable and pairwise disjoint.
-#[allow(clippy::mut_from_ref)] // see `array_bytes`
-pub(crate) fn output_bytes<'a>(
-    arrays: &'a [Bound<'_, PyUntypedArray>],
-) -> PyResult<Vec<&'a mut [u8]>> {
-    // SAFETY: outputs are arrays the Python package has just allocated; `disjoint` rejects the
-    // same memory passed twice, so the slices never alias.
-    let outputs = arrays
+pub(crate) fn outputs<'a>(arrays: &'a [Bound<'_, PyUntypedArray>]) -> PyResult<Vec<OutColumn<'a>>> {
+    let memory = arrays
         .iter()
-        .map(|a| unsafe { array_bytes(a, true) })
+        .map(|a| array_memory(a, true))
         .collect::<PyResult<Vec<_>>>()?;
-    disjoint(&outputs)?;
-    Ok(outputs)
+    disjoint(&memory)?;
+    Ok(memory
+        .into_iter()
+        // SAFETY: as in `input_of`, and writable (checked); `disjoint` rejects overlapping
+        // outputs, so no byte is written through two of them.
+        .map(|(data, len)| unsafe { OutColumn::from_raw(data, len) })
+        .collect())
 }
 
-fn disjoint(slices: &[&mut [u8]]) -> PyResult<()> {
-    let mut ranges: Vec<(usize, usize)> = slices
+fn disjoint(memory: &[(*mut u8, usize)]) -> PyResult<()> {
+    let mut ranges: Vec<(usize, usize)> = memory
         .iter()
-        .filter(|s| !s.is_empty())
-        .map(|s| (s.as_ptr() as usize, s.as_ptr() as usize + s.len()))
+        .filter(|(_, len)| *len > 0)
+        .map(|&(data, len)| (data as usize, data as usize + len))
         .collect();
     ranges.sort_unstable();
     if ranges.windows(2).any(|w| w[1].0 < w[0].1) {
         return Err(PyValueError::new_err("output arrays overlap"));
     }
     Ok(())
-}
-
-pub(crate) fn as_u64s(bytes: &mut [u8]) -> PyResult<&mut [u64]> {
-    // SAFETY: every bit pattern is a valid u64, and `align_to_mut` only puts aligned,
-    // whole words in the middle part.
-    let (head, words, tail) = unsafe { bytes.align_to_mut::<u64>() };
-    if !head.is_empty() || !tail.is_empty() {
-        return Err(PyValueError::new_err(
-            "index and key must be aligned uint64 arrays",
-        ));
-    }
-    Ok(words)
 }
 
 /// The value of a numpy scalar (`np.float32(0.5)`, `np.bool_(True)`...) whose dtype has numpy

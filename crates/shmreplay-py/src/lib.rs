@@ -8,19 +8,29 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::PyUntypedArray;
+use numpy::{PyArray1, PyUntypedArray};
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyOSError,
-    PyPermissionError, PyRuntimeError, PyTimeoutError, PyValueError,
+    PyPermissionError, PyValueError,
 };
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyString};
-use shmreplay_core::{DType, Error, ReplayBuffer, Schema};
+use pyo3::types::{PyDict, PyString, PyTuple};
+use shmreplay_core::{Blocking, DType, Error, ReplayBuffer, Schema};
 
 mod arrays;
 mod rows;
 
-use arrays::{as_u64s, input_bytes, output_bytes};
+use arrays::{inputs, outputs};
+
+/// Waits with the GIL released: every wait of a core call goes through here, so no Python
+/// thread is ever stopped by a shmreplay call that waits.
+struct ReleaseGil<'py>(Python<'py>);
+
+impl Blocking for ReleaseGil<'_> {
+    fn block(&mut self, wait: &mut (dyn FnMut() + Send)) {
+        self.0.detach(|| wait())
+    }
+}
 
 thread_local! {
     /// The exception a signal handler raised while a core call of this thread was waiting.
@@ -39,46 +49,48 @@ fn python_signal_raised() -> bool {
     })
 }
 
+/// An instance of `shmreplay._errors.<class>(*args)`: shmreplay's own exceptions are defined
+/// once, in Python, each also a built-in exception class.
+fn shmreplay_error(py: Python<'_>, class: &str, args: Bound<'_, PyTuple>) -> PyErr {
+    match py
+        .import("shmreplay._errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|cls| cls.call1(args))
+    {
+        Ok(instance) => PyErr::from_value(instance),
+        Err(e) => e,
+    }
+}
+
 /// Maps a core error onto the Python exception a user would expect.
 fn to_py(py: Python<'_>, error: Error) -> PyErr {
     let message = error.to_string();
-    let from_errors = |class: &str, args: Bound<'_, pyo3::types::PyTuple>| -> PyErr {
-        match py
-            .import("shmreplay._errors")
-            .and_then(|m| m.getattr(class))
-            .and_then(|cls| cls.call1(args))
-        {
-            Ok(instance) => PyErr::from_value(instance),
-            Err(e) => e,
-        }
+    let ours = |class: &str| match PyTuple::new(py, [message.clone()]) {
+        Ok(args) => shmreplay_error(py, class, args),
+        Err(e) => e,
     };
     match error {
         Error::InvalidName { .. } | Error::InvalidSchema(_) | Error::InvalidArgument(_) => {
             PyValueError::new_err(message)
         }
+        Error::IndexOutOfRange { .. } => PyIndexError::new_err(message),
         Error::AlreadyExists(_) => PyFileExistsError::new_err(message),
         Error::NotFound(_) => PyFileNotFoundError::new_err(message),
         Error::PermissionDenied { .. } => PyPermissionError::new_err(message),
-        Error::Corrupt { .. } => match pyo3::types::PyTuple::new(py, [message.clone()]) {
-            Ok(args) => from_errors("CorruptSegmentError", args),
-            Err(e) => e,
-        },
+        Error::Corrupt { .. } => ours("CorruptSegmentError"),
         Error::InsufficientSpace { path, needed, free } => {
             let path = path.display().to_string();
             match (message, needed, free, path).into_pyobject(py) {
-                Ok(args) => from_errors("InsufficientSpaceError", args),
+                Ok(args) => shmreplay_error(py, "InsufficientSpaceError", args),
                 Err(e) => e,
             }
         }
-        Error::Empty => match pyo3::types::PyTuple::new(py, [message]) {
-            Ok(args) => from_errors("EmptyBufferError", args),
-            Err(e) => e,
-        },
-        Error::Contended(_) => PyTimeoutError::new_err(message),
+        Error::Empty => ours("EmptyBufferError"),
+        Error::Contended(_) => ours("ContendedError"),
+        Error::TooManyHandles(_) => ours("TooManyHandlesError"),
         Error::Interrupted => PENDING_SIGNAL
             .with(|pending| pending.borrow_mut().take())
             .unwrap_or_else(|| PyKeyboardInterrupt::new_err(message)),
-        Error::TooManyHandles(_) => PyRuntimeError::new_err(message),
         // OSError(errno, text) becomes FileNotFoundError, PermissionError... as usual.
         Error::Io { context, source } => match source.raw_os_error() {
             Some(errno) => {
@@ -88,6 +100,7 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
             }
             None => PyOSError::new_err(message),
         },
+        _ => PyOSError::new_err(message),
     }
 }
 
@@ -97,6 +110,10 @@ struct RawBuffer {
     inner: Mutex<Option<Arc<ReplayBuffer>>>,
     /// The field names as interned Python strings: `put` looks them up on every call.
     names: Vec<Py<PyString>>,
+    /// The segment file and its `(device, inode)`: `unlink` works after `close` too, and
+    /// removes only this very segment.
+    path: PathBuf,
+    file_id: (u64, u64),
 }
 
 impl RawBuffer {
@@ -108,6 +125,8 @@ impl RawBuffer {
             .map(|f| PyString::intern(py, &f.name).unbind())
             .collect();
         RawBuffer {
+            path: buffer.path().to_owned(),
+            file_id: buffer.file_id(),
             inner: Mutex::new(Some(Arc::new(buffer))),
             names,
         }
@@ -221,8 +240,8 @@ impl RawBuffer {
     /// Inserts rows given as one C-contiguous array per field (already of the field's dtype).
     fn extend(&self, py: Python<'_>, columns: Vec<Bound<'_, PyUntypedArray>>) -> PyResult<usize> {
         let buffer = self.get()?;
-        let columns = input_bytes(&columns)?;
-        py.detach(|| buffer.extend(&columns))
+        let columns = inputs(&columns)?;
+        py.detach(|| buffer.extend_columns(&columns, &mut shmreplay_core::NoBlocking))
             .map_err(|e| to_py(py, e))
     }
 
@@ -242,56 +261,32 @@ impl RawBuffer {
         else {
             return Ok(false);
         };
-        let columns: Vec<&[u8]> = columns.iter().map(|c| c.bytes()).collect();
-        // Small inserts are quicker than releasing and retaking the GIL.
+        let columns: Vec<_> = columns.iter().map(|c| c.input()).collect();
+        // Small inserts are quicker than releasing and retaking the GIL; they release it only
+        // if they have to wait (for another thread on this handle, or a slot's writer).
         let inserted = if columns.iter().map(|c| c.len()).sum::<usize>() < 64 << 10 {
-            buffer.extend(&columns)
+            buffer.extend_columns(&columns, &mut ReleaseGil(py))
         } else {
-            py.detach(|| buffer.extend(&columns))
+            py.detach(|| buffer.extend_columns(&columns, &mut shmreplay_core::NoBlocking))
         };
         inserted.map(|_| true).map_err(|e| to_py(py, e))
     }
 
-    /// Test hook: `extend`, calling `on_pause(slot)` (with the GIL) after the first field of the
-    /// first row is copied, while the slot is still claimed; a test kills the writer there.
-    fn extend_pausing(
+    /// Fills one fresh array per field with a random batch; returns uint64 `(index, key)`.
+    fn sample_into<'py>(
         &self,
-        py: Python<'_>,
-        columns: Vec<Bound<'_, PyUntypedArray>>,
-        on_pause: Py<PyAny>,
-    ) -> PyResult<usize> {
+        py: Python<'py>,
+        out: Vec<Bound<'py, PyUntypedArray>>,
+        batch_size: usize,
+    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
         let buffer = self.get()?;
-        let columns = input_bytes(&columns)?;
-        let mut pause = |slot: u64| {
-            Python::attach(|py| {
-                if let Err(e) = on_pause.call1(py, (slot,)) {
-                    e.restore(py);
-                }
-            })
-        };
-        let inserted = py.detach(|| buffer.extend_pausing(&columns, &mut pause));
-        if let Some(e) = PyErr::take(py) {
-            return Err(e);
-        }
-        inserted.map_err(|e| to_py(py, e))
-    }
-
-    /// Fills one fresh array per field plus uint64 `index` and `key` arrays with a random batch.
-    fn sample_into(
-        &self,
-        py: Python<'_>,
-        out: Vec<Bound<'_, PyUntypedArray>>,
-        index: Bound<'_, PyUntypedArray>,
-        key: Bound<'_, PyUntypedArray>,
-    ) -> PyResult<()> {
-        let buffer = self.get()?;
-        let mut all = out;
-        all.extend([index, key]);
-        let mut out = output_bytes(&all)?;
-        let key = as_u64s(out.pop().expect("key"))?;
-        let index = as_u64s(out.pop().expect("index"))?;
-        py.detach(|| buffer.sample_into(&mut out, index, key))
-            .map_err(|e| to_py(py, e))
+        let out = outputs(&out)?;
+        let (mut index, mut key) = (vec![0u64; batch_size], vec![0u64; batch_size]);
+        py.detach(|| {
+            buffer.sample_columns(&out, &mut index, &mut key, &mut shmreplay_core::NoBlocking)
+        })
+        .map_err(|e| to_py(py, e))?;
+        Ok((PyArray1::from_vec(py, index), PyArray1::from_vec(py, key)))
     }
 
     /// Copies slot `index` into one array per field; returns its key, or None if never written.
@@ -302,28 +297,16 @@ impl RawBuffer {
         out: Vec<Bound<'_, PyUntypedArray>>,
     ) -> PyResult<Option<u64>> {
         let buffer = self.get()?;
-        let mut out = output_bytes(&out)?;
-        py.detach(|| buffer.read(index, &mut out))
-            .map_err(|e| match e {
-                Error::InvalidArgument(m) if index >= buffer.capacity() => PyIndexError::new_err(m),
-                e => to_py(py, e),
-            })
+        let out = outputs(&out)?;
+        py.detach(|| buffer.read_columns(index, &out, &mut shmreplay_core::NoBlocking))
+            .map_err(|e| to_py(py, e))
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let buffer = self.get()?;
-        let s = py.detach(|| buffer.stats());
+        let stats = py.detach(|| buffer.stats());
         let dict = PyDict::new(py);
-        for (key, value) in [
-            ("capacity", s.capacity),
-            ("size", s.size),
-            ("inserts", s.inserts),
-            ("samples", s.samples),
-            ("retries", s.retries),
-            ("recovered", s.recovered),
-            ("superseded", s.superseded),
-            ("attached", s.attached),
-        ] {
+        for (key, value) in stats.items() {
             dict.set_item(key, value)?;
         }
         Ok(dict)
@@ -334,8 +317,11 @@ impl RawBuffer {
         Ok(py.detach(|| buffer.processes()))
     }
 
+    /// Removes the segment this handle mapped (also after `close`); `FileNotFoundError` if it
+    /// is gone or its name now belongs to another buffer, which is left alone.
     fn unlink(&self, py: Python<'_>) -> PyResult<()> {
-        self.get()?.unlink().map_err(|e| to_py(py, e))
+        py.detach(|| shmreplay_core::remove_segment(&self.path, self.file_id))
+            .map_err(|e| to_py(py, e))
     }
 
     /// Releases this handle; the mapping goes once no running call uses it. Idempotent.
@@ -411,6 +397,43 @@ fn validate_name(py: Python<'_>, name: &str) -> PyResult<()> {
     shmreplay_core::validate_name(name).map_err(|e| to_py(py, e))
 }
 
+/// Test hook (cargo feature `test-hooks`): `extend`, calling `on_pause(slot)` (with the GIL)
+/// at `stage` of the first row written ("copy": after half its record bytes were stored;
+/// "count": after its commit, before it is counted), while the slot is still the writer's.
+#[cfg(feature = "test-hooks")]
+#[pyfunction]
+fn _test_extend_pausing(
+    py: Python<'_>,
+    raw: &RawBuffer,
+    columns: Vec<Bound<'_, PyUntypedArray>>,
+    on_pause: Py<PyAny>,
+    stage: &str,
+) -> PyResult<usize> {
+    let at = match stage {
+        "copy" => shmreplay_core::PauseAt::Copy,
+        "count" => shmreplay_core::PauseAt::Count,
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "stage must be 'copy' or 'count', got {other:?}"
+            )))
+        }
+    };
+    let buffer = raw.get()?;
+    let columns = inputs(&columns)?;
+    let mut pause = |slot: u64| {
+        Python::attach(|py| {
+            if let Err(e) = on_pause.call1(py, (slot,)) {
+                e.restore(py);
+            }
+        })
+    };
+    let inserted = py.detach(|| buffer.extend_pausing(&columns, at, &mut pause));
+    if let Some(e) = PyErr::take(py) {
+        return Err(e);
+    }
+    inserted.map_err(|e| to_py(py, e))
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     shmreplay_core::interrupt::set_check(python_signal_raised);
@@ -420,6 +443,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove, m)?)?;
     m.add_function(wrap_pyfunction!(unique_name, m)?)?;
     m.add_function(wrap_pyfunction!(validate_name, m)?)?;
+    #[cfg(feature = "test-hooks")]
+    m.add_function(wrap_pyfunction!(_test_extend_pausing, m)?)?;
     m.add("DEFAULT_DIR", shmreplay_core::DEFAULT_DIR)?;
     m.add("MAX_CAPACITY", shmreplay_core::MAX_CAPACITY)?;
     m.add("MAX_NAME_LEN", shmreplay_core::MAX_NAME_LEN)?;

@@ -8,19 +8,19 @@
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
-use shmreplay_core::{DType, Field, Schema};
+use shmreplay_core::{DType, Field, InColumn, Schema};
 
-/// The bytes of one field's column: borrowed from an array, or converted from a Python scalar.
+/// The bytes of one field's column: an array's memory, or converted from a Python scalar.
 pub(crate) enum Column<'a> {
-    Borrowed(&'a [u8]),
+    Borrowed(InColumn<'a>),
     Scalar([u8; 8], usize),
 }
 
 impl Column<'_> {
-    pub(crate) fn bytes(&self) -> &[u8] {
+    pub(crate) fn input(&self) -> InColumn<'_> {
         match self {
-            Column::Borrowed(bytes) => bytes,
-            Column::Scalar(bytes, len) => &bytes[..*len],
+            Column::Borrowed(input) => *input,
+            Column::Scalar(bytes, len) => InColumn::from_slice(&bytes[..*len]),
         }
     }
 }
@@ -61,7 +61,7 @@ pub(crate) fn columns<'a, 'py>(
         match scalars.next_if(|(j, _)| *j == i) {
             Some((_, (bytes, len))) => columns.push(Column::Scalar(bytes, len)),
             None => columns.push(Column::Borrowed(
-                crate::arrays::input_bytes_of(arrays.next()?).ok()?,
+                crate::arrays::input_of(arrays.next()?).ok()?,
             )),
         }
     }

@@ -1,38 +1,31 @@
 //! One shared-memory file mapped into this process: creation with the whole size reserved,
 //! opening with ownership checks, and bounds-checked atomic access to its bytes.
 //!
-//! This is the only module besides [`crate::copy`] with `unsafe` code: turning mapped addresses
-//! into `&AtomicU64` and handing them to the copy kernels. Every access is bounds-checked here,
-//! so the rest of the crate works with byte offsets and cannot touch memory outside the mapping.
+//! Turning mapped addresses into `&AtomicU64` and handing them to the copy kernels is the
+//! `unsafe` here. Every access is bounds-checked, so the layers above work with byte offsets
+//! and cannot touch memory outside the mapping.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{Advice, MmapRaw};
-use rustix::fs::{FallocateFlags, OFlags};
 use rustix::io::Errno;
 
-use crate::copy;
 use crate::error::{Error, Result};
-use crate::interrupt::Patience;
-use crate::process;
+use crate::platform::copy::Kernel;
+use crate::platform::files::{self, Reserve, RemoveOnDrop};
+use crate::platform::interrupt::Patience;
+use crate::platform::memory::{Input, Output};
 
-/// A mapped segment file. The file descriptor is closed once mapped: a buffer costs its
-/// process one mapping and no descriptor, whatever its capacity.
+/// A mapped segment file. The mapping stays valid after the file is closed or unlinked; the
+/// handle keeps one descriptor of the file for its locks (see `locks`).
 #[derive(Debug)]
 pub(crate) struct Segment {
     map: MmapRaw,
     /// `(device, inode)` of the file mapped: tells whether a path still names this segment.
     file_id: (u64, u64),
-}
-
-/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
-pub(crate) fn free_bytes(dir: &Path) -> Result<u64> {
-    let stat =
-        rustix::fs::statvfs(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e))?;
-    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 impl Segment {
@@ -42,12 +35,20 @@ impl Segment {
     /// The file is built under a hidden temporary name, initialised by `init`, and only then
     /// renamed to `path` without replacing anything: whoever finds a file at `path` finds a
     /// complete segment. Nothing is left behind on error.
-    pub(crate) fn create(path: &Path, size: u64, init: impl FnOnce(&Segment)) -> Result<Segment> {
+    ///
+    /// `lock` gets the file as soon as it exists, to take the creator's locks before the long
+    /// reservation; `init` fills in the mapping before anyone can see it.
+    pub(crate) fn create(
+        path: &Path,
+        size: u64,
+        lock: impl FnOnce(&File) -> Result<()>,
+        init: impl FnOnce(&Segment) -> Result<()>,
+    ) -> Result<(Segment, File)> {
         let dir = path.parent().unwrap_or(Path::new("/"));
         if path.exists() {
             return Err(Error::AlreadyExists(path.to_owned()));
         }
-        let free = free_bytes(dir)?;
+        let free = files::free_bytes(dir)?;
         let no_space = || Error::InsufficientSpace {
             path: path.to_owned(),
             needed: size,
@@ -56,13 +57,14 @@ impl Segment {
         if size > free {
             return Err(no_space());
         }
-        let (temp, file) = create_temporary(path)?;
+        let (temp, file) = files::create_temporary(path)?;
         let remove_on_error = RemoveOnDrop(Some(temp.clone()));
+        lock(&file)?;
         // The umask may have cleared bits of 0600 but never adds any; make it exact.
         file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(|e| Error::io(format!("chmod {}", temp.display()), e))?;
         let mut patience = Patience::new();
-        reserve(&file, size, &mut patience).map_err(|e| match e {
+        files::reserve(&file, size, &mut patience).map_err(|e| match e {
             Reserve::Interrupted => Error::Interrupted,
             Reserve::Failed(Errno::NOSPC | Errno::FBIG | Errno::NOMEM) => no_space(),
             Reserve::Failed(e) => {
@@ -71,21 +73,17 @@ impl Segment {
         })?;
         let segment = Segment::map(&file, &temp)?;
         segment.prefault(&mut patience)?;
-        init(&segment);
-        publish(&temp, path)?;
+        init(&segment)?;
+        files::publish(&temp, path)?;
         remove_on_error.disarm();
-        Ok(segment)
+        Ok((segment, file))
     }
 
-    /// Opens and maps an existing segment file owned by this user.
-    pub(crate) fn open(path: &Path, min_size: u64) -> Result<Segment> {
+    /// Opens and maps an existing segment file owned by this user; returns the open file too.
+    pub(crate) fn open(path: &Path, min_size: u64) -> Result<(Segment, File)> {
         // Never through a symbolic link: in a shared directory like /dev/shm anyone can plant
         // one under a buffer's name.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(OFlags::NOFOLLOW.bits() as i32)
-            .open(path)
+        let file = files::open_nofollow(path)
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Error::NotFound(path.to_owned()),
                 std::io::ErrorKind::PermissionDenied => Error::PermissionDenied {
@@ -136,7 +134,8 @@ impl Segment {
                 meta.len()
             )));
         }
-        Segment::map(&file, path)
+        let segment = Segment::map(&file, path)?;
+        Ok((segment, file))
     }
 
     fn map(file: &File, path: &Path) -> Result<Segment> {
@@ -149,11 +148,6 @@ impl Segment {
             map,
             file_id: (meta.dev(), meta.ino()),
         })
-    }
-
-    /// True if `path` (not followed if a link) is the file this segment maps.
-    pub(crate) fn is_at(&self, path: &Path) -> bool {
-        std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.file_id)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -221,171 +215,45 @@ impl Segment {
         }
     }
 
-    /// Copies `dst.len()` bytes at byte `offset` out of the segment.
-    pub(crate) fn load(&self, offset: usize, dst: &mut [u8]) {
-        self.check(offset, dst.len());
-        // SAFETY: in bounds including the padded last word (checked), 8-aligned, atomic-only.
-        unsafe { copy::load(dst, self.map.as_ptr().add(offset)) }
+    /// Copies `len` bytes at byte `offset` out of the segment into `dst` at byte `start`.
+    pub(crate) fn load_to(&self, offset: usize, dst: &Output<'_>, start: usize, len: usize, kernel: Kernel) {
+        self.check(offset, len);
+        let dst = dst.range(start, len);
+        // SAFETY: the shared side is in bounds including the padded last word (checked),
+        // 8-aligned, and accessed only atomically by everyone; the output range is checked and
+        // vouched for by the `Output`'s constructor.
+        unsafe { kernel.load(dst, self.map.as_ptr().add(offset), len) }
     }
 
-    /// Copies `src` into the segment at byte `offset` (zeroing the padding of its last word).
-    pub(crate) fn store(&self, offset: usize, src: &[u8]) {
-        self.check(offset, src.len());
-        // SAFETY: as in `load`; padding belongs to the record being written.
-        unsafe { copy::store(self.map.as_mut_ptr().add(offset), src) }
+    /// Copies `len` bytes of `src` from byte `start` into the segment at byte `offset` (zeroing
+    /// the padding of the last word).
+    pub(crate) fn store_from(&self, offset: usize, src: &Input<'_>, start: usize, len: usize, kernel: Kernel) {
+        self.check(offset, len);
+        let src = src.range(start, len);
+        // SAFETY: as in `load_to`; the padding belongs to the record being written.
+        unsafe { kernel.store(self.map.as_mut_ptr().add(offset), src, len) }
     }
-}
 
-/// Reserves `size` bytes of `file` for real: `fallocate` where the filesystem has it, else
-/// writing zeros (a bare `ftruncate` reserves nothing on tmpfs).
-///
-/// On tmpfs the zeros are written even after `fallocate`: tmpfs clears fallocated pages lazily,
-/// one 4 KiB page fault at a time, and for a 5.6 GB segment that took 11.9 s against 2.2 s for
-/// `fallocate` + writing zeros + prefaulting the mapping (measured on the development machine).
-fn reserve(file: &File, size: u64, patience: &mut Patience) -> std::result::Result<(), Reserve> {
-    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
-        Ok(()) if !is_tmpfs(file) => Ok(()),
-        Ok(()) | Err(Errno::OPNOTSUPP) => write_zeros(file, size, patience),
-        Err(e) => Err(Reserve::Failed(e)),
+    /// Copies `bytes` into the segment at `offset` with `kernel`.
+    pub(crate) fn store_bytes(&self, offset: usize, bytes: &[u8], kernel: Kernel) {
+        self.store_from(offset, &Input::from_slice(bytes), 0, bytes.len(), kernel);
     }
-}
 
-/// Why [`reserve`] stopped.
-enum Reserve {
-    Failed(Errno),
-    Interrupted,
-}
-
-fn is_tmpfs(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    // `f_type`'s integer type differs between targets.
-    #[allow(clippy::unnecessary_cast)]
-    rustix::fs::fstatfs(file).is_ok_and(|s| s.f_type as i64 == TMPFS_MAGIC)
-}
-
-fn write_zeros(
-    file: &File,
-    size: u64,
-    patience: &mut Patience,
-) -> std::result::Result<(), Reserve> {
-    use std::os::unix::fs::FileExt;
-    let zeros = vec![0u8; 4 << 20];
-    let mut offset = 0;
-    while offset < size {
-        if patience.interrupted() {
-            return Err(Reserve::Interrupted);
-        }
-        let n = (size - offset).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset)
-            .map_err(|e| Reserve::Failed(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
-        offset += n as u64;
+    /// Copies `dst.len()` bytes at `offset` out of the segment with `kernel`.
+    pub(crate) fn load_bytes(&self, offset: usize, dst: &mut [u8], kernel: Kernel) {
+        let len = dst.len();
+        self.load_to(offset, &Output::from_slice(dst), 0, len, kernel);
     }
-    Ok(())
-}
 
-/// Creates (exclusively, mode 0600) a hidden file next to `path` for a segment being built,
-/// named `.{file name}.{pid}-{random}.creating`. The random part is unpredictable, so that
-/// nobody can block a creation by planting files under the names it will use.
-fn create_temporary(path: &Path) -> Result<(PathBuf, File)> {
-    let file_name = path
-        .file_name()
-        .map_or_else(Default::default, |n| n.to_string_lossy());
-    let mut last_error = None;
-    for _ in 0..16 {
-        let mut random = [0u8; 8];
-        rustix::rand::getrandom(&mut random, rustix::rand::GetRandomFlags::empty())
-            .map_err(|e| Error::io("getrandom", e))?;
-        let temp = path.with_file_name(format!(
-            ".{file_name}.{}-{:016x}.creating",
-            process::pid(),
-            u64::from_ne_bytes(random)
-        ));
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&temp)
-        {
-            Ok(file) => return Ok((temp, file)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last_error = Some(e),
-            Err(e) => return Err(Error::io(format!("create {}", temp.display()), e)),
-        }
-    }
-    Err(Error::io(
-        format!("create a temporary file next to {}", path.display()),
-        last_error.expect("16 attempts"),
-    ))
-}
-
-/// The hidden files in `dir` that creators which died mid-create left behind (see
-/// [`temporary_path`]): only this user's, and only those whose creating process is gone.
-pub(crate) fn abandoned_temporaries(dir: &Path) -> Vec<PathBuf> {
-    let me = rustix::process::geteuid().as_raw();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            let name = entry.file_name();
-            let Some(pid) = name.to_str().and_then(creator_of_temporary) else {
-                return false;
-            };
-            entry.metadata().is_ok_and(|m| m.uid() == me && m.is_file())
-                && !process::pid_is_running(pid)
-        })
-        .map(|entry| entry.path())
-        .collect()
-}
-
-/// The creating pid named in a temporary file name `.{segment}.{pid}-{call}.creating`.
-fn creator_of_temporary(file_name: &str) -> Option<u32> {
-    let middle = file_name.strip_prefix('.')?.strip_suffix(".creating")?;
-    let (_, tag) = middle.rsplit_once('.')?;
-    tag.split_once('-')?.0.parse().ok()
-}
-
-/// Renames `temp` to `path` unless `path` exists, atomically (`renameat2(RENAME_NOREPLACE)`;
-/// on filesystems without it, `link` + `unlink`, which is just as exclusive).
-fn publish(temp: &Path, path: &Path) -> Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    let exists = || Error::AlreadyExists(path.to_owned());
-    match renameat_with(CWD, temp, CWD, path, RenameFlags::NOREPLACE) {
-        Ok(()) => Ok(()),
-        Err(Errno::EXIST) => Err(exists()),
-        Err(Errno::INVAL | Errno::NOSYS) => match std::fs::hard_link(temp, path) {
-            Ok(()) => {
-                let _ = std::fs::remove_file(temp);
-                Ok(())
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
-            Err(e) => Err(Error::io(format!("link {}", path.display()), e)),
-        },
-        Err(e) => Err(Error::io(format!("rename to {}", path.display()), e)),
-    }
-}
-
-/// Removes a half-made file unless disarmed.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl RemoveOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(path) = self.0.take() {
-            let _ = std::fs::remove_file(path);
-        }
+    pub(crate) fn file_id(&self) -> (u64, u64) {
+        self.file_id
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn temp_path(tag: &str) -> PathBuf {
         std::env::temp_dir().join(format!(
@@ -397,8 +265,9 @@ mod tests {
     #[test]
     fn create_is_exclusive_private_and_reserved() {
         let path = temp_path("create");
-        let seg = Segment::create(&path, 1 << 16, |s| {
-            s.word(0).store(7, std::sync::atomic::Ordering::Relaxed)
+        let (seg, _) = Segment::create(&path, 1 << 16, |_| Ok(()), |s| {
+            s.word(0).store(7, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })
         .unwrap();
         assert_eq!(seg.len(), 1 << 16);
@@ -409,11 +278,11 @@ mod tests {
             "space must be reserved, not sparse"
         );
         assert!(matches!(
-            Segment::create(&path, 1 << 16, |_| ()),
+            Segment::create(&path, 1 << 16, |_| Ok(()), |_| Ok(())),
             Err(Error::AlreadyExists(_))
         ));
         seg.word(8).store(42, std::sync::atomic::Ordering::Relaxed);
-        let again = Segment::open(&path, 4096).unwrap();
+        let (again, _) = Segment::open(&path, 4096).unwrap();
         assert_eq!(again.word(8).load(std::sync::atomic::Ordering::Relaxed), 42);
         std::fs::remove_file(&path).unwrap();
     }
@@ -423,16 +292,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shmreplay-publish-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("shmreplay.x");
-        let seg = Segment::create(&path, 4096, |s| {
+        let (seg, _) = Segment::create(&path, 4096, |_| Ok(()), |s| {
             assert!(
                 !path.exists(),
                 "the segment is visible before init finished"
             );
             s.word(0).store(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
         })
         .unwrap();
         assert_eq!(seg.len(), 4096);
-        let again = Segment::create(&path, 4096, |_| panic!("must not initialise"));
+        let again = Segment::create(&path, 4096, |_| Ok(()), |_| panic!("must not initialise"));
         assert!(matches!(again, Err(Error::AlreadyExists(_))));
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -445,7 +315,7 @@ mod tests {
     #[test]
     fn too_big_fails_cleanly() {
         let path = temp_path("huge");
-        let err = Segment::create(&path, u64::MAX / 2, |_| ()).unwrap_err();
+        let err = Segment::create(&path, u64::MAX / 2, |_| Ok(()), |_| Ok(())).unwrap_err();
         assert!(matches!(err, Error::InsufficientSpace { .. }), "{err}");
         assert!(!path.exists());
     }
@@ -469,8 +339,8 @@ mod tests {
     #[should_panic(expected = "out of bounds")]
     fn access_outside_the_mapping_panics() {
         let path = temp_path("bounds");
-        let seg = Segment::create(&path, 4096, |_| ()).unwrap();
+        let (seg, _) = Segment::create(&path, 4096, |_| Ok(()), |_| Ok(())).unwrap();
         std::fs::remove_file(&path).unwrap();
-        seg.load(4090, &mut [0u8; 8]);
+        seg.load_bytes(4090, &mut [0u8; 8], Kernel::Words);
     }
 }

@@ -32,6 +32,11 @@ impl Patience {
         Patience { next_poll: None }
     }
 
+    /// Asks the installed check right now.
+    pub(crate) fn interrupted_now() -> bool {
+        CHECK.get().is_some_and(|check| check())
+    }
+
     /// True once the installed check asked to stop.
     pub(crate) fn interrupted(&mut self) -> bool {
         let now = Instant::now();

@@ -10,7 +10,10 @@
 //! ```
 //!
 //! * `0`: the slot was never written.
-//! * busy = 0: the slot holds the committed record of insert number `ticket`.
+//! * busy = 0: the slot holds the committed record of insert number `ticket`. If `first` is set,
+//!   that commit was the slot's first one, made through handle-table entry `owner`, and nobody
+//!   has overwritten it since: the size count of that entry may still lack it (see
+//!   `protocol::handles`, which settles it before the word is replaced).
 //! * busy = 1: handle-table entry `owner` is writing insert `ticket` into the slot; `first` says
 //!   the slot held no committed record before (so the commit grows the buffer's size).
 //!
@@ -18,6 +21,10 @@
 //! [`read_validate`]) never write shared memory and never wait: a slot that is busy or changes
 //! while they copy is dropped and the caller draws another. Tickets are unique, so a validated
 //! version word cannot be an ABA coincidence.
+//!
+//! A commit is a compare-and-swap from the writer's own busy word: a writer whose slot was
+//! taken over (which needs proof of its death, so never happens to a live writer unless that
+//! proof was wrong) never publishes.
 //!
 //! Why the orderings are enough (C++20/Rust memory model; the classic seqlock argument of
 //! Boehm, "Can seqlocks get along with programming language memory models?", MSPC 2012, also
@@ -47,14 +54,25 @@ pub const MAX_OWNERS: usize = 1 << OWNER_BITS;
 /// Tickets must stay below this so that `ticket + 1` fits the word.
 pub const MAX_TICKET: u64 = (1 << (64 - TICKET_SHIFT)) - 2;
 
-/// The seq word of a slot holding the committed record of `ticket`.
+/// The seq word of a slot holding the committed record of `ticket` (not its first commit).
 pub fn committed(ticket: u64) -> u64 {
     (ticket + 1) << TICKET_SHIFT
 }
 
-fn busy(ticket: u64, owner: usize, first: bool) -> u64 {
+/// The seq word of a slot holding the first record ever committed to it, by entry `owner`.
+pub fn committed_first(ticket: u64, owner: usize) -> u64 {
+    committed(ticket) | ((owner as u64) << OWNER_SHIFT) | FIRST
+}
+
+/// The seq word of a slot that entry `owner` is writing insert `ticket` into.
+pub fn busy(ticket: u64, owner: usize, first: bool) -> u64 {
     debug_assert!(owner < MAX_OWNERS);
     committed(ticket) | ((owner as u64) << OWNER_SHIFT) | if first { FIRST } else { 0 } | BUSY
+}
+
+/// A committed word whose commit was the slot's first (see the module docs).
+pub fn is_first_commit(word: u64) -> bool {
+    names_a_ticket(word) && !is_busy(word) && word & FIRST != 0
 }
 
 /// The insert ticket a seq word refers to (meaningful when [`names_a_ticket`]).
@@ -93,6 +111,15 @@ pub enum Claim {
     GaveUp,
 }
 
+/// What [`claim`] asks its caller about the words it finds.
+pub trait Contention {
+    /// What to do about busy word `word` (asked rarely: after spinning).
+    fn busy(&mut self, word: u64) -> Busy;
+    /// Called before a first commit's word (see [`is_first_commit`]) is replaced, so that its
+    /// committer's size count is settled first.
+    fn settle(&mut self, word: u64);
+}
+
 /// What a writer waiting for a slot's busy writer does next, decided by [`claim`]'s caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Busy {
@@ -107,14 +134,10 @@ pub enum Busy {
 /// Locks the slot whose version word is `seq` for insert `ticket`, as handle-table entry `owner`.
 ///
 /// Waits only for another *writer* of the same slot, i.e. an insert one lap older that is still
-/// copying; `busy(word)` is asked (rarely: after spinning) what to do about the writer named in
-/// busy word `word`: wait on, take the slot over (that writer is dead), or give up.
-pub fn claim(
-    seq: &AtomicU64,
-    ticket: u64,
-    owner: usize,
-    mut on_busy: impl FnMut(u64) -> Busy,
-) -> Claim {
+/// copying; `contention.busy(word)` is asked (rarely: after spinning) what to do about the
+/// writer named in busy word `word`: wait on, take the slot over (that writer is dead), or give
+/// up.
+pub fn claim(seq: &AtomicU64, ticket: u64, owner: usize, contention: &mut impl Contention) -> Claim {
     let mut current = seq.load(Ordering::Acquire);
     let mut spins = 0u32;
     loop {
@@ -125,7 +148,7 @@ pub fn claim(
         if recovered {
             spins += 1;
             let verdict = if spins % SPINS_PER_LIVENESS_CHECK == 0 {
-                on_busy(current)
+                contention.busy(current)
             } else {
                 Busy::Wait
             };
@@ -142,7 +165,11 @@ pub fn claim(
                 continue;
             }
         }
-        let first = current == 0 || (recovered && current & FIRST != 0);
+        if is_first_commit(current) {
+            contention.settle(current);
+        }
+        // A word without a ticket is either 0 or damaged: the slot holds no record.
+        let first = !names_a_ticket(current) || (recovered && current & FIRST != 0);
         // AcqRel: Acquire orders our record stores after the previous writer's (their commit
         // was Release); Release publishes our handle entry's `writing` mark before the busy word
         // that points at it, so `orphaned` can trust it.
@@ -162,22 +189,47 @@ pub fn claim(
     }
 }
 
-/// Publishes the record of `ticket` written into a slot claimed by [`claim`].
-pub fn commit(seq: &AtomicU64, ticket: u64) {
-    seq.store(committed(ticket), Ordering::Release);
+/// Publishes the record of `ticket` written by entry `owner` into a slot claimed by [`claim`]
+/// (`first` as the claim reported). False if the slot is no longer ours: nothing was published.
+pub fn commit(seq: &AtomicU64, ticket: u64, owner: usize, first: bool) -> bool {
+    let done = if first {
+        committed_first(ticket, owner)
+    } else {
+        committed(ticket)
+    };
+    // Release: publishes the record stores (see the module docs).
+    seq.compare_exchange(
+        busy(ticket, owner, first),
+        done,
+        Ordering::Release,
+        Ordering::Relaxed,
+    )
+    .is_ok()
 }
 
 /// Starts a read: the committed version to validate against, or `None` if the slot holds no
-/// readable record right now (never written, or being written).
+/// readable record right now (never written, being written, or damaged).
 pub fn read_begin(seq: &AtomicU64) -> Option<u64> {
     let word = seq.load(Ordering::Acquire);
-    (word != 0 && !is_busy(word)).then_some(word)
+    (names_a_ticket(word) && !is_busy(word)).then_some(word)
 }
 
 /// Ends a read begun at version `begun`: true iff the bytes copied since are that record, whole.
 pub fn read_validate(seq: &AtomicU64, begun: u64) -> bool {
     fence(Ordering::Acquire);
     seq.load(Ordering::Relaxed) == begun
+}
+
+/// A [`Contention`] from a closure answering `busy`, for tests that have no size counts.
+#[cfg(test)]
+pub(crate) struct Ask<F>(pub F);
+
+#[cfg(test)]
+impl<F: FnMut(u64) -> Busy> Contention for Ask<F> {
+    fn busy(&mut self, word: u64) -> Busy {
+        (self.0)(word)
+    }
+    fn settle(&mut self, _word: u64) {}
 }
 
 #[cfg(all(test, not(loom)))]
@@ -199,7 +251,7 @@ mod tests {
     fn claim_commit_read() {
         let seq = AtomicU64::new(0);
         assert_eq!(read_begin(&seq), None);
-        let got = claim(&seq, 3, 5, |_| unreachable!());
+        let got = claim(&seq, 3, 5, &mut Ask(|_| unreachable!()));
         assert_eq!(
             got,
             Claim::Acquired {
@@ -208,14 +260,15 @@ mod tests {
             }
         );
         assert_eq!(read_begin(&seq), None, "a busy slot is not readable");
-        commit(&seq, 3);
+        assert!(commit(&seq, 3, 5, true));
+        assert!(is_first_commit(seq.load(Ordering::Relaxed)));
         let v = read_begin(&seq).unwrap();
         assert!(read_validate(&seq, v));
         assert_eq!(ticket_of(v), 3);
         // An older lap arriving late is dropped, not written over the newer record.
-        assert_eq!(claim(&seq, 1, 0, |_| unreachable!()), Claim::Superseded);
+        assert_eq!(claim(&seq, 1, 0, &mut Ask(|_| unreachable!())), Claim::Superseded);
         assert_eq!(
-            claim(&seq, 11, 0, |_| unreachable!()),
+            claim(&seq, 11, 0, &mut Ask(|_| unreachable!())),
             Claim::Acquired {
                 first: false,
                 recovered: false
@@ -228,11 +281,16 @@ mod tests {
     fn dead_writer_slot_is_taken_over_and_keeps_first_flag() {
         let seq = AtomicU64::new(busy(2, 9, true));
         let mut asked = 0;
-        let got = claim(&seq, 12, 1, |w| {
-            asked += 1;
-            assert_eq!(owner_of(w), 9);
-            Busy::TakeOver
-        });
+        let got = claim(
+            &seq,
+            12,
+            1,
+            &mut Ask(|w| {
+                asked += 1;
+                assert_eq!(owner_of(w), 9);
+                Busy::TakeOver
+            }),
+        );
         assert_eq!(asked, 1);
         assert_eq!(
             got,
@@ -245,18 +303,45 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_whose_slot_was_taken_over_never_publishes() {
+        let seq = AtomicU64::new(0);
+        let got = claim(&seq, 2, 9, &mut Ask(|_| unreachable!()));
+        assert!(matches!(got, Claim::Acquired { first: true, .. }));
+        // Taken over (wrongly believed dead), then the first writer resumes.
+        claim(&seq, 12, 1, &mut Ask(|_| Busy::TakeOver));
+        assert!(!commit(&seq, 2, 9, true), "a lost slot must not be published");
+        assert!(is_busy(seq.load(Ordering::Relaxed)));
+        assert!(commit(&seq, 12, 1, true));
+    }
+
+    #[test]
+    fn damaged_words_are_never_read_and_are_claimed_as_empty() {
+        for word in [FIRST, FIRST | (3 << OWNER_SHIFT), 1 << 5] {
+            let seq = AtomicU64::new(word);
+            assert_eq!(read_begin(&seq), None);
+            let got = claim(&seq, 4, 0, &mut Ask(|_| Busy::TakeOver));
+            assert!(matches!(got, Claim::Acquired { first: true, .. }), "{word:#x}");
+        }
+    }
+
+    #[test]
     fn giving_up_leaves_the_slot_to_its_writer() {
         let word = busy(2, 9, false);
         let seq = AtomicU64::new(word);
         let mut asked = 0;
-        let got = claim(&seq, 12, 1, |_| {
-            asked += 1;
-            if asked < 3 {
-                Busy::Wait
-            } else {
-                Busy::GiveUp
-            }
-        });
+        let got = claim(
+            &seq,
+            12,
+            1,
+            &mut Ask(|_| {
+                asked += 1;
+                if asked < 3 {
+                    Busy::Wait
+                } else {
+                    Busy::GiveUp
+                }
+            }),
+        );
         assert_eq!((got, asked), (Claim::GaveUp, 3));
         assert_eq!(seq.load(Ordering::Relaxed), word);
     }
@@ -301,19 +386,20 @@ mod loom_tests {
             owner_dead: &dyn Fn(usize) -> bool,
         ) {
             let ticket = self.cursor.fetch_add(1, Ordering::Relaxed);
-            if let Claim::Acquired { .. } = claim(&self.seq, ticket, owner, |w| {
+            let mut ask = Ask(|w| {
                 if owner_dead(owner_of(w)) {
                     Busy::TakeOver
                 } else {
                     Busy::Wait
                 }
-            }) {
+            });
+            if let Claim::Acquired { first, .. } = claim(&self.seq, ticket, owner, &mut ask) {
                 self.data[0].store(value, Ordering::Relaxed);
                 if die_mid_copy {
                     return;
                 }
                 self.data[1].store(value, Ordering::Relaxed);
-                commit(&self.seq, ticket);
+                commit(&self.seq, ticket, owner, first);
             }
         }
 

@@ -1,0 +1,215 @@
+//! Reading records: uniform batches over the committed slots, and single slots by index.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::{Backoff, Blocking, NoBlocking, Orphan, OutColumn, ReplayBuffer, WAIT_LIMIT};
+use crate::error::{Error, Result};
+use crate::layout::{self, STAGED_RECORD_BYTES};
+use crate::platform::interrupt::Patience;
+use crate::protocol::handles::Counter;
+use crate::protocol::slot;
+
+/// How many rows ahead `sample_into` prefetches.
+const PREFETCH_AHEAD: usize = 16;
+/// After this many misses in a row, a sampler asks whether any slot holds a record at all.
+const MISSES_BEFORE_SIZE_CHECK: u64 = 32;
+
+impl ReplayBuffer {
+    /// Draws `index.len()` records uniformly with replacement from the slots holding a committed
+    /// record into `out` (`out[i]` takes the rows of schema field `i`, row after row), writing
+    /// each row's slot into `index` and insert ticket into `key`. Torn or in-progress slots are
+    /// redrawn; slots of dead writers read as empty. [`Error::Empty`] if no slot holds a record.
+    pub fn sample_into(&self, out: &mut [&mut [u8]], index: &mut [u64], key: &mut [u64]) -> Result<()> {
+        let out: Vec<OutColumn<'_>> = out.iter_mut().map(|o| OutColumn::from_slice(o)).collect();
+        self.sample_columns(&out, index, key, &mut NoBlocking)
+    }
+
+    /// [`sample_into`](Self::sample_into) into raw output columns.
+    pub fn sample_columns(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let n = index.len();
+        if key.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "key has {} rows, index has {n}",
+                key.len()
+            )));
+        }
+        if self.rows_in(out.iter().map(|o| o.len()), "output")? != n {
+            return Err(Error::InvalidArgument(format!(
+                "outputs do not hold {n} rows"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // Slots past the cursor were never claimed. Read once per call (writers hammer that
+        // cache line), and again after a miss while the ring is still filling.
+        let claimed_slots = || {
+            self.word(self.control(layout::C_CURSOR))
+                .load(Ordering::Relaxed)
+                .min(self.capacity())
+        };
+        let mut claimed = claimed_slots();
+        if claimed == 0 {
+            return Err(Error::Empty);
+        }
+        let entry = self.ensure_registered(blocking)?;
+        let mut rng = self.rng_for_call();
+        let mut retries = 0u64;
+        let mut started = None;
+        let mut patience = Patience::new();
+        // Every slot is drawn first, and the one `PREFETCH_AHEAD` rows ahead is prefetched
+        // while a row is copied: random rows miss the cache, and this keeps several misses in
+        // flight instead of waiting for one at a time (1M control slots, `cargo bench ... sample`:
+        // 143 us per 256 rows without prefetching, 29 us with it).
+        for slot_index in index.iter_mut() {
+            *slot_index = rng.below(claimed);
+        }
+        for &slot_index in index.iter().take(PREFETCH_AHEAD) {
+            self.prefetch(slot_index as usize);
+        }
+        let result = (|| {
+            for row in 0..n {
+                if let Some(&ahead) = index.get(row + PREFETCH_AHEAD) {
+                    self.prefetch(ahead as usize);
+                }
+                let mut slot_index = index[row] as usize;
+                let mut misses = 0u64;
+                key[row] = loop {
+                    if let Some(ticket) = self.try_read(slot_index, out, row) {
+                        break ticket;
+                    }
+                    retries += 1;
+                    misses += 1;
+                    if claimed < self.capacity() {
+                        claimed = claimed_slots();
+                    }
+                    slot_index = rng.below(claimed) as usize;
+                    if misses % MISSES_BEFORE_SIZE_CHECK == 0 {
+                        // Most slots drawn hold nothing: is there anything to draw at all?
+                        if self.len() == 0 {
+                            return Err(Error::Empty);
+                        }
+                        std::thread::yield_now();
+                        if patience.interrupted() {
+                            return Err(Error::Interrupted);
+                        }
+                        if started.get_or_insert_with(Instant::now).elapsed() > WAIT_LIMIT {
+                            return Err(Error::Contended(format!(
+                                "sample: no consistent row after {misses} draws in {} s: every \
+                                 slot drawn was being written; use a larger capacity",
+                                WAIT_LIMIT.as_secs()
+                            )));
+                        }
+                    }
+                };
+                index[row] = slot_index as u64;
+            }
+            Ok(())
+        })();
+        self.count(entry, Counter::Retries, retries);
+        if result.is_ok() {
+            self.count(entry, Counter::Samples, n as u64);
+        }
+        result
+    }
+
+    /// Copies slot `index` into `out` (`out[i]` holds one value of field `i`), returning its
+    /// ticket, or `None` if the slot holds no record: never written, or its writer died while
+    /// writing it (the next insert into the slot recovers it). Waits (briefly, bounded) for a
+    /// writer that may be alive.
+    pub fn read(&self, index: u64, out: &mut [&mut [u8]]) -> Result<Option<u64>> {
+        let out: Vec<OutColumn<'_>> = out.iter_mut().map(|o| OutColumn::from_slice(o)).collect();
+        self.read_columns(index, &out, &mut NoBlocking)
+    }
+
+    /// [`read`](Self::read) into raw output columns.
+    pub fn read_columns(
+        &self,
+        index: u64,
+        out: &[OutColumn<'_>],
+        blocking: &mut dyn Blocking,
+    ) -> Result<Option<u64>> {
+        if index >= self.capacity() {
+            return Err(Error::IndexOutOfRange {
+                index,
+                capacity: self.capacity(),
+            });
+        }
+        if self.rows_in(out.iter().map(|o| o.len()), "output")? != 1 {
+            return Err(Error::InvalidArgument(
+                "read takes outputs of exactly one row".into(),
+            ));
+        }
+        let lock = self.locks(blocking)?;
+        let index = index as usize;
+        let mut result = None;
+        blocking.block(&mut || {
+            let started = Instant::now();
+            let mut patience = Patience::new();
+            let mut backoff = Backoff::new();
+            result = Some(loop {
+                let word = self.seq(index).load(Ordering::Acquire);
+                if !slot::names_a_ticket(word) {
+                    break Ok(None);
+                }
+                if let Some(ticket) = self.try_read(index, out, 0) {
+                    break Ok(Some(ticket));
+                }
+                // Busy: a writer proved gone will never finish (if the slot still holds its word).
+                if slot::is_busy(word)
+                    && self.orphan(word, &lock) == Orphan::Yes
+                    && self.seq(index).load(Ordering::Acquire) == word
+                {
+                    break Ok(None);
+                }
+                if started.elapsed() > WAIT_LIMIT {
+                    break Err(Error::Contended(format!(
+                        "slot {index} stayed busy for {} s, its writer alive or not provably dead",
+                        WAIT_LIMIT.as_secs()
+                    )));
+                }
+                if patience.interrupted() {
+                    break Err(Error::Interrupted);
+                }
+                backoff.wait();
+            });
+        });
+        result.expect("block runs its closure")
+    }
+
+    /// One seqlock read of slot `index` into row `row` of `out`: its ticket, if consistent.
+    fn try_read(&self, index: usize, out: &[OutColumn<'_>], row: usize) -> Option<u64> {
+        let seq = self.seq(index);
+        let begun = slot::read_begin(seq)?;
+        let record = self.record_offset(index);
+        let fields = self.schema.fields();
+        if self.layout.staged() {
+            // Small records: one copy of the whole record, then split into fields once valid.
+            let mut staged = [0u8; STAGED_RECORD_BYTES];
+            let staged = &mut staged[..self.layout.record_bytes];
+            self.segment.load_bytes(record, staged, self.copy.record);
+            if !slot::read_validate(seq, begun) {
+                return None;
+            }
+            for (field, dst) in fields.iter().zip(out) {
+                dst.write(
+                    row * field.bytes,
+                    &staged[field.offset..field.offset + field.bytes],
+                );
+            }
+            return Some(slot::ticket_of(begun));
+        }
+        for ((field, dst), &kernel) in fields.iter().zip(out).zip(&self.copy.fields) {
+            self.segment
+                .load_to(record + field.offset, dst, row * field.bytes, field.bytes, kernel);
+        }
+        slot::read_validate(seq, begun).then(|| slot::ticket_of(begun))
+    }
+}

@@ -1,0 +1,397 @@
+//! Where everything is in a segment: the header, its section directory, and the sections.
+//! Pure computation: nothing here touches memory except [`write_header`] and [`read_header`].
+//!
+//! ```text
+//! 0      header words: magic, layout version, ready flag, checksum, kind, features, sizes,
+//!        creator, section count
+//! 136    section directory: up to 8 entries of (tag, offset, length, version)
+//! 512    schema text
+//! ...    sections, each at the offset its directory entry gives:
+//!   control   the insert cursor and other buffer-wide words, each on its own cache lines
+//!   handles   MAX_HANDLES entries of 128 bytes: owner, intent, counters (see `protocol::handles`)
+//!   slots     capacity slots: the slot's version word (its seqlock, see `protocol::slot`), then
+//!             its record (records of 1 KiB or more start on the slot's second cache line, and
+//!             their slots are whole cache lines)
+//! ```
+//!
+//! New regions (a priority tree, limiter words, stream indexes) come as new sections: they get
+//! a tag and a directory entry and move nothing else. `attach` recomputes the whole layout from
+//! the capacity and the schema and checks every header word and directory entry against it
+//! before trusting a single offset.
+//!
+//! The version word sits right before its record, not in an array of its own: a random read
+//! then touches one page and as few cache lines as possible (192 bytes, three lines, for the
+//! 184-byte control record). Large records are cache-line aligned instead: `rep movsb` stores
+//! them 13% faster than at an 8-byte offset (9.2 vs 8.0 GB/s for Atari frames, measured).
+
+pub mod schema;
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::platform::copy::Kernel;
+use crate::platform::liveness::Identity;
+use crate::platform::mapping::Segment;
+use schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
+
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
+/// Version 3: section directory, lock-based handle table, per-entry counters.
+pub const LAYOUT_VERSION: u64 = 3;
+const READY: u64 = 1;
+/// `kind` of a plain ring of records.
+pub(crate) const KIND_RING: u64 = 1;
+/// Feature bits this version understands (none yet).
+const KNOWN_FEATURES: u64 = 0;
+
+pub const MAX_CAPACITY: u64 = 1 << 40;
+/// Live handles (in any process) a buffer can have at once.
+pub const MAX_HANDLES: usize = crate::protocol::slot::MAX_OWNERS;
+
+// Header words.
+pub(crate) const H_MAGIC: usize = 0;
+pub(crate) const H_VERSION: usize = 8;
+pub(crate) const H_READY: usize = 16;
+pub(crate) const H_CHECKSUM: usize = 24;
+/// Words from here up to `HEADER_END` are covered by the checksum (with the schema text).
+const H_KIND: usize = 32;
+const H_FEATURES: usize = 40;
+const H_CAPACITY: usize = 48;
+const H_RECORD_BYTES: usize = 56;
+const H_SLOT_BYTES: usize = 64;
+const H_RECORD_IN_SLOT: usize = 72;
+const H_SCHEMA_LEN: usize = 80;
+const H_SCHEMA_HASH: usize = 88;
+const H_TOTAL_BYTES: usize = 96;
+pub(crate) const H_CREATOR: usize = 104;
+pub(crate) const H_CREATOR_NAMESPACE: usize = 112;
+pub(crate) const H_CREATED_UNIX_NS: usize = 120;
+const H_SECTION_COUNT: usize = 128;
+const SECTION_DIRECTORY: usize = 136;
+const MAX_SECTIONS: usize = 8;
+const SECTION_ENTRY_BYTES: usize = 32;
+const HEADER_END: usize = 512;
+const SCHEMA_TEXT: usize = HEADER_END;
+
+/// Bytes of one handle-table entry (two cache lines: owners never share a line).
+pub(crate) const ENTRY_BYTES: usize = 128;
+/// Records from this size on start on a cache line of their own (see the module docs).
+const ALIGNED_RECORD_BYTES: usize = 1024;
+/// Records up to this size are copied whole, through a private staging buffer, instead of one
+/// copy per field: for 184-byte records, sampling got 2x faster (measured at 10M slots).
+pub(crate) const STAGED_RECORD_BYTES: usize = 256;
+
+// Words of the control section, each on its own pair of cache lines.
+/// The next insert ticket.
+pub(crate) const C_CURSOR: usize = 0;
+/// One more than the highest handle entry ever registered: sums over entries stop there.
+pub(crate) const C_ENTRIES_USED: usize = 128;
+const CONTROL_BYTES: usize = 256;
+
+/// A region of the segment named in the section directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Section {
+    pub tag: [u8; 8],
+    pub offset: usize,
+    pub len: usize,
+    pub version: u64,
+}
+
+impl Section {
+    fn name(&self) -> String {
+        String::from_utf8_lossy(&self.tag)
+            .trim_end_matches('\0')
+            .escape_default()
+            .to_string()
+    }
+}
+
+pub(crate) const CONTROL: [u8; 8] = *b"control\0";
+pub(crate) const HANDLES: [u8; 8] = *b"handles\0";
+pub(crate) const SLOTS: [u8; 8] = *b"slots\0\0\0";
+
+/// Where everything is in a segment of a given capacity and schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub capacity: usize,
+    pub record_bytes: usize,
+    pub schema_len: usize,
+    /// Version word, padding for large records, record.
+    pub slot_bytes: usize,
+    /// Where the record starts in its slot.
+    pub record_in_slot: usize,
+    pub sections: Vec<Section>,
+    pub total_bytes: usize,
+}
+
+impl Layout {
+    pub fn new(capacity: u64, record_bytes: usize, schema_len: usize) -> Result<Layout> {
+        if capacity == 0 || capacity > MAX_CAPACITY {
+            return Err(Error::InvalidArgument(format!(
+                "capacity must be between 1 and {MAX_CAPACITY}, got {capacity}"
+            )));
+        }
+        if schema_len > MAX_SCHEMA_TEXT {
+            return Err(Error::InvalidSchema(format!(
+                "the schema text takes {schema_len} bytes, more than the limit of {MAX_SCHEMA_TEXT}"
+            )));
+        }
+        let too_big = || {
+            Error::InvalidArgument(format!(
+                "capacity {capacity} × {record_bytes}-byte records is too large"
+            ))
+        };
+        let capacity = usize::try_from(capacity).map_err(|_| too_big())?;
+        let record_in_slot = if record_bytes >= ALIGNED_RECORD_BYTES {
+            64
+        } else {
+            8
+        };
+        let slot_bytes = record_bytes
+            .checked_add(record_in_slot)
+            .and_then(|s| s.checked_next_multiple_of(record_in_slot))
+            .ok_or_else(too_big)?;
+        let control_offset = (SCHEMA_TEXT + schema_len).next_multiple_of(128);
+        let handles_offset = control_offset + CONTROL_BYTES;
+        let slots_offset = (handles_offset + MAX_HANDLES * ENTRY_BYTES).next_multiple_of(4096);
+        let slots_len = capacity.checked_mul(slot_bytes).ok_or_else(too_big)?;
+        let total_bytes = slots_offset
+            .checked_add(slots_len)
+            .filter(|&t| t as u64 <= i64::MAX as u64)
+            .ok_or_else(too_big)?;
+        let section = |tag, offset, len| Section {
+            tag,
+            offset,
+            len,
+            version: 1,
+        };
+        let sections = vec![
+            section(CONTROL, control_offset, CONTROL_BYTES),
+            section(HANDLES, handles_offset, MAX_HANDLES * ENTRY_BYTES),
+            section(SLOTS, slots_offset, slots_len),
+        ];
+        debug_assert!(sections.len() <= MAX_SECTIONS && SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES <= HEADER_END);
+        Ok(Layout {
+            capacity,
+            record_bytes,
+            schema_len,
+            slot_bytes,
+            record_in_slot,
+            sections,
+            total_bytes,
+        })
+    }
+
+    /// Records copied whole through a private buffer (see [`STAGED_RECORD_BYTES`]).
+    pub fn staged(&self) -> bool {
+        self.record_bytes <= STAGED_RECORD_BYTES
+    }
+
+    pub fn section(&self, tag: [u8; 8]) -> Section {
+        *self
+            .sections
+            .iter()
+            .find(|s| s.tag == tag)
+            .expect("every layout has its sections")
+    }
+}
+
+/// Fills in a new segment's header; the ready flag goes last.
+pub(crate) fn write_header(
+    segment: &Segment,
+    schema: &Schema,
+    layout: &Layout,
+    schema_text: &str,
+    creator: Identity,
+    created_unix_ns: u64,
+) {
+    let mut words = vec![
+        (H_KIND, KIND_RING),
+        (H_FEATURES, 0),
+        (H_CAPACITY, layout.capacity as u64),
+        (H_RECORD_BYTES, layout.record_bytes as u64),
+        (H_SLOT_BYTES, layout.slot_bytes as u64),
+        (H_RECORD_IN_SLOT, layout.record_in_slot as u64),
+        (H_SCHEMA_LEN, layout.schema_len as u64),
+        (H_SCHEMA_HASH, schema.hash()),
+        (H_TOTAL_BYTES, layout.total_bytes as u64),
+        (H_CREATOR, creator.word),
+        (H_CREATOR_NAMESPACE, creator.namespace),
+        (H_CREATED_UNIX_NS, created_unix_ns),
+        (H_SECTION_COUNT, layout.sections.len() as u64),
+    ];
+    for (i, s) in layout.sections.iter().enumerate() {
+        let at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES;
+        words.extend([
+            (at, u64::from_le_bytes(s.tag)),
+            (at + 8, s.offset as u64),
+            (at + 16, s.len as u64),
+            (at + 24, s.version),
+        ]);
+    }
+    for (offset, value) in words {
+        segment.word(offset).store(value, Ordering::Relaxed);
+    }
+    segment.store_bytes(SCHEMA_TEXT, schema_text.as_bytes(), Kernel::Words);
+    let sum = checksum(segment, schema_text.as_bytes());
+    segment.word(H_CHECKSUM).store(sum, Ordering::Relaxed);
+    segment
+        .word(H_VERSION)
+        .store(LAYOUT_VERSION, Ordering::Relaxed);
+    segment.word(H_MAGIC).store(MAGIC, Ordering::Relaxed);
+    // Release: whoever sees READY (Acquire) sees the whole header.
+    segment.word(H_READY).store(READY, Ordering::Release);
+}
+
+/// The smallest file that can hold a header to check.
+pub(crate) const MIN_SEGMENT_BYTES: u64 = SCHEMA_TEXT as u64;
+
+/// Checks everything `attach` relies on before trusting a single offset of the segment.
+pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Layout)> {
+    let corrupt = |reason: String| Error::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
+    let word = |offset| segment.word(offset).load(Ordering::Relaxed);
+    if word(H_MAGIC) != MAGIC {
+        return Err(corrupt(
+            "wrong magic number (not a shmreplay segment)".into(),
+        ));
+    }
+    if word(H_VERSION) != LAYOUT_VERSION {
+        return Err(corrupt(format!(
+            "layout version {} (this shmreplay reads version {LAYOUT_VERSION}; a buffer made by \
+             another version must be opened by that version, or removed and created anew)",
+            word(H_VERSION)
+        )));
+    }
+    // Segments are published complete (see `Segment::create`): not ready means damaged.
+    if segment.word(H_READY).load(Ordering::Acquire) != READY {
+        return Err(corrupt("its ready flag is not set".into()));
+    }
+    let schema_len = word(H_SCHEMA_LEN);
+    if schema_len > MAX_SCHEMA_TEXT as u64 || SCHEMA_TEXT as u64 + schema_len > segment.len() as u64
+    {
+        return Err(corrupt(format!(
+            "schema length {schema_len} is out of range"
+        )));
+    }
+    let mut text = vec![0u8; schema_len as usize];
+    segment.load_bytes(SCHEMA_TEXT, &mut text, Kernel::Words);
+    if checksum(segment, &text) != word(H_CHECKSUM) {
+        return Err(corrupt(
+            "header checksum mismatch (the header was overwritten or damaged)".into(),
+        ));
+    }
+    if word(H_KIND) != KIND_RING {
+        return Err(corrupt(format!(
+            "buffer kind {} (this shmreplay opens ring buffers, kind {KIND_RING})",
+            word(H_KIND)
+        )));
+    }
+    let unknown = word(H_FEATURES) & !KNOWN_FEATURES;
+    if unknown != 0 {
+        return Err(corrupt(format!(
+            "it uses features this shmreplay does not know (bits {unknown:#x})"
+        )));
+    }
+    let text = String::from_utf8(text).map_err(|_| corrupt("schema is not UTF-8".into()))?;
+    let schema = Schema::decode(&text).map_err(|e| corrupt(e.to_string()))?;
+    if schema.hash() != word(H_SCHEMA_HASH) {
+        return Err(corrupt("schema hash mismatch".into()));
+    }
+    let layout = Layout::new(word(H_CAPACITY), schema.record_bytes(), text.len())
+        .map_err(|e| corrupt(e.to_string()))?;
+    let stored = [
+        (H_RECORD_BYTES, layout.record_bytes),
+        (H_SLOT_BYTES, layout.slot_bytes),
+        (H_RECORD_IN_SLOT, layout.record_in_slot),
+        (H_TOTAL_BYTES, layout.total_bytes),
+        (H_SECTION_COUNT, layout.sections.len()),
+    ];
+    for (offset, expected) in stored {
+        if word(offset) != expected as u64 {
+            return Err(corrupt(format!(
+                "header word at byte {offset} is {}, the schema and capacity imply {expected}",
+                word(offset)
+            )));
+        }
+    }
+    for (i, expected) in layout.sections.iter().enumerate() {
+        let at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES;
+        let found = Section {
+            tag: word(at).to_le_bytes(),
+            offset: word(at + 8) as usize,
+            len: word(at + 16) as usize,
+            version: word(at + 24),
+        };
+        if found.tag != expected.tag {
+            return Err(corrupt(format!(
+                "section {i} is {:?}, expected {:?} (made by another shmreplay version?)",
+                found.name(),
+                expected.name()
+            )));
+        }
+        if found != *expected {
+            return Err(corrupt(format!(
+                "section {:?} is at {}..+{} version {}, the schema and capacity imply {}..+{} \
+                 version {}",
+                expected.name(),
+                found.offset,
+                found.len,
+                found.version,
+                expected.offset,
+                expected.len,
+                expected.version
+            )));
+        }
+    }
+    if segment.len() != layout.total_bytes {
+        return Err(corrupt(format!(
+            "file is {} bytes, its header says {}",
+            segment.len(),
+            layout.total_bytes
+        )));
+    }
+    Ok((schema, layout))
+}
+
+/// The creator recorded in the header.
+pub(crate) fn creator(segment: &Segment) -> Identity {
+    Identity {
+        word: segment.word(H_CREATOR).load(Ordering::Relaxed),
+        namespace: segment.word(H_CREATOR_NAMESPACE).load(Ordering::Relaxed),
+    }
+}
+
+/// FNV-1a over the checksummed header words and the schema text.
+fn checksum(segment: &Segment, schema_text: &[u8]) -> u64 {
+    let mut bytes = Vec::with_capacity(HEADER_END - H_KIND + schema_text.len());
+    for offset in (H_KIND..HEADER_END).step_by(8) {
+        bytes.extend_from_slice(&segment.word(offset).load(Ordering::Relaxed).to_le_bytes());
+    }
+    bytes.extend_from_slice(schema_text);
+    fnv1a(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_aligned_disjoint_and_in_order() {
+        for (capacity, record) in [(1u64, 8usize), (1000, 184), (7, 56_464), (1 << 20, 24)] {
+            let layout = Layout::new(capacity, record, 300).unwrap();
+            let mut end = SCHEMA_TEXT + 300;
+            for s in &layout.sections {
+                assert!(s.offset >= end, "{s:?} overlaps what comes before");
+                assert_eq!(s.offset % 128, 0);
+                end = s.offset + s.len;
+            }
+            assert_eq!(layout.section(SLOTS).offset % 4096, 0);
+            assert_eq!(end, layout.total_bytes);
+            assert!(layout.sections.len() <= MAX_SECTIONS);
+            assert_eq!(layout.slot_bytes % 8, 0);
+        }
+    }
+}

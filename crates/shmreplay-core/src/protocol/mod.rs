@@ -1,0 +1,11 @@
+//! The concurrency protocols, each on plain atomics (or a lock trait) so that it compiles
+//! under `--cfg loom` and is model-checked there (`make loom`):
+//!
+//! * [`slot`]: the per-slot seqlock: claim, commit, read, validate.
+//! * [`handles`]: the handle table's intents and counters, which keep the size exact whoever
+//!   dies where.
+//! * [`gate`]: the attach / gc handshake that never removes a buffer someone holds.
+
+pub(crate) mod gate;
+pub mod handles;
+pub mod slot;

@@ -1,0 +1,1157 @@
+"""Adversarial tests for the hardened core: liveness that fails closed, no GIL stalls or
+deadlocks while a write waits, gc/unlink that never remove what another process holds, dead
+writers that never stall readers or skew ``len``, and hostile segments.
+
+Every race here is made to overlap for real (barriers, events, a writer stopped inside its
+copy by the test hook), and the tests assert that it did. Every wait is bounded: a call that
+may hang runs in a child process that is killed after a deadline, so a hang fails the test
+within about 30 s instead of stalling the run.
+
+Test hook: ``helpers.extend_pausing`` (and ``helpers.PausedWriter``, a process stopped there)
+uses ``shmreplay._core._test_extend_pausing(raw, columns, on_pause, stage)`` when the build has
+it, else the older ``RawBuffer.extend_pausing`` (stage "copy" only).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import helpers
+import shmreplay
+from helpers import (
+    PausedWriter,
+    intervals_overlap,
+    make_records,
+    process_gone,
+    record_fields,
+    rows_for_keys,
+    row_for_key,
+    validate_records,
+    wait_until,
+)
+from shmreplay import ReplayBuffer
+
+FRAME = (4, 16, 16)  # 1 KiB frames: small records (one row well under 64 KiB)
+ATARI = (4, 84, 84)  # 28 KiB frames: one row is ~56 KB (< 64 KiB), four rows are > 64 KiB
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ContendedError = getattr(shmreplay, "ContendedError", TimeoutError)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=TESTS_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _popen(script: str, *args: str) -> subprocess.Popen:
+    """A Python child running ``script`` with the tests directory importable, line-buffered
+    text stdout, and SIGINT at its default disposition."""
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=helpers.default_sigint,
+    )
+
+
+def _reap(proc: subprocess.Popen | None) -> str:
+    """Kill (if still running) and reap a child; return its stderr for messages."""
+    if proc is None:
+        return ""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        return f"(child {proc.pid} did not die)"
+    try:
+        return (proc.stderr.read() if proc.stderr is not None else "") or ""
+    except ValueError:  # already closed
+        return ""
+
+
+def _discard(buf: ReplayBuffer) -> None:
+    """Remove a test's buffer and close the handle, whatever state the test left it in."""
+    try:
+        buf.unlink()
+    except (FileNotFoundError, ValueError):
+        pass
+    finally:
+        buf.close()
+
+
+class Lines:
+    """Collects a child's stdout lines as they come, with this process's receive time."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.lines: list[tuple[float, str]] = []
+        self.cv = threading.Condition()
+        self.eof = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self.cv:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+                self.cv.notify_all()
+        with self.cv:
+            self.eof = True
+            self.cv.notify_all()
+
+    def find(self, prefix: str) -> tuple[float, str] | None:
+        with self.cv:
+            for item in self.lines:
+                if item[1].startswith(prefix):
+                    return item
+        return None
+
+    def wait_for(self, prefix: str, timeout: float) -> tuple[float, str] | None:
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                for item in self.lines:
+                    if item[1].startswith(prefix):
+                        return item
+                left = deadline - time.monotonic()
+                if left <= 0 or self.eof:
+                    return None
+                self.cv.wait(left)
+
+    def ticks_between(self, t0: float, t1: float) -> int:
+        """Counter-thread lines ``tick N T`` whose child-side time T is in [t0, t1]."""
+        with self.cv:
+            times = [float(line.split()[2]) for _, line in self.lines if line.startswith("tick ")]
+        return sum(1 for t in times if t0 <= t <= t1)
+
+    def text(self) -> str:
+        with self.cv:
+            return "\n".join(line for _, line in self.lines[-40:] if not line.startswith("tick "))
+
+
+def _recv(conn: Any, timeout: float, what: str) -> tuple:
+    if not conn.poll(timeout):
+        raise AssertionError(f"{what}: no message within {timeout}s")
+    msg = conn.recv()
+    if msg[0] == "err":
+        raise AssertionError(f"{what} failed:\n{msg[1]}")
+    return msg
+
+
+def _one(row: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[None] for k, v in row.items()}
+
+
+def _assert_whole(buf: ReplayBuffer, i: int, n_writers: int) -> dict[str, Any]:
+    row = buf[i]
+    nbad, desc = validate_records(_one(row), n_writers=n_writers)
+    assert nbad == 0, f"slot {i} holds a torn row: {desc}"
+    return row
+
+
+def _who(row: dict[str, Any]) -> tuple[int, int]:
+    """(writer id, sequence number) of a self-validating record."""
+    return int(np.asarray(row["action"])), int(np.asarray(row["step"]))
+
+
+# =======================================================================================
+# A. Liveness fails closed
+# =======================================================================================
+
+
+@pytest.mark.parametrize("full", ["checker", "writer"])
+def test_live_writer_is_never_taken_over_when_its_liveness_cannot_be_checked(mp_ctx, shm_name, full):
+    """A live writer stopped mid-copy must be waited for, never taken over, even when the
+    process checking it cannot open anything (its descriptor table is full: /proc reads, pidfds
+    and the like fail with EMFILE), or when the paused writer's own table is full. Unprovable
+    death means "alive": after the paused writer resumes, every slot is whole and nothing was
+    recovered."""
+    fields = record_fields(FRAME)
+    cap = 4
+    with ReplayBuffer.create(shm_name, capacity=cap, fields=fields) as buf:
+        buf.extend(make_records(0, range(cap), FRAME))  # tickets 0-3 fill the ring
+        # ticket 4, slot 0: paused mid-copy, alive
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [100], FRAME), resumable=True, fill_fds=full == "writer")
+        writer.start()
+        checker = None
+        parent_end, child_end = mp_ctx.Pipe(duplex=False)
+        try:
+            assert writer.slot == 0
+            if full == "writer":
+                assert writer.fds_opened > 0
+            # tickets 5-8: slots 1, 2, 3, then slot 0, whose previous writer is paused
+            checker = mp_ctx.Process(
+                target=helpers.child_insert_reporting,
+                args=(shm_name, None, make_records(2, range(4), FRAME), child_end, full == "checker"),
+                daemon=True,
+            )
+            checker.start()
+            inserting = _recv(parent_end, 60, "second writer")
+            assert inserting[0] == "inserting", inserting
+            if full == "checker":
+                assert inserting[1] > 0, "the second writer's descriptor table was not filled"
+            # A takeover takes milliseconds; a waiting writer is still waiting after 1.5 s.
+            early = _recv(parent_end, 1.5, "second writer") if parent_end.poll(1.5) else None
+            assert early is None, (
+                f"the second writer finished while slot 0's writer (alive, paused mid-copy) still "
+                f"held it: it took over a live writer: {early}"
+            )
+            assert checker.is_alive()
+            writer.resume()
+            writer.wait_done(30)
+            result = _recv(parent_end, 30, "second writer (after the first resumed)")
+        finally:
+            writer.kill()
+            if checker is not None:
+                checker.kill()
+                checker.join(30)
+        assert result[0] == "done", f"the waiting writer failed: {result}"
+        for i in range(cap):
+            _assert_whole(buf, i, n_writers=3)
+        assert _who(buf[0]) == (2, 3), "slot 0 must hold the newer row (written after the paused writer committed)"
+        assert [_who(buf[i]) for i in (1, 2, 3)] == [(2, 0), (2, 1), (2, 2)]
+        stats = buf.stats()
+        assert stats["recovered"] == 0, stats
+        assert len(buf) == cap
+
+
+def test_writer_killed_mid_copy_is_taken_over_by_the_next_writer_of_its_slot(mp_ctx, shm_name):
+    """Positive proof of death (SIGKILL: the kernel released everything it held) lets the next
+    writer of the slot take it over at once: recovered == 1, the slot holds the new row."""
+    fields = record_fields(FRAME)
+    cap = 4
+    with ReplayBuffer.create(shm_name, capacity=cap, fields=fields) as buf:
+        buf.extend(make_records(0, range(cap), FRAME))
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [100], FRAME)).start()
+        assert writer.slot == 0
+        writer.kill()
+        parent_end, child_end = mp_ctx.Pipe(duplex=False)
+        nxt = mp_ctx.Process(
+            target=helpers.child_insert_reporting,
+            args=(shm_name, None, make_records(2, range(4), FRAME), child_end, False),
+            daemon=True,
+        )
+        nxt.start()
+        try:
+            inserting = _recv(parent_end, 60, "next writer")
+            result = _recv(parent_end, 30, "next writer")
+        finally:
+            nxt.kill()
+            nxt.join(30)
+        assert result[0] == "done", result
+        assert result[1] - inserting[2] < 5, f"took {result[1] - inserting[2]:.1f}s to take over a dead writer's slot"
+        stats = buf.stats()
+        assert stats["recovered"] == 1, stats
+        assert len(buf) == cap
+        assert _who(_assert_whole(buf, 0, n_writers=3)) == (2, 3)
+        for i in range(cap):
+            _assert_whole(buf, i, n_writers=3)
+
+
+# =======================================================================================
+# B. No GIL stalls, no deadlocks; a waiting write gives up in the end
+# =======================================================================================
+
+WAITING_ADD = r"""
+import sys, threading, time
+import helpers, shmreplay
+name, frame = sys.argv[1], tuple(int(x) for x in sys.argv[2].split(","))
+buf = shmreplay.ReplayBuffer.attach(name)
+row = {k: v[0] for k, v in helpers.make_records(9, [0], frame).items()}
+stop = threading.Event()
+def counter():
+    n = 0
+    while not stop.is_set():
+        n += 1
+        print(f"tick {n} {time.monotonic():.6f}", flush=True)
+        time.sleep(0.02)
+threading.Thread(target=counter, daemon=True).start()
+time.sleep(0.2)
+print(f"adding {time.monotonic():.6f}", flush=True)
+t0 = time.monotonic()
+try:
+    buf.add(**row)
+    print(f"returned {time.monotonic() - t0:.3f}", flush=True)
+except KeyboardInterrupt:
+    print(f"interrupted {time.monotonic() - t0:.3f}", flush=True)
+except BaseException as e:
+    print(f"raised {type(e).__name__} {time.monotonic() - t0:.3f} {e}", flush=True)
+stop.set()
+"""
+
+
+def test_add_waiting_on_a_stopped_writer_leaves_other_threads_running_and_obeys_ctrl_c(shm_name):
+    """A small add() (the path that keeps the GIL) waiting for a slot whose writer is a live,
+    SIGSTOPped process must not freeze the other threads of its process, and SIGINT must make
+    it raise KeyboardInterrupt within about a second."""
+    ctx = multiprocessing.get_context("fork")
+    fields = record_fields(FRAME)
+    buf = ReplayBuffer.create(shm_name, capacity=1, fields=fields)
+    buf.extend(make_records(0, [0], FRAME))
+    writer = PausedWriter(ctx, shm_name, None, make_records(1, [1], FRAME)).start()  # ticket 1, slot 0
+    proc = None
+    try:
+        writer.stop()
+        proc = _popen(WAITING_ADD, shm_name, ",".join(map(str, FRAME)))  # its add: ticket 2, slot 0
+        lines = Lines(proc)
+        adding = lines.wait_for("adding", 30)
+        assert adding is not None, f"the child never started its add: {_reap(proc)}"
+        t_add = float(adding[1].split()[1])
+        time.sleep(1.5)
+        ended_early = lines.find("returned") or lines.find("raised") or lines.find("interrupted")
+        ticks = lines.ticks_between(t_add + 0.3, t_add + 1.5)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        interrupted = lines.wait_for("interrupted", 5)
+        outcome = lines.text()
+    finally:
+        err = _reap(proc)
+        writer.kill()
+        _discard(buf)
+    assert ended_early is None, f"add() did not wait for the live writer's slot: {ended_early}"
+    problems = []
+    if ticks < 10:
+        problems.append(f"another thread ticked {ticks} times in 1.2 s while add() waited (expected ~60): the GIL was held")
+    if interrupted is None:
+        problems.append("SIGINT did not interrupt the waiting add() within 5 s")
+    elif interrupted[0] - sent > 1.5:
+        problems.append(f"SIGINT took {interrupted[0] - sent:.2f}s to interrupt add()")
+    assert not problems, "; ".join(problems) + f"\nchild output:\n{outcome}\n{err}"
+
+
+TWO_THREADS_ONE_HANDLE = r"""
+import sys, threading, time, traceback
+import helpers, shmreplay
+name = sys.argv[1]
+frame = (4, 84, 84)
+buf = shmreplay.ReplayBuffer.attach(name)
+big = helpers.make_records(10, range(4), frame)     # > 64 KiB: the path that releases the GIL
+small = helpers.make_records(11, range(3), frame)   # one row ~56 KB: the path that keeps it
+def emit(msg):
+    print(f"{msg} {time.monotonic():.6f}", flush=True)
+stop = threading.Event()
+def counter():
+    n = 0
+    while not stop.is_set():
+        n += 1
+        print(f"tick {n} {time.monotonic():.6f}", flush=True)
+        time.sleep(0.02)
+def t1():
+    try:
+        emit("t1-start"); buf.extend(big); emit("t1-done")
+    except BaseException as e:
+        emit(f"t1-error {type(e).__name__}")
+def t2():
+    try:
+        emit("t2-start")
+        for i in range(3):
+            buf.add(**{k: v[i] for k, v in small.items()})
+        emit("t2-done")
+    except BaseException as e:
+        emit(f"t2-error {type(e).__name__}")
+threading.Thread(target=counter, daemon=True).start()
+a = threading.Thread(target=t1, daemon=True); a.start()
+time.sleep(0.5)
+b = threading.Thread(target=t2, daemon=True); b.start()
+while a.is_alive() or b.is_alive():
+    time.sleep(0.05)
+emit("all-done")
+stop.set()
+"""
+
+
+def test_two_threads_on_one_handle_waiting_on_a_stopped_writer_do_not_deadlock(shm_name):
+    """Thread 1 extends atari rows (> 64 KiB) and has to wait for a slot whose writer is a
+    SIGSTOPped process; thread 2 then add()s small rows through the same handle. The process
+    stays responsive (a counter thread keeps ticking), and once the stopped writer is continued
+    and finishes, both threads finish: no deadlock between the handle's lock and the GIL."""
+    ctx = multiprocessing.get_context("fork")
+    fields = record_fields(ATARI)
+    cap = 4
+    buf = ReplayBuffer.create(shm_name, capacity=cap, fields=fields)
+    buf.extend(make_records(0, range(cap), ATARI))  # tickets 0-3
+    # ticket 4, slot 0: paused inside its copy, then SIGSTOPped
+    writer = PausedWriter(ctx, shm_name, None, make_records(1, [100], ATARI), resumable=True).start()
+    proc = None
+    try:
+        assert writer.slot == 0
+        writer.stop()
+        proc = _popen(TWO_THREADS_ONE_HANDLE, shm_name)  # t1: tickets 5-8 (slot 0 last)
+        lines = Lines(proc)
+        t2_start = lines.wait_for("t2-start", 30)
+        assert t2_start is not None, f"thread 2 never started: {lines.text()} {_reap(proc)}"
+        t0 = float(t2_start[1].split()[1])
+        time.sleep(1.5)
+        t1_done_early = lines.find("t1-done") or lines.find("t1-error")
+        ticks = lines.ticks_between(t0 + 0.3, t0 + 1.5)
+        writer.resume()  # release the hook, SIGCONT: the writer finishes ticket 4
+        all_done = lines.wait_for("all-done", 15)
+        outcome = lines.text()
+        writer_done = writer.wait_done(15) if all_done else None
+    finally:
+        err = _reap(proc)
+        writer.kill()
+    try:
+        assert t1_done_early is None, f"thread 1 did not wait for the stopped writer's slot: {t1_done_early}"
+        problems = []
+        if ticks < 10:
+            problems.append(f"the counter thread ticked {ticks} times in 1.2 s while both writers waited (expected ~60)")
+        if all_done is None:
+            problems.append("the two writer threads did not both finish within 15 s of SIGCONT: deadlock")
+        assert not problems, "; ".join(problems) + f"\nchild output:\n{outcome}\n{err}"
+        assert "t1-done" in outcome and "t2-done" in outcome, outcome
+        assert writer_done is not None and writer_done[0] == "done"
+        for i in range(cap):
+            _assert_whole(buf, i, n_writers=12)
+        assert _who(buf[0]) == (10, 3)
+        assert buf.stats()["recovered"] == 0
+    finally:
+        _discard(buf)
+
+
+CONTENDED_WRITE = r"""
+import sys, time
+import helpers, shmreplay
+name, call = sys.argv[1], sys.argv[2]
+buf = shmreplay.ReplayBuffer.attach(name)
+expected = getattr(shmreplay, "ContendedError", TimeoutError)
+if call == "add":
+    row = {k: v[0] for k, v in helpers.rows_for_keys(buf.fields, [99]).items()}
+else:
+    batch = helpers.rows_for_keys(buf.fields, range(90, 94))
+print("ready", flush=True)
+t0 = time.monotonic()
+try:
+    if call == "add":
+        buf.add(**row)
+    else:
+        buf.extend(batch)
+    print(f"returned {time.monotonic() - t0:.3f}", flush=True)
+except BaseException as e:
+    ok = isinstance(e, expected) and isinstance(e, TimeoutError)
+    print(f"raised {type(e).__name__} {int(ok)} {time.monotonic() - t0:.3f} {e}", flush=True)
+"""
+
+BIG_FIELDS = {"obs": ((4, 84, 84), np.uint8), "x": ((), np.int64)}  # a row ~28 KB; 4 rows > 64 KiB
+
+
+def _run_contended(script_args: tuple[str, ...], bound: float) -> tuple[str | None, str]:
+    """Runs CONTENDED_WRITE; returns (its "returned ..."/"raised ..." line, or None if it was
+    still waiting after ``bound`` seconds or died; and its stderr). The child is killed after."""
+    proc = _popen(CONTENDED_WRITE, *script_args)
+    lines = Lines(proc)
+    err = ""
+    try:
+        ready = lines.wait_for("ready", 30)
+        assert ready is not None, f"the writing child never got ready: {_reap(proc)}"
+        deadline = time.monotonic() + bound
+        while time.monotonic() < deadline and not lines.eof:
+            if lines.find("returned") or lines.find("raised"):
+                break
+            time.sleep(0.05)
+        item = lines.find("returned") or lines.find("raised")
+        return (None if item is None else item[1]), ""
+    finally:
+        err = _reap(proc)
+        if err.strip():
+            sys.stderr.write(f"[writing child stderr]\n{err[-2000:]}\n")
+
+
+@pytest.mark.parametrize("call", ["add", "extend"])
+def test_write_waiting_on_a_stopped_writer_gives_up_with_contended_error(shm_name, call):
+    """A write whose slot's previous writer stays alive but stopped (SIGSTOP) gives up after
+    about 10 s with ContendedError (a TimeoutError), having written nothing; the stopped writer
+    can still finish its own row afterwards. Bounded at 25 s (today: waits forever)."""
+    ctx = multiprocessing.get_context("fork")
+    buf = ReplayBuffer.create(shm_name, capacity=1, fields=BIG_FIELDS)
+    buf.extend(rows_for_keys(BIG_FIELDS, [0]))
+    writer = PausedWriter(ctx, shm_name, None, rows_for_keys(BIG_FIELDS, [1]), resumable=True).start()
+    try:
+        writer.stop()
+        started = time.monotonic()
+        line, _ = _run_contended((shm_name, call), bound=25)
+        elapsed = time.monotonic() - started
+        assert line is not None, f"the {call} was still waiting after {elapsed:.0f}s: no give-up (it would wait forever)"
+        assert line.startswith("raised"), f"the {call} overwrote the slot of a live (stopped) writer: {line}"
+        _, name, ok, took, *_ = line.split(" ", 4)
+        assert ok == "1", f"expected {ContendedError.__name__} (a TimeoutError), got: {line}"
+        assert 5 <= float(took) <= 25, f"gave up after {took}s, expected about 10 s"
+        assert buf.stats()["inserts"] == 1 and buf.stats()["recovered"] == 0
+        writer.resume()
+        writer.wait_done(30)
+        assert buf.stats()["inserts"] == 2
+        helpers.assert_row_equal(buf[0], row_for_key(BIG_FIELDS, 1), where="slot 0")
+    finally:
+        writer.kill()
+        _discard(buf)
+
+
+# =======================================================================================
+# C. gc and unlink
+# =======================================================================================
+
+CREATE_AND_DIE = """
+import os, signal, sys, shmreplay
+path, how, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+for name in names:
+    buf = shmreplay.ReplayBuffer.create(name, capacity=8, fields={"x": ((), "int64")}, path=path)
+    buf.add(x=1)
+if how == "hold":
+    print("ready", flush=True)
+    sys.stdin.read()
+else:
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+ATTACH_AND_HOLD = """
+import sys, shmreplay
+path, names = sys.argv[1], sys.argv[2:]
+held = [shmreplay.ReplayBuffer.attach(n, path=path) for n in names]
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def _create_and_die(directory: Path, *names: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CREATE_AND_DIE, str(directory), "kill", *names], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def _holder(script: str, directory: Path, *names: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(directory), *(["hold"] if script is CREATE_AND_DIE else []), *names],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
+def _release(proc: subprocess.Popen | None) -> None:
+    if proc is None:
+        return
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.fixture
+def shm_subdir():
+    """A private directory on /dev/shm (tmpfs), removed afterwards."""
+    d = Path("/dev/shm") / f"shmreplay-test-{os.getpid()}-{time.monotonic_ns()}"
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        for n in os.listdir(d):
+            try:
+                os.unlink(d / n)
+            except FileNotFoundError:
+                pass
+        d.rmdir()
+
+
+def _maps_show_deleted(path: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(line.rstrip("\n").endswith(path + " (deleted)") for line in f)
+
+
+def gc_worker(directory: str, barrier: Any, seconds: float, q: Any) -> None:
+    """Child or thread: after the barrier, runs gc() back to back for ``seconds``; reports every
+    call's interval and result, and every exception."""
+    calls, errors = [], []
+    try:
+        barrier.wait(60)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                removed = shmreplay.gc(directory)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{type(e).__name__}: {e}")
+                removed = []
+            calls.append((t0, time.monotonic(), removed))
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"worker: {type(e).__name__}: {e}")
+    q.put(("gc", os.getpid(), calls, errors))
+
+
+def attach_worker(directory: str, barrier: Any, seconds: float, seed: int, q: Any) -> None:
+    """Child: after the barrier, attaches to whatever buffer is in ``directory`` (stale ones
+    included), uses it, checks it is still there while attached, closes; for ``seconds``."""
+    ok, missing, violations, errors = [], 0, [], []
+    rng = np.random.default_rng(seed)
+    try:
+        barrier.wait(60)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            names = [n[len("shmreplay."):] for n in os.listdir(directory) if n.startswith("shmreplay.")]
+            if not names:
+                time.sleep(0.001)
+                continue
+            name = str(rng.choice(names))
+            t0 = time.monotonic()
+            try:
+                h = ReplayBuffer.attach(name, path=directory)
+            except FileNotFoundError:
+                missing += 1
+                continue
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"attach {name}: {type(e).__name__}: {e}")
+                continue
+            try:
+                t1 = time.monotonic()
+                h.add(x=7)
+                time.sleep(0.002)  # hold it while the gcs run
+                if not os.path.exists(h.path) or _maps_show_deleted(h.path):
+                    violations.append(f"{name}: attached at {t0:.6f}, then its file was removed")
+                ok.append((t0, t1, name))
+            finally:
+                h.close()
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"worker: {type(e).__name__}: {e}")
+    q.put(("attach", os.getpid(), ok, missing, violations, errors))
+
+
+def stale_factory(directory: str, barrier: Any, seconds: float, q: Any) -> None:
+    """Child: keeps making stale buffers (a forked grandchild creates a few and dies)."""
+    made, errors = 0, []
+    try:
+        barrier.wait(60)
+        deadline = time.monotonic() + seconds
+        rnd = 0
+        while time.monotonic() < deadline:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - grandchild
+                code = 0
+                try:
+                    for j in range(4):
+                        ReplayBuffer.create(f"churn{os.getpid()}-{rnd}-{j}", capacity=8, fields={"x": ((), "int64")}, path=directory)
+                except BaseException:  # noqa: BLE001
+                    code = 1
+                os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            if status != 0:
+                errors.append(f"factory grandchild exit status {status:#x}")
+            made += 4
+            rnd += 1
+            time.sleep(0.01)
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"factory: {type(e).__name__}: {e}")
+    q.put(("factory", os.getpid(), made, errors))
+
+
+def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_subdir):
+    """Many gc() runs at once (2 processes, 2 threads, and the `shmreplay gc` CLI in a loop)
+    while 2 processes attach to whatever is in the directory and a factory keeps making stale
+    buffers: no gc raises (no FileNotFoundError from two gcs removing the same file), the CLI
+    exits 0, a buffer some live process holds is never removed, and an attach that succeeds
+    never finds its file removed while it holds it."""
+    d = shm_subdir
+    stale = [f"stale{i}" for i in range(60)]
+    _create_and_die(d, *stale)
+    attached_only = [f"held{i}" for i in range(6)]  # creator dead, held by an attached process
+    _create_and_die(d, *attached_only)
+    keeper = _holder(ATTACH_AND_HOLD, d, *attached_only)
+    creator = _holder(CREATE_AND_DIE, d, *[f"live{i}" for i in range(6)])  # creator alive
+    protected = set(attached_only) | {f"live{i}" for i in range(6)}
+    ctx = multiprocessing.get_context("fork")
+    seconds = 3.0
+    barrier = ctx.Barrier(2 + 2 + 2 + 1 + 1)  # gc procs, gc threads, attachers, factory, main
+    q = ctx.Queue()
+    procs = [ctx.Process(target=gc_worker, args=(str(d), barrier, seconds, q), daemon=True) for _ in range(2)]
+    procs += [ctx.Process(target=attach_worker, args=(str(d), barrier, seconds, s, q), daemon=True) for s in range(2)]
+    procs.append(ctx.Process(target=stale_factory, args=(str(d), barrier, seconds, q), daemon=True))
+    for p in procs:
+        p.start()
+    threads = [threading.Thread(target=gc_worker, args=(str(d), barrier, seconds, q), daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    cli_runs = []
+    reports = []
+    try:
+        barrier.wait(60)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "shmreplay.cli", "gc", "--path", str(d)], capture_output=True, text=True, timeout=60)
+            cli_runs.append((t0, time.monotonic(), r.returncode, r.stderr.strip()[-300:], r.stdout))
+        for _ in range(len(procs) + len(threads)):
+            reports.append(q.get(timeout=60))
+        for t in threads:
+            t.join(30)
+    finally:
+        helpers.kill_and_reap(procs)
+        surviving = {n[len("shmreplay."):] for n in os.listdir(d) if n.startswith("shmreplay.")}
+        _release(keeper)
+        _release(creator)
+    gcs = [r for r in reports if r[0] == "gc"]
+    attaches = [r for r in reports if r[0] == "attach"]
+    factories = [r for r in reports if r[0] == "factory"]
+    errors = [e for r in gcs for e in r[3]] + [e for r in attaches for e in r[5]] + [e for r in factories for e in r[3]]
+    violations = [v for r in attaches for v in r[4]]
+    removed_protected = sorted({n for r in gcs for c in r[2] for n in c[2]} & protected)
+    bad_cli = [c for c in cli_runs if c[2] != 0]
+    assert not errors, f"{len(errors)} errors, e.g. {errors[:5]}"
+    assert not bad_cli, f"`shmreplay gc` failed {len(bad_cli)} of {len(cli_runs)} times: {bad_cli[:3]}"
+    assert not violations, violations[:5]
+    assert not removed_protected, f"gc removed buffers held by live processes: {removed_protected}"
+    assert protected <= surviving, f"held buffers gone: {sorted(protected - surviving)}"
+    # The races really happened: gcs that removed something ran at the same time as other gcs
+    # and as successful attaches.
+    calls = [(pid, c) for r in gcs for pid, c in [(r[1], c) for c in r[2]]]
+    removing = [(pid, c) for pid, c in calls if c[2]]
+    assert sum(len(c[2]) for _, c in calls) >= len(stale), "the gcs removed less than the stale buffers"
+    overlapping_gcs = sum(
+        1 for pid, c in removing for pid2, c2 in calls if c2 is not c and intervals_overlap(c[:2], c2[:2])
+    )
+    assert overlapping_gcs > 0, "no gc that removed something ran concurrently with another gc"
+    ok_attaches = [a for r in attaches for a in r[2]]
+    assert len(ok_attaches) > 20, f"only {len(ok_attaches)} successful attaches"
+    overlapping = sum(1 for a in ok_attaches if any(intervals_overlap(a[:2], c[:2]) for _, c in removing))
+    assert overlapping > 0, "no successful attach overlapped a gc that was removing buffers"
+    assert len(cli_runs) >= 2 and sum(f[2] for f in factories) > 0
+
+
+LAUNCHER = r"""
+import multiprocessing, multiprocessing.process, os, sys, time
+import shmreplay
+name, path, how, release = sys.argv[1:5]
+buf = shmreplay.ReplayBuffer.create(name, capacity=8, fields={"x": ((), "int64")}, path=path)
+buf.add(x=1)
+
+def worker():
+    # Holds the inherited handle object (the global `buf`) and never uses it.
+    assert buf is not None
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+p = multiprocessing.get_context("fork").Process(target=worker)
+p.start()
+# The launcher must not join its worker at exit (multiprocessing would): it leaves it running.
+multiprocessing.process._children.discard(p)
+print(p.pid, flush=True)
+if how == "sigkill":
+    time.sleep(60)
+elif how == "os_exit":
+    os._exit(0)
+# how == "exit": a normal exit; Python finalizers (and the handle's) run
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "os_exit", "sigkill"])
+def test_gc_keeps_a_buffer_whose_forked_worker_outlives_the_launcher(shm_subdir, tmp_path, how):
+    """A launcher creates a buffer, forks a worker that only holds the inherited handle object,
+    and exits (normally, through os._exit, or SIGKILLed). While the worker lives the buffer is
+    in use (the worker can use its handle at any moment): gc must keep it. Once the worker has
+    exited, gc removes it."""
+    d = shm_subdir
+    release = tmp_path / "release"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, "launched", str(d), how, str(release)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    worker = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), f"launcher said {line!r}: {proc.stderr.read() if proc.poll() is not None else ''}"
+        worker = int(line)
+        if how == "sigkill":
+            proc.kill()
+        proc.wait(30)
+        assert not process_gone(worker), "the worker died with its launcher"
+        assert os.path.exists(d / "shmreplay.launched")
+        listed = {b["name"]: b for b in shmreplay.list_buffers(d)}
+        removed = shmreplay.gc(d)
+        still_there = os.path.exists(d / "shmreplay.launched")
+        assert removed == [] and still_there, (
+            f"gc removed a buffer whose worker (pid {worker}) is alive and holds a handle "
+            f"(listed as {listed.get('launched')})"
+        )
+        assert listed["launched"]["stale"] is False
+        with ReplayBuffer.attach("launched", path=d) as h:
+            assert len(h) == 1
+        assert shmreplay.gc(d) == [], "gc removed it once this process had attached and closed"
+        release.write_text("go")
+        assert wait_until(lambda: process_gone(worker), 30), "the worker did not exit"
+        assert shmreplay.gc(d) == ["launched"]
+        assert not os.path.exists(d / "shmreplay.launched")
+    finally:
+        release.write_text("go")
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+        if worker is not None and not process_gone(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_unlink_of_a_removed_buffer_never_deletes_its_successor(shm_name):
+    """a = create(n); remove(n); b = create(n): a.unlink() must not remove b's file. It raises
+    FileNotFoundError (a's segment is already gone), and b is still there and attachable."""
+    fields = {"x": ((), np.int64)}
+    a = ReplayBuffer.create(shm_name, capacity=4, fields=fields)
+    a.add(x=1)
+    shmreplay.remove(shm_name)
+    b = ReplayBuffer.create(shm_name, capacity=8, fields=fields)
+    b.add(x=2)
+    try:
+        with pytest.raises(FileNotFoundError):
+            a.unlink()
+        assert os.path.exists(b.path), "a.unlink() deleted the new buffer b"
+        with ReplayBuffer.attach(shm_name) as c:
+            assert c.capacity == 8 and int(c[0]["x"]) == 2
+        assert len(a) == 1 and int(a[0]["x"]) == 1  # a's own (unlinked) segment still works
+    finally:
+        a.close()
+        b.close()
+        if os.path.exists(helpers.segment_path(shm_name)):
+            shmreplay.remove(shm_name)
+
+
+def test_with_block_exit_never_deletes_a_successor_of_the_same_name(shm_name):
+    """`with create(n) as a: remove(n); b = create(n)`: leaving the with-block must not remove b."""
+    fields = {"x": ((), np.int64)}
+    b = None
+    try:
+        with ReplayBuffer.create(shm_name, capacity=4, fields=fields) as a:
+            a.add(x=1)
+            shmreplay.remove(shm_name)
+            b = ReplayBuffer.create(shm_name, capacity=8, fields=fields)
+            b.add(x=2)
+        assert os.path.exists(b.path), "leaving a's with-block deleted the new buffer b"
+        with ReplayBuffer.attach(shm_name) as c:
+            assert c.capacity == 8 and int(c[0]["x"]) == 2
+    finally:
+        if b is not None:
+            b.close()
+        if os.path.exists(helpers.segment_path(shm_name)):
+            shmreplay.remove(shm_name)
+
+
+def test_unlink_after_close_removes_the_segment(shm_name):
+    """buf.close(); buf.unlink() removes the segment (it must neither raise nor leak the file)."""
+    buf = ReplayBuffer.create(shm_name, capacity=4, fields={"x": ((), np.int64)})
+    path = buf.path
+    buf.close()
+    try:
+        buf.unlink()
+        assert not os.path.exists(path), "close(); unlink() left the segment behind"
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+PER_ROUND = 6  # stale buffers per round: a gc pass over several makes a wider window
+
+
+def _jitter(round_seed: int, me: str) -> None:
+    """Busy-waits 0-1 ms on one side of the race (which side and how long vary by round), so
+    that over the rounds the attach lands before, inside and after the gc's pass."""
+    rng = np.random.default_rng(round_seed)
+    side, delay = ("gc", "attach")[int(rng.integers(2))], float(rng.uniform(0, 1e-3))
+    if side == me:
+        end = time.perf_counter() + delay
+        while time.perf_counter() < end:
+            pass
+
+
+def race_gc_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> None:
+    """Child: each round, a forked grandchild creates buffers r<i>-0..5 and dies (they are
+    stale); then, at the barrier, gc() runs; a second barrier marks its end. Reports
+    (t0, t1, removed) per round."""
+    out, errors = [], []
+    try:
+        for i in range(rounds):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - grandchild
+                try:
+                    for j in range(PER_ROUND):
+                        ReplayBuffer.create(f"r{i}-{j}", capacity=8, fields={"x": ((), "int64")}, path=directory)
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+            barrier.wait(30)
+            _jitter(i, "gc")
+            t0 = time.monotonic()
+            try:
+                removed = shmreplay.gc(directory)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"round {i}: {type(e).__name__}: {e}")
+                removed = []
+            out.append((t0, time.monotonic(), removed))
+            barrier.wait(30)
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"gc child: {type(e).__name__}: {e}")
+        barrier.abort()
+    q.put(("gc", out, errors))
+
+
+def race_attach_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> None:
+    """Child: each round, at the barrier, attaches one of that round's stale buffers; after the
+    gc's pass ended, an attach that succeeded must still find its file there and usable.
+    Reports (t0, t1, name, outcome) per round."""
+    out, errors = [], []
+    try:
+        for i in range(rounds):
+            name = f"r{i}-{int(np.random.default_rng(10_000 + i).integers(PER_ROUND))}"
+            barrier.wait(30)
+            _jitter(i, "attach")
+            t0 = time.monotonic()
+            try:
+                h = ReplayBuffer.attach(name, path=directory)
+            except FileNotFoundError:
+                h = None
+            t1 = time.monotonic()
+            barrier.wait(30)  # the gc of this round has finished
+            if h is None:
+                out.append((t0, t1, name, "missing"))
+                continue
+            try:
+                there = os.path.exists(h.path) and not _maps_show_deleted(h.path)
+                h.add(x=i)
+                out.append((t0, t1, name, "ok" if there else "attached-but-gone"))
+            finally:
+                h.close()
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"attach child: {type(e).__name__}: {e}")
+        barrier.abort()
+    q.put(("attach", out, errors))
+
+
+def test_attach_racing_gc_of_a_stale_buffer_never_ends_attached_to_a_removed_file(shm_subdir, mp_ctx):
+    """Round after round, a gc of stale buffers and an attach to one of them start at the same
+    barrier. Each attach either succeeds and the buffer stays (file there, usable) or fails
+    with FileNotFoundError: never "attached, but the file is gone"."""
+    rounds = 150
+    barrier = mp_ctx.Barrier(2)
+    q = mp_ctx.Queue()
+    procs = [
+        mp_ctx.Process(target=race_gc_rounds, args=(str(shm_subdir), rounds, barrier, q), daemon=True),
+        mp_ctx.Process(target=race_attach_rounds, args=(str(shm_subdir), rounds, barrier, q), daemon=True),
+    ]
+    for p in procs:
+        p.start()
+    try:
+        reports = {r[0]: r for r in (q.get(timeout=60), q.get(timeout=60))}
+    finally:
+        helpers.kill_and_reap(procs)
+    assert not reports["gc"][2] and not reports["attach"][2], (reports["gc"][2], reports["attach"][2])
+    gcs, attaches = reports["gc"][1], reports["attach"][1]
+    assert len(gcs) == len(attaches) == rounds
+    bad = [(i, a) for i, a in enumerate(attaches) if a[3] == "attached-but-gone"]
+    assert not bad, f"attached, then gc removed the file: rounds {bad[:5]}"
+    for i, (g, a) in enumerate(zip(gcs, attaches)):
+        if a[3] == "ok":
+            assert a[2] not in g[2], f"round {i}: gc says it removed {a[2]}, which was attached"
+        else:
+            assert a[2] in g[2], f"round {i}: attach found no {a[2]}, but this round's gc did not remove it"
+    overlapped = sum(1 for g, a in zip(gcs, attaches) if intervals_overlap(g[:2], a[:2]))
+    outcomes = {o: sum(1 for a in attaches if a[3] == o) for o in ("ok", "missing")}
+    assert overlapped >= rounds // 10, f"only {overlapped} of {rounds} rounds overlapped ({outcomes})"
+    assert outcomes["ok"] > 0 and outcomes["missing"] > 0, outcomes
+
+
+# =======================================================================================
+# D. Dead writers never stall readers, and len() stays exact
+# =======================================================================================
+
+
+def test_empty_buffer_whose_only_writer_died_mid_copy_answers_at_once(mp_ctx, shm_name):
+    """Capacity 1, nothing committed, the one writer SIGKILLed mid-copy: len == 0, buf[0] raises
+    IndexError and sample(1) raises EmptyBufferError, each at once (not after a timeout)."""
+    fields = record_fields(FRAME)
+    with ReplayBuffer.create(shm_name, capacity=1, fields=fields) as buf:
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [0], FRAME)).start()
+        writer.kill()
+        assert len(buf) == 0
+        started = time.monotonic()
+        with pytest.raises(IndexError):
+            buf[0]
+        assert time.monotonic() - started < 1
+        started = time.monotonic()
+        with pytest.raises(shmreplay.EmptyBufferError):
+            buf.sample(1)
+        assert time.monotonic() - started < 1
+        assert len(buf) == 0
+
+
+def test_writer_killed_in_a_huge_extend_never_stalls_sampling(mp_ctx, shm_name):
+    """A writer killed mid-copy in the first row it writes of an extend larger than the ring
+    (5000 rows into 1000 slots) on an empty buffer; then another writer adds 10 rows.
+    sample(256) and sample(1024) return at once and only those 10 rows."""
+    frame = (8,)
+    fields = record_fields(frame)
+    with ReplayBuffer.create(shm_name, capacity=1000, fields=fields) as buf:
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, range(5000), frame)).start()
+        writer.kill()
+        assert len(buf) == 0
+        buf.extend(make_records(2, range(10), frame))
+        assert len(buf) == 10
+        for n in (256, 1024):
+            started = time.monotonic()
+            batch = buf.sample(n)
+            took = time.monotonic() - started
+            assert took < 1, f"sample({n}) took {took:.2f}s"
+            nbad, desc = validate_records(batch, n_writers=3)
+            assert nbad == 0, desc
+            assert np.all(batch["action"] == 2), "sampled a row that is not one of the 10 committed"
+            assert set(batch["step"].tolist()) <= set(range(10))
+
+
+def test_len_counts_a_row_whose_writer_died_between_commit_and_count(mp_ctx, shm_name):
+    """Hook stage "count": the writer committed its row and was SIGKILLed before counting it.
+    len() is the number of committed rows exactly (3 + that one), and the row is readable."""
+    fields = record_fields(FRAME)
+    with ReplayBuffer.create(shm_name, capacity=8, fields=fields) as buf:
+        buf.extend(make_records(0, range(3), FRAME))
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [100], FRAME), stage="count").start()
+        assert writer.slot == 3
+        writer.kill()
+        assert _who(_assert_whole(buf, 3, n_writers=2)) == (1, 100)
+        assert len(buf) == 4, f"len {len(buf)} after 4 committed rows"
+        buf.add(**{k: v[0] for k, v in make_records(0, [3], FRAME).items()})
+        assert len(buf) == 5 and buf.stats()["size"] == 5
+
+
+def test_len_is_exact_after_a_writer_dies_overwriting_a_slot(mp_ctx, shm_name):
+    """Ring full (capacity 4); a writer is SIGKILLed mid-copy overwriting slot 0: the slot holds
+    no record, so len == 3 and buf[0] raises IndexError; once the next writer of slot 0 took it
+    over, len == 4 again."""
+    fields = record_fields(FRAME)
+    with ReplayBuffer.create(shm_name, capacity=4, fields=fields) as buf:
+        buf.extend(make_records(0, range(4), FRAME))  # tickets 0-3
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [100], FRAME)).start()  # ticket 4
+        assert writer.slot == 0
+        writer.kill()
+        with pytest.raises(IndexError):
+            buf[0]
+        assert len(buf) == 3, f"len {len(buf)} with slot 0 holding no record"
+        buf.extend(make_records(0, range(4, 8), FRAME))  # tickets 5-8: slot 0 is taken over last
+        assert len(buf) == 4
+        assert buf.stats()["recovered"] == 1
+        assert _who(_assert_whole(buf, 0, n_writers=2)) == (0, 7)
+
+
+# =======================================================================================
+# E. Hostile segments
+# =======================================================================================
+
+
+def test_forged_busy_word_naming_a_live_process_does_not_hang_add(shm_name):
+    """Slot 0's version word is forged to say "busy, being written by process P", P being alive
+    (it holds a handle) but writing nothing. add() into that slot must not wait forever: it
+    gives up with ContendedError (a TimeoutError) in bounded time (checked at 25 s).
+
+    The layout is not hard-coded: the forged words are found by diffing the segment file while
+    P is really stopped inside its copy of slot 0 against the file after P finished; writing
+    the "stopped inside" words back recreates that state with nobody writing."""
+    ctx = multiprocessing.get_context("fork")
+    fields = BIG_FIELDS
+    buf = ReplayBuffer.create(shm_name, capacity=1, fields=fields)
+    buf.extend(rows_for_keys(fields, [0]))
+    path = buf.path
+    writer = PausedWriter(ctx, shm_name, None, rows_for_keys(fields, [1]), resumable=True, linger=True).start()
+    try:
+        during = np.fromfile(path, dtype=np.uint64)
+        writer.resume()
+        writer.wait_done(30)
+        after = np.fromfile(path, dtype=np.uint64)
+        changed = np.flatnonzero(during != after)
+        assert changed.size > 0
+        words = np.memmap(path, dtype=np.uint64, mode="r+")
+        words[changed] = during[changed]
+        words.flush()
+        del words
+        # Now slot 0 says P is writing it; P is alive, holds its handle, and writes nothing.
+        line, _ = _run_contended((shm_name, "add"), bound=25)
+        assert line is not None, "add() into a slot with a forged busy word was still waiting after 25 s"
+        assert line.startswith("raised") and line.split()[2] == "1", (
+            f"expected {ContendedError.__name__} (a TimeoutError): {line}"
+        )
+        assert not process_gone(writer.pid)
+    finally:
+        writer.kill()
+        _discard(buf)
+
+
+SPARSE_ATTACH = r"""
+import sys, numpy as np, shmreplay
+name, path = sys.argv[1], sys.argv[2]
+try:
+    buf = shmreplay.ReplayBuffer.attach(name, path=path)
+except (shmreplay.InsufficientSpaceError, OSError) as e:
+    print(f"refused {type(e).__name__}: {e}", flush=True)
+    sys.exit(0)
+print("attached", flush=True)
+rows = {"obs": np.full((buf.capacity, 1024), 7, np.uint8)}
+buf.extend(rows)
+print("wrote", len(buf), flush=True)
+"""
+
+
+def test_sparse_segment_on_a_full_tmpfs_is_refused_at_attach_not_sigbus(small_tmpfs, shm_name):
+    """A sparse copy of a segment (holes where the records go) on a small, nearly full tmpfs:
+    attach must refuse it (InsufficientSpaceError, or a clear OSError) rather than map it and
+    let the first write past the free space kill the process with SIGBUS."""
+    fields = {"obs": ((1024,), np.uint8)}
+    src = ReplayBuffer.create(shm_name, capacity=4096, fields=fields)  # ~4.3 MB, in /dev/shm
+    src_path = src.path
+    src.close()
+    dst = small_tmpfs / f"shmreplay.{shm_name}"
+    filler = small_tmpfs / "filler"
+    try:
+        subprocess.run(["cp", "--sparse=always", src_path, str(dst)], check=True, timeout=60)
+        st = os.stat(dst)
+        assert st.st_size == os.stat(src_path).st_size
+        assert st.st_blocks * 512 < st.st_size // 2, "the copy is not sparse"
+        vfs = os.statvfs(small_tmpfs)
+        free = vfs.f_bavail * vfs.f_frsize
+        with open(filler, "wb") as f:  # leave 1 MiB free: far less than the holes need
+            f.write(b"\xff" * max(0, free - (1 << 20)))
+        vfs = os.statvfs(small_tmpfs)
+        assert vfs.f_bavail * vfs.f_frsize < st.st_size - st.st_blocks * 512
+        proc = subprocess.run(
+            [sys.executable, "-c", SPARSE_ATTACH, shm_name, str(small_tmpfs)], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode >= 0, (
+            f"the process was killed by signal {-proc.returncode} "
+            f"({signal.Signals(-proc.returncode).name}) after: {proc.stdout!r}"
+        )
+        assert proc.stdout.startswith("refused"), f"attach accepted the sparse segment: {proc.stdout!r} {proc.stderr[-500:]}"
+        assert "InsufficientSpaceError" in proc.stdout or "OSError" in proc.stdout or "Error" in proc.stdout
+    finally:
+        for p in (dst, filler):
+            if p.exists():
+                p.unlink()
+        if os.path.exists(src_path):
+            os.unlink(src_path)
