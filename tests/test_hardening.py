@@ -871,27 +871,34 @@ def test_unlink_after_close_removes_the_segment(shm_name):
             os.unlink(path)
 
 
-PER_ROUND = 6  # stale buffers per round: a gc pass over several makes a wider window
+PER_ROUND = 20  # stale buffers per round: gc's pass over them takes about as long as attaching them all
 
 
-def _jitter(round_seed: int, me: str) -> None:
-    """Busy-waits 0-1 ms on one side of the race (which side and how long vary by round), so
-    that over the rounds the attach lands before, inside and after the gc's pass."""
+def _start_together(go: Any, round_seed: int, me: str) -> None:
+    """Busy-waits until the round's common start time ``go.value`` (CLOCK_MONOTONIC, set by the
+    gc child before the barrier; a barrier alone wakes its waiters hundreds of microseconds
+    apart, so the gc child sets it once both are at the barrier, 3 ms ahead, and a second
+    barrier publishes it), plus 0-300 us on one side (which side and how long vary by round), so that over
+    the rounds the attaches start before, with and after the gc's pass."""
     rng = np.random.default_rng(round_seed)
-    side, delay = ("gc", "attach")[int(rng.integers(2))], float(rng.uniform(0, 1e-3))
-    if side == me:
-        end = time.perf_counter() + delay
-        while time.perf_counter() < end:
-            pass
+    side, delay = ("gc", "attach")[int(rng.integers(2))], float(rng.uniform(0, 3e-4))
+    end = go.value + (delay if side == me else 0.0)
+    while time.monotonic() < end:
+        pass
 
 
-def race_gc_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> None:
-    """Child: each round, a forked grandchild creates buffers r<i>-0..5 and dies (they are
-    stale); then, at the barrier, gc() runs; a second barrier marks its end. Reports
-    (t0, t1, removed) per round."""
+MIN_ROUNDS, MAX_ROUNDS, RACE_SECONDS = 30, 400, 15.0
+ENOUGH_OVERLAPPED, ENOUGH_MIXED = 15, 5
+
+
+def race_gc_rounds(directory: str, shared: tuple, q: Any) -> None:
+    """Child: each round, a forked grandchild creates buffers r<i>-0..19 and dies (they are
+    stale); then, at a common start time, gc() runs. Reports (t0, t1, removed) per round.
+    Rounds go on until the attacher says it saw enough real overlaps (or a bound)."""
+    barrier, go, stop, g0, g1 = shared
     out, errors = [], []
     try:
-        for i in range(rounds):
+        for i in range(MAX_ROUNDS):
             pid = os.fork()
             if pid == 0:  # pragma: no cover - grandchild
                 try:
@@ -900,48 +907,71 @@ def race_gc_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> None:
                 finally:
                     os._exit(0)
             os.waitpid(pid, 0)
-            barrier.wait(30)
-            _jitter(i, "gc")
+            barrier.wait(30)  # A: both ready
+            if stop.value:
+                break
+            go.value = time.monotonic() + 0.003
+            barrier.wait(30)  # B: the attacher reads go.value after this
+            _start_together(go, i, "gc")
             t0 = time.monotonic()
             try:
                 removed = shmreplay.gc(directory)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"round {i}: {type(e).__name__}: {e}")
                 removed = []
-            out.append((t0, time.monotonic(), removed))
-            barrier.wait(30)
+            t1 = time.monotonic()
+            out.append((t0, t1, removed))
+            g0.value, g1.value = t0, t1
+            barrier.wait(30)  # C: this round's gc has finished
     except BaseException as e:  # noqa: BLE001
         errors.append(f"gc child: {type(e).__name__}: {e}")
         barrier.abort()
     q.put(("gc", out, errors))
 
 
-def race_attach_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> None:
-    """Child: each round, at the barrier, attaches one of that round's stale buffers; after the
-    gc's pass ended, an attach that succeeded must still find its file there and usable.
-    Reports (t0, t1, name, outcome) per round."""
+def race_attach_rounds(directory: str, shared: tuple, q: Any) -> None:
+    """Child: each round, at the common start time, attaches every one of that round's stale
+    buffers in a random order while the gc's pass runs, holding what it got; after the pass
+    ended, each buffer it holds must still be there and usable. Reports (t0, t1, {name:
+    outcome}) per round, and stops the rounds once enough of them really overlapped."""
+    barrier, go, stop, g0, g1 = shared
     out, errors = [], []
+    overlapped = mixed = 0
+    deadline = time.monotonic() + RACE_SECONDS
     try:
-        for i in range(rounds):
-            name = f"r{i}-{int(np.random.default_rng(10_000 + i).integers(PER_ROUND))}"
-            barrier.wait(30)
-            _jitter(i, "attach")
+        for i in range(MAX_ROUNDS):
+            names = [f"r{i}-{j}" for j in np.random.default_rng(10_000 + i).permutation(PER_ROUND)]
+            barrier.wait(30)  # A
+            if stop.value:
+                break
+            barrier.wait(30)  # B
+            _start_together(go, i, "attach")
             t0 = time.monotonic()
-            try:
-                h = ReplayBuffer.attach(name, path=directory)
-            except FileNotFoundError:
-                h = None
+            held = {}
+            for name in names:
+                try:
+                    held[name] = ReplayBuffer.attach(name, path=directory)
+                except FileNotFoundError:
+                    held[name] = None
             t1 = time.monotonic()
-            barrier.wait(30)  # the gc of this round has finished
-            if h is None:
-                out.append((t0, t1, name, "missing"))
-                continue
-            try:
-                there = os.path.exists(h.path) and not _maps_show_deleted(h.path)
-                h.add(x=i)
-                out.append((t0, t1, name, "ok" if there else "attached-but-gone"))
-            finally:
-                h.close()
+            barrier.wait(30)  # C: the gc of this round has finished
+            outcome = {}
+            for name, h in held.items():
+                if h is None:
+                    outcome[name] = "missing"
+                    continue
+                try:
+                    there = os.path.exists(h.path) and not _maps_show_deleted(h.path)
+                    h.add(x=i)
+                    outcome[name] = "ok" if there else "attached-but-gone"
+                finally:
+                    h.close()
+            out.append((t0, t1, outcome))
+            overlapped += intervals_overlap((t0, t1), (g0.value, g1.value))
+            mixed += len(set(outcome.values())) > 1
+            enough = overlapped >= ENOUGH_OVERLAPPED and mixed >= ENOUGH_MIXED
+            if (enough and i + 1 >= MIN_ROUNDS) or time.monotonic() > deadline or i + 1 == MAX_ROUNDS:
+                stop.value = 1
     except BaseException as e:  # noqa: BLE001
         errors.append(f"attach child: {type(e).__name__}: {e}")
         barrier.abort()
@@ -949,15 +979,16 @@ def race_attach_rounds(directory: str, rounds: int, barrier: Any, q: Any) -> Non
 
 
 def test_attach_racing_gc_of_a_stale_buffer_never_ends_attached_to_a_removed_file(shm_subdir, mp_ctx):
-    """Round after round, a gc of stale buffers and an attach to one of them start at the same
-    barrier. Each attach either succeeds and the buffer stays (file there, usable) or fails
-    with FileNotFoundError: never "attached, but the file is gone"."""
-    rounds = 150
-    barrier = mp_ctx.Barrier(2)
+    """Round after round, a gc pass over 20 stale buffers and attaches to each of them (random
+    order) start at the same instant. Each attach either succeeds and the buffer stays (file
+    there, usable, not reported removed) or fails with FileNotFoundError (and gc did remove
+    it): never "attached, but the file is gone". Rounds continue (bounded) until 15 of them
+    overlapped in time and 5 saw both outcomes in the same pass."""
+    shared = (mp_ctx.Barrier(2), mp_ctx.Value("d", 0.0), mp_ctx.Value("i", 0), mp_ctx.Value("d", 0.0), mp_ctx.Value("d", 0.0))
     q = mp_ctx.Queue()
     procs = [
-        mp_ctx.Process(target=race_gc_rounds, args=(str(shm_subdir), rounds, barrier, q), daemon=True),
-        mp_ctx.Process(target=race_attach_rounds, args=(str(shm_subdir), rounds, barrier, q), daemon=True),
+        mp_ctx.Process(target=race_gc_rounds, args=(str(shm_subdir), shared, q), daemon=True),
+        mp_ctx.Process(target=race_attach_rounds, args=(str(shm_subdir), shared, q), daemon=True),
     ]
     for p in procs:
         p.start()
@@ -967,18 +998,21 @@ def test_attach_racing_gc_of_a_stale_buffer_never_ends_attached_to_a_removed_fil
         helpers.kill_and_reap(procs)
     assert not reports["gc"][2] and not reports["attach"][2], (reports["gc"][2], reports["attach"][2])
     gcs, attaches = reports["gc"][1], reports["attach"][1]
-    assert len(gcs) == len(attaches) == rounds
-    bad = [(i, a) for i, a in enumerate(attaches) if a[3] == "attached-but-gone"]
-    assert not bad, f"attached, then gc removed the file: rounds {bad[:5]}"
+    assert len(gcs) == len(attaches) >= MIN_ROUNDS
+    bad = [(i, n) for i, a in enumerate(attaches) for n, o in a[2].items() if o == "attached-but-gone"]
+    assert not bad, f"attached, then gc removed the file: {bad[:5]}"
     for i, (g, a) in enumerate(zip(gcs, attaches)):
-        if a[3] == "ok":
-            assert a[2] not in g[2], f"round {i}: gc says it removed {a[2]}, which was attached"
-        else:
-            assert a[2] in g[2], f"round {i}: attach found no {a[2]}, but this round's gc did not remove it"
+        for name, o in a[2].items():
+            if o == "ok":
+                assert name not in g[2], f"round {i}: gc says it removed {name}, which was attached"
+            else:
+                assert name in g[2], f"round {i}: attach found no {name}, but this round's gc did not remove it"
     overlapped = sum(1 for g, a in zip(gcs, attaches) if intervals_overlap(g[:2], a[:2]))
-    outcomes = {o: sum(1 for a in attaches if a[3] == o) for o in ("ok", "missing")}
-    assert overlapped >= rounds // 10, f"only {overlapped} of {rounds} rounds overlapped ({outcomes})"
-    assert outcomes["ok"] > 0 and outcomes["missing"] > 0, outcomes
+    # Rounds where the same pass saw both outcomes: the attaches and the gc met in the middle.
+    mixed = sum(1 for a in attaches if len(set(a[2].values())) > 1)
+    assert overlapped >= ENOUGH_OVERLAPPED and mixed >= ENOUGH_MIXED, (
+        f"in {len(gcs)} rounds only {overlapped} overlapped and {mixed} saw both outcomes"
+    )
 
 
 # =======================================================================================

@@ -34,6 +34,7 @@ class Stats(TypedDict):
     retries: int
     recovered: int
     superseded: int
+    lost: int
     attached: int
 
 

@@ -40,7 +40,8 @@ impl ReplayBuffer {
 
     /// Inserts `n` records given column-wise: `columns[i]` holds `n` consecutive values of
     /// schema field `i` (`n * field.bytes` bytes). If `n` exceeds the capacity only the last
-    /// `capacity` are written (the others would be overwritten at once). Returns `n`.
+    /// `capacity` are written (the others would be overwritten at once, so they take their
+    /// tickets but are never written). Returns `n`.
     ///
     /// Everything is validated before the first byte is written. Rows take tickets in order,
     /// in chunks of 64: rows of concurrent inserts may interleave between chunks.
@@ -96,6 +97,14 @@ impl ReplayBuffer {
         };
         let mut result = Ok(n);
         let mut row = skipped;
+        // Rows the call overwrites itself still take their tickets (keys count every row),
+        // but write nothing.
+        if skipped > 0 {
+            if let Err(e) = self.take_tickets(skipped as u64) {
+                row = n;
+                result = Err(e);
+            }
+        }
         'chunks: while row < n {
             let take = ((n - row) as u64).min(CLAIM_CHUNK);
             let first_ticket = match self.take_tickets(take) {

@@ -173,10 +173,16 @@ mod loom_tests {
                         reap(
                             &p,
                             || true,
+                            // Like `remove_if_same`: only a file still linked is removed.
                             || {
-                                model.linked.store(false, Ordering::SeqCst);
-                                model.removals.fetch_add(1, Ordering::SeqCst);
-                                Ok(true)
+                                let removed = model
+                                    .linked
+                                    .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                                    .is_ok();
+                                if removed {
+                                    model.removals.fetch_add(1, Ordering::SeqCst);
+                                }
+                                Ok(removed)
                             },
                         )
                         .unwrap()
