@@ -739,6 +739,97 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
     assert len(cli_runs) >= 2 and sum(f[2] for f in factories) > 0
 
 
+GC_RACERS, GC_RACE_ROUNDS, GC_RACE_SECONDS, GC_RACE_BUFFERS = 3, 60, 10.0, 100
+GC_RACE_MIN_ROUNDS, GC_RACE_ENOUGH_MET = 10, 10
+
+
+def _gcs_met(passes: list[tuple[float, float, int]]) -> bool:
+    """True if two gc passes that both removed something overlapped in time."""
+    busy = [p for p in passes if p[2] > 0]
+    return any(intervals_overlap(x[:2], y[:2]) for k, x in enumerate(busy) for y in busy[k + 1 :])
+
+
+def lockstep_gc_rounds(directory: str, me: int, shared: tuple, q: Any) -> None:
+    """Child ``me`` of GC_RACERS: each round (racer 0 first makes 100 stale buffers through a
+    forked grandchild that dies), all racers run gc() from the same instant, so that they walk
+    the directory in lockstep and reach the same stale buffers together. Racer 0 ends the
+    rounds once enough of them had two gcs removing buffers at the same time (or a bound)."""
+    barrier, go, stop, board = shared
+    out, errors = [], []
+    met = 0
+    deadline = time.monotonic() + GC_RACE_SECONDS
+    try:
+        for i in range(GC_RACE_ROUNDS):
+            if me == 0:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - grandchild
+                    try:
+                        for j in range(GC_RACE_BUFFERS):
+                            ReplayBuffer.create(f"g{i}-{j}", capacity=8, fields={"x": ((), "int64")}, path=directory)
+                    finally:
+                        os._exit(0)
+                os.waitpid(pid, 0)
+            barrier.wait(30)  # A: all ready
+            if stop.value:
+                break
+            if me == 0:
+                go.value = time.monotonic() + 0.010
+            barrier.wait(30)  # B: go.value is set
+            _until(go.value)
+            t0 = time.monotonic()
+            try:
+                removed = shmreplay.gc(directory)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"round {i}: {type(e).__name__}: {e}")
+                removed = []
+            t1 = time.monotonic()
+            out.append((t0, t1, removed))
+            board[3 * me : 3 * me + 3] = [t0, t1, float(len(removed))]
+            barrier.wait(30)  # C: every gc of the round has returned and posted its pass
+            if me == 0:
+                passes = [tuple(board[3 * k : 3 * k + 3]) for k in range(GC_RACERS)]
+                met += _gcs_met(passes)  # type: ignore[arg-type]
+                enough = met >= GC_RACE_ENOUGH_MET and i + 1 >= GC_RACE_MIN_ROUNDS
+                if errors or enough or time.monotonic() > deadline:
+                    stop.value = 1
+    except BaseException as e:  # noqa: BLE001
+        errors.append(f"racer {me}: {type(e).__name__}: {e}")
+        barrier.abort()
+    q.put((me, out, errors))
+
+
+def test_simultaneous_gcs_on_the_same_stale_buffers_never_raise(shm_subdir, mp_ctx):
+    """Three gc processes start at the same instant, round after round, on 100 fresh stale
+    buffers: they walk the directory together and reach the same buffers at once. No gc raises
+    (FileNotFoundError when another gc removed the file first, ...), every stale buffer is
+    removed by exactly one of them, and in at least 10 rounds two gcs were removing buffers at
+    the same time (rounds go on, bounded, until then)."""
+    shared = (mp_ctx.Barrier(GC_RACERS), mp_ctx.Value("d", 0.0), mp_ctx.Value("i", 0), mp_ctx.Array("d", 3 * GC_RACERS))
+    q = mp_ctx.Queue()
+    procs = [
+        mp_ctx.Process(target=lockstep_gc_rounds, args=(str(shm_subdir), me, shared, q), daemon=True)
+        for me in range(GC_RACERS)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        reports = sorted(q.get(timeout=60) for _ in procs)
+    finally:
+        helpers.kill_and_reap(procs)
+    errors = [e for r in reports for e in r[2]]
+    assert not errors, f"{len(errors)} gc errors, e.g. {errors[:3]}"
+    rounds = min(len(r[1]) for r in reports)
+    assert rounds >= GC_RACE_MIN_ROUNDS
+    met = 0
+    for i in range(rounds):
+        removed = [n for r in reports for n in r[1][i][2]]
+        assert sorted(removed) == sorted(f"g{i}-{j}" for j in range(GC_RACE_BUFFERS)), (
+            f"round {i}: removed {sorted(removed)}"
+        )
+        met += _gcs_met([(r[1][i][0], r[1][i][1], len(r[1][i][2])) for r in reports])
+    assert met >= GC_RACE_ENOUGH_MET, f"only {met} of {rounds} rounds had two gcs removing buffers at once"
+
+
 LAUNCHER = r"""
 import multiprocessing, multiprocessing.process, os, sys, time
 import shmreplay
@@ -877,13 +968,21 @@ PER_ROUND = 20  # stale buffers per round: gc's pass over them takes about as lo
 def _start_together(go: Any, round_seed: int, me: str) -> None:
     """Busy-waits until the round's common start time ``go.value`` (CLOCK_MONOTONIC, set by the
     gc child before the barrier; a barrier alone wakes its waiters hundreds of microseconds
-    apart, so the gc child sets it once both are at the barrier, 3 ms ahead, and a second
-    barrier publishes it), plus 0-300 us on one side (which side and how long vary by round), so that over
+    apart, so the gc child sets it once both are at the barrier and a second
+    barrier publishes it; 10 ms ahead: waking a barrier's waiters takes milliseconds under load), plus 0-300 us on one side (which side and how long vary by round), so that over
     the rounds the attaches start before, with and after the gc's pass."""
     rng = np.random.default_rng(round_seed)
     side, delay = ("gc", "attach")[int(rng.integers(2))], float(rng.uniform(0, 3e-4))
-    end = go.value + (delay if side == me else 0.0)
-    while time.monotonic() < end:
+    _until(go.value + (delay if side == me else 0.0))
+
+
+def _until(t: float) -> None:
+    """Returns at CLOCK_MONOTONIC time ``t``: sleeps most of the way, spins the last 0.5 ms
+    (spinning all the way, racers on 2 cores would deschedule one another)."""
+    left = t - time.monotonic() - 5e-4
+    if left > 0:
+        time.sleep(left)
+    while time.monotonic() < t:
         pass
 
 
@@ -910,7 +1009,7 @@ def race_gc_rounds(directory: str, shared: tuple, q: Any) -> None:
             barrier.wait(30)  # A: both ready
             if stop.value:
                 break
-            go.value = time.monotonic() + 0.003
+            go.value = time.monotonic() + 0.010
             barrier.wait(30)  # B: the attacher reads go.value after this
             _start_together(go, i, "gc")
             t0 = time.monotonic()

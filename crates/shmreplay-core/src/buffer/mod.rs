@@ -265,7 +265,9 @@ impl ReplayBuffer {
         crate::platform::files::ensure_allocated(&file, &path, layout.total_bytes as u64)?;
         let buffer = ReplayBuffer::from_parts(segment, file, schema, layout, name, path);
         if register {
-            buffer.ensure_registered(&mut NoBlocking)?;
+            let mut handle = buffer.lock_handle(&mut NoBlocking)?;
+            buffer.prepare(&mut handle, &mut NoBlocking, true, true)?;
+            drop(handle);
             buffer.segment.prefault(&mut Patience::new())?;
         }
         Ok(buffer)
@@ -377,7 +379,7 @@ impl ReplayBuffer {
             return Ok(entry);
         }
         let mut handle = self.lock_handle(blocking)?;
-        self.prepare(&mut handle, blocking, true)
+        self.prepare(&mut handle, blocking, true, false)
             .map(|e| e.expect("registered"))
     }
 
@@ -395,11 +397,16 @@ impl ReplayBuffer {
 
     /// Makes the handle usable by the calling process: after `fork`, a lock file of its own
     /// (and a new entry if the parent's handle had one); with `register`, an entry.
+    ///
+    /// `attaching`: this is `attach` itself, which must not register in a file a gc has just
+    /// removed; a handle that already held the buffer (an `inspect` handle starting to write,
+    /// a forked child's inherited handle) may keep using it after an unlink.
     fn prepare(
         &self,
         handle: &mut Handle,
         blocking: &mut dyn Blocking,
         register: bool,
+        attaching: bool,
     ) -> Result<Option<usize>> {
         let me = liveness::pid();
         let forked = handle.pid != me;
@@ -409,7 +416,7 @@ impl ReplayBuffer {
             // with it the parent's entry lock): the buffer stays held meanwhile.
             let fresh = Arc::new(self.current_lock_file().reopen()?);
             if needs_entry {
-                let entry = self.register_with(&fresh, blocking)?;
+                let entry = self.register_with(&fresh, false, blocking)?;
                 handle.entry = Some(entry);
                 self.publish_registration(me, entry);
             } else {
@@ -420,7 +427,7 @@ impl ReplayBuffer {
             self.lock_pid.store(me, Ordering::Release);
             handle.pid = me;
         } else if needs_entry && handle.entry.is_none() {
-            let entry = self.register_with(&self.current_lock_file(), blocking)?;
+            let entry = self.register_with(&self.current_lock_file(), attaching, blocking)?;
             handle.entry = Some(entry);
             self.publish_registration(me, entry);
         }
@@ -438,18 +445,23 @@ impl ReplayBuffer {
     fn locks(&self, blocking: &mut dyn Blocking) -> Result<Arc<LockFile>> {
         if self.lock_pid.load(Ordering::Acquire) != liveness::pid() {
             let mut handle = self.lock_handle(blocking)?;
-            self.prepare(&mut handle, blocking, false)?;
+            self.prepare(&mut handle, blocking, false, false)?;
         }
         Ok(self.current_lock_file())
     }
 
     /// Takes a handle entry through `lock` (see `protocol::gate` for why under the gate).
-    fn register_with(&self, lock: &LockFile, blocking: &mut dyn Blocking) -> Result<usize> {
+    fn register_with(
+        &self,
+        lock: &LockFile,
+        require_linked: bool,
+        blocking: &mut dyn Blocking,
+    ) -> Result<usize> {
         let locks = GateLocks(lock);
         let mut outcome = None;
         let started = Instant::now();
         loop {
-            match gate::admit(&locks, || self.take_entry(lock))? {
+            match gate::admit(&locks, require_linked, || self.take_entry(lock))? {
                 Admission::Admitted(entry) => return Ok(entry),
                 Admission::Removed => return Err(Error::NotFound(self.path.clone())),
                 Admission::Busy => {}

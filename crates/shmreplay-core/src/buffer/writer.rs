@@ -80,7 +80,7 @@ impl ReplayBuffer {
         }
         let mut handle = self.lock_handle(blocking)?;
         let entry = self
-            .prepare(&mut handle, blocking, true)?
+            .prepare(&mut handle, blocking, true, false)?
             .expect("registered");
         let lock = self.current_lock_file();
         // Rows that the same call would overwrite at once are never written.

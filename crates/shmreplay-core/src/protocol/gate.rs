@@ -41,16 +41,23 @@ pub(crate) enum Admission<T> {
     Removed,
 }
 
-/// The attacher's side: holding the gate shared, checks the file is still linked, then runs
-/// `take_entry` (which locks a handle entry).
+/// The attacher's side: holding the gate shared, checks the file is still linked (unless the
+/// caller already holds a handle, e.g. one inherited through `fork`, which keeps working after
+/// an unlink), then runs `take_entry` (which locks a handle entry).
 pub(crate) fn admit<L: SegmentLocks, T>(
     locks: &L,
+    require_linked: bool,
     take_entry: impl FnOnce() -> Result<T>,
 ) -> Result<Admission<T>> {
     if !locks.try_gate(false)? {
         return Ok(Admission::Busy);
     }
-    let result = match locks.is_linked() {
+    let linked = if require_linked {
+        locks.is_linked()
+    } else {
+        Ok(true)
+    };
+    let result = match linked {
         Ok(true) => take_entry().map(Admission::Admitted),
         Ok(false) => Ok(Admission::Removed),
         Err(e) => Err(e),
@@ -193,7 +200,7 @@ mod loom_tests {
                 let model = model.clone();
                 thread::spawn(move || {
                     let p = Process(&model);
-                    admit(&p, || {
+                    admit(&p, true, || {
                         model.entries_held.fetch_add(1, Ordering::SeqCst);
                         Ok(())
                     })
