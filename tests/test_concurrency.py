@@ -444,6 +444,8 @@ def test_no_torn_rows_under_concurrent_writes(shm_name, start_method, capacity, 
         # every row a writer handed over was either committed or superseded (a later lap's
         # writer claimed its slot first); none may vanish
         assert stats["inserts"] + stats["superseded"] == total, (stats, written)
+        # no writer died, and none was taken for dead while it wrote
+        assert stats["recovered"] == 0 and stats.get("lost", 0) == 0, stats
         assert stats["size"] == capacity == len(buf)
         assert stats["attached"] == 1, stats  # all children closed their handles
         assert stats["samples"] >= sum(s["batches"] for s in samplers) * batch_size, stats
@@ -494,4 +496,5 @@ def test_single_slot_reads_of_busy_slots(shm_name, start_method):
         assert reader["changed"] >= MIN_CHANGED_READS, reader
         stats = buf.stats()
         assert stats["inserts"] + stats["superseded"] == total, (stats, total)
+        assert stats["recovered"] == 0 and stats.get("lost", 0) == 0, stats
         _assert_final_ring(buf, fields, 1, total)

@@ -14,7 +14,6 @@ it, else the older ``RawBuffer.extend_pausing`` (stage "copy" only).
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -140,8 +139,8 @@ class Lines:
     def ticks_between(self, t0: float, t1: float) -> int:
         """Counter-thread lines ``tick N T`` whose child-side time T is in [t0, t1]."""
         with self.cv:
-            times = [float(line.split()[2]) for _, line in self.lines if line.startswith("tick ")]
-        return sum(1 for t in times if t0 <= t <= t1)
+            ticks = [line.split() for _, line in self.lines if line.startswith("tick ")]
+        return sum(1 for t in ticks if len(t) == 3 and t0 <= float(t[2]) <= t1)
 
     def text(self) -> str:
         with self.cv:
@@ -272,8 +271,10 @@ def test_writer_killed_mid_copy_is_taken_over_by_the_next_writer_of_its_slot(mp_
 # =======================================================================================
 
 WAITING_ADD = r"""
-import sys, threading, time
+import os, sys, threading, time
 import helpers, shmreplay
+def say(line):  # one write(2) per line: lines of different threads never interleave
+    os.write(1, (line + "\n").encode())
 name, frame = sys.argv[1], tuple(int(x) for x in sys.argv[2].split(","))
 buf = shmreplay.ReplayBuffer.attach(name)
 row = {k: v[0] for k, v in helpers.make_records(9, [0], frame).items()}
@@ -282,19 +283,19 @@ def counter():
     n = 0
     while not stop.is_set():
         n += 1
-        print(f"tick {n} {time.monotonic():.6f}", flush=True)
+        say(f"tick {n} {time.monotonic():.6f}")
         time.sleep(0.02)
 threading.Thread(target=counter, daemon=True).start()
 time.sleep(0.2)
-print(f"adding {time.monotonic():.6f}", flush=True)
+say(f"adding {time.monotonic():.6f}")
 t0 = time.monotonic()
 try:
     buf.add(**row)
-    print(f"returned {time.monotonic() - t0:.3f}", flush=True)
+    say(f"returned {time.monotonic() - t0:.3f}")
 except KeyboardInterrupt:
-    print(f"interrupted {time.monotonic() - t0:.3f}", flush=True)
+    say(f"interrupted {time.monotonic() - t0:.3f}")
 except BaseException as e:
-    print(f"raised {type(e).__name__} {time.monotonic() - t0:.3f} {e}", flush=True)
+    say(f"raised {type(e).__name__} {time.monotonic() - t0:.3f} {e}")
 stop.set()
 """
 
@@ -339,21 +340,21 @@ def test_add_waiting_on_a_stopped_writer_leaves_other_threads_running_and_obeys_
 
 
 TWO_THREADS_ONE_HANDLE = r"""
-import sys, threading, time, traceback
+import os, sys, threading, time
 import helpers, shmreplay
 name = sys.argv[1]
 frame = (4, 84, 84)
 buf = shmreplay.ReplayBuffer.attach(name)
 big = helpers.make_records(10, range(4), frame)     # > 64 KiB: the path that releases the GIL
 small = helpers.make_records(11, range(3), frame)   # one row ~56 KB: the path that keeps it
-def emit(msg):
-    print(f"{msg} {time.monotonic():.6f}", flush=True)
+def emit(msg):  # one write(2) per line: lines of different threads never interleave
+    os.write(1, f"{msg} {time.monotonic():.6f}\n".encode())
 stop = threading.Event()
 def counter():
     n = 0
     while not stop.is_set():
         n += 1
-        print(f"tick {n} {time.monotonic():.6f}", flush=True)
+        emit(f"tick {n}")
         time.sleep(0.02)
 def t1():
     try:
@@ -454,12 +455,11 @@ except BaseException as e:
 BIG_FIELDS = {"obs": ((4, 84, 84), np.uint8), "x": ((), np.int64)}  # a row ~28 KB; 4 rows > 64 KiB
 
 
-def _run_contended(script_args: tuple[str, ...], bound: float) -> tuple[str | None, str]:
-    """Runs CONTENDED_WRITE; returns (its "returned ..."/"raised ..." line, or None if it was
-    still waiting after ``bound`` seconds or died; and its stderr). The child is killed after."""
+def _run_contended(script_args: tuple[str, ...], bound: float) -> str | None:
+    """Runs CONTENDED_WRITE in a child; returns its "returned ..."/"raised ..." line, or None if
+    it was still waiting after ``bound`` seconds (or died). The child is killed afterwards."""
     proc = _popen(CONTENDED_WRITE, *script_args)
     lines = Lines(proc)
-    err = ""
     try:
         ready = lines.wait_for("ready", 30)
         assert ready is not None, f"the writing child never got ready: {_reap(proc)}"
@@ -469,7 +469,7 @@ def _run_contended(script_args: tuple[str, ...], bound: float) -> tuple[str | No
                 break
             time.sleep(0.05)
         item = lines.find("returned") or lines.find("raised")
-        return (None if item is None else item[1]), ""
+        return None if item is None else item[1]
     finally:
         err = _reap(proc)
         if err.strip():
@@ -488,7 +488,7 @@ def test_write_waiting_on_a_stopped_writer_gives_up_with_contended_error(shm_nam
     try:
         writer.stop()
         started = time.monotonic()
-        line, _ = _run_contended((shm_name, call), bound=25)
+        line = _run_contended((shm_name, call), bound=25)
         elapsed = time.monotonic() - started
         assert line is not None, f"the {call} was still waiting after {elapsed:.0f}s: no give-up (it would wait forever)"
         assert line.startswith("raised"), f"the {call} overwrote the slot of a live (stopped) writer: {line}"
@@ -582,13 +582,13 @@ def _maps_show_deleted(path: str) -> bool:
         return any(line.rstrip("\n").endswith(path + " (deleted)") for line in f)
 
 
-def gc_worker(directory: str, barrier: Any, seconds: float, q: Any) -> None:
-    """Child or thread: after the barrier, runs gc() back to back for ``seconds``; reports every
-    call's interval and result, and every exception."""
+def gc_worker(directory: str, barrier: Any, seconds: float, q: Any, threads: int = 1) -> None:
+    """Child or thread: after the barrier, runs gc() back to back for ``seconds`` in ``threads``
+    threads at once (gc releases the GIL); reports every call's interval and result, and every
+    exception."""
     calls, errors = [], []
-    try:
-        barrier.wait(60)
-        deadline = time.monotonic() + seconds
+
+    def loop(deadline: float) -> None:
         while time.monotonic() < deadline:
             t0 = time.monotonic()
             try:
@@ -597,6 +597,15 @@ def gc_worker(directory: str, barrier: Any, seconds: float, q: Any) -> None:
                 errors.append(f"{type(e).__name__}: {e}")
                 removed = []
             calls.append((t0, time.monotonic(), removed))
+
+    try:
+        barrier.wait(60)
+        deadline = time.monotonic() + seconds
+        workers = [threading.Thread(target=loop, args=(deadline,)) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(seconds + 60)
     except BaseException as e:  # noqa: BLE001
         errors.append(f"worker: {type(e).__name__}: {e}")
     q.put(("gc", os.getpid(), calls, errors))
@@ -651,28 +660,31 @@ def stale_factory(directory: str, barrier: Any, seconds: float, q: Any) -> None:
             if pid == 0:  # pragma: no cover - grandchild
                 code = 0
                 try:
-                    for j in range(4):
-                        ReplayBuffer.create(f"churn{os.getpid()}-{rnd}-{j}", capacity=8, fields={"x": ((), "int64")}, path=directory)
+                    for j in range(16):
+                        name = f"churn{os.getpid()}-{rnd}-{j}"
+                        ReplayBuffer.create(name, capacity=8, fields={"x": ((), "int64")}, path=directory)
                 except BaseException:  # noqa: BLE001
                     code = 1
                 os._exit(code)
             _, status = os.waitpid(pid, 0)
             if status != 0:
                 errors.append(f"factory grandchild exit status {status:#x}")
-            made += 4
+            made += 16
             rnd += 1
-            time.sleep(0.01)
+            time.sleep(0.005)
     except BaseException as e:  # noqa: BLE001
         errors.append(f"factory: {type(e).__name__}: {e}")
     q.put(("factory", os.getpid(), made, errors))
 
 
 def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_subdir):
-    """Many gc() runs at once (2 processes, 2 threads, and the `shmreplay gc` CLI in a loop)
-    while 2 processes attach to whatever is in the directory and a factory keeps making stale
-    buffers: no gc raises (no FileNotFoundError from two gcs removing the same file), the CLI
-    exits 0, a buffer some live process holds is never removed, and an attach that succeeds
-    never finds its file removed while it holds it."""
+    """Many gc() runs at once (2 processes of 2 threads, 2 threads here, and the `shmreplay gc`
+    CLI in a loop) while 2 processes attach to whatever is in the directory and a factory keeps
+    making stale buffers: no gc raises (no FileNotFoundError from two gcs removing the same
+    file), the CLI exits 0, a buffer some live process holds is never removed, and an attach
+    that succeeds never finds its file removed while it holds it. (Catching the double-removal
+    race here is probabilistic; test_simultaneous_gcs_on_the_same_stale_buffers_never_raise
+    catches it reliably.)"""
     d = shm_subdir
     stale = [f"stale{i}" for i in range(60)]
     _create_and_die(d, *stale)
@@ -685,7 +697,7 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
     seconds = 3.0
     barrier = ctx.Barrier(2 + 2 + 2 + 1 + 1)  # gc procs, gc threads, attachers, factory, main
     q = ctx.Queue()
-    procs = [ctx.Process(target=gc_worker, args=(str(d), barrier, seconds, q), daemon=True) for _ in range(2)]
+    procs = [ctx.Process(target=gc_worker, args=(str(d), barrier, seconds, q, 2), daemon=True) for _ in range(2)]
     procs += [ctx.Process(target=attach_worker, args=(str(d), barrier, seconds, s, q), daemon=True) for s in range(2)]
     procs.append(ctx.Process(target=stale_factory, args=(str(d), barrier, seconds, q), daemon=True))
     for p in procs:
@@ -700,7 +712,9 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             t0 = time.monotonic()
-            r = subprocess.run([sys.executable, "-m", "shmreplay.cli", "gc", "--path", str(d)], capture_output=True, text=True, timeout=60)
+            r = subprocess.run(
+                [sys.executable, "-m", "shmreplay.cli", "gc", "--path", str(d)], capture_output=True, text=True, timeout=60
+            )
             cli_runs.append((t0, time.monotonic(), r.returncode, r.stderr.strip()[-300:], r.stdout))
         for _ in range(len(procs) + len(threads)):
             reports.append(q.get(timeout=60))
@@ -725,12 +739,10 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
     assert protected <= surviving, f"held buffers gone: {sorted(protected - surviving)}"
     # The races really happened: gcs that removed something ran at the same time as other gcs
     # and as successful attaches.
-    calls = [(pid, c) for r in gcs for pid, c in [(r[1], c) for c in r[2]]]
+    calls = [(r[1], c) for r in gcs for c in r[2]]  # (pid, (t0, t1, removed))
     removing = [(pid, c) for pid, c in calls if c[2]]
     assert sum(len(c[2]) for _, c in calls) >= len(stale), "the gcs removed less than the stale buffers"
-    overlapping_gcs = sum(
-        1 for pid, c in removing for pid2, c2 in calls if c2 is not c and intervals_overlap(c[:2], c2[:2])
-    )
+    overlapping_gcs = sum(1 for _, c in removing for _, c2 in calls if c2 is not c and intervals_overlap(c[:2], c2[:2]))
     assert overlapping_gcs > 0, "no gc that removed something ran concurrently with another gc"
     ok_attaches = [a for r in attaches for a in r[2]]
     assert len(ok_attaches) > 20, f"only {len(ok_attaches)} successful attaches"
@@ -739,8 +751,8 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
     assert len(cli_runs) >= 2 and sum(f[2] for f in factories) > 0
 
 
-GC_RACERS, GC_RACE_ROUNDS, GC_RACE_SECONDS, GC_RACE_BUFFERS = 3, 60, 10.0, 100
-GC_RACE_MIN_ROUNDS, GC_RACE_ENOUGH_MET = 10, 10
+GC_RACERS, GC_RACE_THREADS, GC_RACE_ROUNDS, GC_RACE_SECONDS, GC_RACE_BUFFERS = 2, 3, 120, 12.0, 100
+GC_RACE_MIN_ROUNDS, GC_RACE_ENOUGH_MET = 40, 10
 
 
 def _gcs_met(passes: list[tuple[float, float, int]]) -> bool:
@@ -751,8 +763,10 @@ def _gcs_met(passes: list[tuple[float, float, int]]) -> bool:
 
 def lockstep_gc_rounds(directory: str, me: int, shared: tuple, q: Any) -> None:
     """Child ``me`` of GC_RACERS: each round (racer 0 first makes 100 stale buffers through a
-    forked grandchild that dies), all racers run gc() from the same instant, so that they walk
-    the directory in lockstep and reach the same stale buffers together. Racer 0 ends the
+    forked grandchild that dies), all racers run gc() from the same instant, each in
+    GC_RACE_THREADS threads at once (gc releases the GIL), so that they walk the directory in
+    lockstep and reach the same stale buffers together; more gcs than cores also get preempted
+    in the middle of removing a buffer. Racer 0 ends the
     rounds once enough of them had two gcs removing buffers at the same time (or a bound)."""
     barrier, go, stop, board = shared
     out, errors = [], []
@@ -776,19 +790,30 @@ def lockstep_gc_rounds(directory: str, me: int, shared: tuple, q: Any) -> None:
                 go.value = time.monotonic() + 0.010
             barrier.wait(30)  # B: go.value is set
             _until(go.value)
-            t0 = time.monotonic()
-            try:
-                removed = shmreplay.gc(directory)
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"round {i}: {type(e).__name__}: {e}")
-                removed = []
-            t1 = time.monotonic()
+            passes: list[tuple[float, float, list[str]]] = []
+
+            def one_gc() -> None:
+                t0 = time.monotonic()
+                try:
+                    removed = shmreplay.gc(directory)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"round {i}: {type(e).__name__}: {e}")
+                    removed = []
+                passes.append((t0, time.monotonic(), removed))
+
+            threads = [threading.Thread(target=one_gc) for _ in range(GC_RACE_THREADS)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            t0, t1 = min(p[0] for p in passes), max(p[1] for p in passes)
+            removed = [n for p in passes for n in p[2]]
             out.append((t0, t1, removed))
             board[3 * me : 3 * me + 3] = [t0, t1, float(len(removed))]
             barrier.wait(30)  # C: every gc of the round has returned and posted its pass
             if me == 0:
-                passes = [tuple(board[3 * k : 3 * k + 3]) for k in range(GC_RACERS)]
-                met += _gcs_met(passes)  # type: ignore[arg-type]
+                posted = [tuple(board[3 * k : 3 * k + 3]) for k in range(GC_RACERS)]
+                met += _gcs_met(posted)  # type: ignore[arg-type]
                 enough = met >= GC_RACE_ENOUGH_MET and i + 1 >= GC_RACE_MIN_ROUNDS
                 if errors or enough or time.monotonic() > deadline:
                     stop.value = 1
@@ -799,8 +824,9 @@ def lockstep_gc_rounds(directory: str, me: int, shared: tuple, q: Any) -> None:
 
 
 def test_simultaneous_gcs_on_the_same_stale_buffers_never_raise(shm_subdir, mp_ctx):
-    """Three gc processes start at the same instant, round after round, on 100 fresh stale
-    buffers: they walk the directory together and reach the same buffers at once. No gc raises
+    """Two gc processes of three gc threads each start at the same instant, round after round,
+    on 100 fresh stale buffers: they walk the directory together and reach the same buffers at
+    once. No gc raises
     (FileNotFoundError when another gc removed the file first, ...), every stale buffer is
     removed by exactly one of them, and in at least 10 rounds two gcs were removing buffers at
     the same time (rounds go on, bounded, until then)."""
@@ -966,11 +992,11 @@ PER_ROUND = 20  # stale buffers per round: gc's pass over them takes about as lo
 
 
 def _start_together(go: Any, round_seed: int, me: str) -> None:
-    """Busy-waits until the round's common start time ``go.value`` (CLOCK_MONOTONIC, set by the
-    gc child before the barrier; a barrier alone wakes its waiters hundreds of microseconds
-    apart, so the gc child sets it once both are at the barrier and a second
-    barrier publishes it; 10 ms ahead: waking a barrier's waiters takes milliseconds under load), plus 0-300 us on one side (which side and how long vary by round), so that over
-    the rounds the attaches start before, with and after the gc's pass."""
+    """Waits until the round's common start time ``go.value`` (CLOCK_MONOTONIC), plus 0-300 us
+    on one side (which side and how long vary by round), so that over the rounds the attaches
+    start before, with and after the gc's pass. A barrier alone wakes its waiters hundreds of
+    microseconds (milliseconds under load) apart: the gc child sets ``go`` 10 ms ahead once
+    both are at the barrier, and a second barrier publishes it."""
     rng = np.random.default_rng(round_seed)
     side, delay = ("gc", "attach")[int(rng.integers(2))], float(rng.uniform(0, 3e-4))
     _until(go.value + (delay if side == me else 0.0))
@@ -1119,23 +1145,35 @@ def test_attach_racing_gc_of_a_stale_buffer_never_ends_attached_to_a_removed_fil
 # =======================================================================================
 
 
-def test_empty_buffer_whose_only_writer_died_mid_copy_answers_at_once(mp_ctx, shm_name):
-    """Capacity 1, nothing committed, the one writer SIGKILLed mid-copy: len == 0, buf[0] raises
-    IndexError and sample(1) raises EmptyBufferError, each at once (not after a timeout)."""
+@pytest.mark.parametrize("before", ["empty", "overwrite"])
+def test_buffer_whose_only_slot_lost_its_writer_mid_copy_answers_at_once(mp_ctx, shm_name, before):
+    """Capacity 1; its writer is SIGKILLed mid-copy, the ring being empty ("empty") or its only
+    row being overwritten ("overwrite"). Either way the buffer holds no record: sample(1) raises
+    EmptyBufferError and buf[0] raises IndexError, each at once (< 1 s, not a 10 s spin or a
+    TimeoutError), and len == 0."""
     fields = record_fields(FRAME)
     with ReplayBuffer.create(shm_name, capacity=1, fields=fields) as buf:
-        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [0], FRAME)).start()
+        if before == "overwrite":
+            buf.extend(make_records(0, [0], FRAME))
+        writer = PausedWriter(mp_ctx, shm_name, None, make_records(1, [1], FRAME)).start()
         writer.kill()
-        assert len(buf) == 0
+        started = time.monotonic()
+        try:
+            buf.sample(1)
+            outcome = "returned a row"
+        except Exception as e:  # noqa: BLE001
+            outcome = e
+        took = time.monotonic() - started
+        assert isinstance(outcome, shmreplay.EmptyBufferError) and took < 1, (
+            f"sample(1) with no record in the ring: {outcome!r} after {took:.2f}s"
+        )
         started = time.monotonic()
         with pytest.raises(IndexError):
             buf[0]
         assert time.monotonic() - started < 1
-        started = time.monotonic()
-        with pytest.raises(shmreplay.EmptyBufferError):
-            buf.sample(1)
-        assert time.monotonic() - started < 1
         assert len(buf) == 0
+        buf.extend(make_records(2, [2], FRAME))  # the next writer takes the slot over
+        assert len(buf) == 1 and _who(_assert_whole(buf, 0, n_writers=3)) == (2, 2)
 
 
 def test_writer_killed_in_a_huge_extend_never_stalls_sampling(mp_ctx, shm_name):
@@ -1226,7 +1264,7 @@ def test_forged_busy_word_naming_a_live_process_does_not_hang_add(shm_name):
         words.flush()
         del words
         # Now slot 0 says P is writing it; P is alive, holds its handle, and writes nothing.
-        line, _ = _run_contended((shm_name, "add"), bound=25)
+        line = _run_contended((shm_name, "add"), bound=25)
         assert line is not None, "add() into a slot with a forged busy word was still waiting after 25 s"
         assert line.startswith("raised") and line.split()[2] == "1", (
             f"expected {ContendedError.__name__} (a TimeoutError): {line}"
@@ -1280,8 +1318,8 @@ def test_sparse_segment_on_a_full_tmpfs_is_refused_at_attach_not_sigbus(small_tm
             f"the process was killed by signal {-proc.returncode} "
             f"({signal.Signals(-proc.returncode).name}) after: {proc.stdout!r}"
         )
+        # "refused" means attach raised InsufficientSpaceError or another OSError (see SPARSE_ATTACH)
         assert proc.stdout.startswith("refused"), f"attach accepted the sparse segment: {proc.stdout!r} {proc.stderr[-500:]}"
-        assert "InsufficientSpaceError" in proc.stdout or "OSError" in proc.stdout or "Error" in proc.stdout
     finally:
         for p in (dst, filler):
             if p.exists():

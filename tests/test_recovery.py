@@ -1,9 +1,9 @@
 """Surviving dead processes: writers SIGKILLed inside a copy, stale segments and ``gc``, and
 Ctrl-C during calls that wait.
 
-A test-only hook (``RawBuffer.extend_pausing``) stops a writer right after it copied the first
-field of a record, with the slot still claimed, so that a SIGKILL lands inside the copy for
-certain rather than by luck.
+A test-only hook (``helpers.extend_pausing``: ``_core._test_extend_pausing`` with stage "copy",
+or the older ``RawBuffer.extend_pausing``) stops a writer inside the copy of a record, with the
+slot still claimed, so that a SIGKILL lands inside the copy for certain rather than by luck.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ FRAME = (4, 16, 16)  # 1 KiB frames: small records, still several words per fiel
 
 def writer_paused_mid_copy(name: str, path: str | None, wid: int, seqs: list[int], frame, conn) -> None:
     """Child: inserts records of writer ``wid``, stopping for good inside the first one's copy
-    after telling the parent which slot it holds."""
+    (the test hook's stage "copy", see ``helpers.extend_pausing``) after telling the parent
+    which slot it holds."""
     buf = ReplayBuffer.attach(name, path=path)
-    columns = buf._columns(make_records(wid, seqs, frame), (len(seqs),))
 
     def pause(slot: int) -> None:
         conn.send(slot)
         while True:
             time.sleep(60)
 
-    buf._raw.extend_pausing(columns, pause)
+    helpers.extend_pausing(buf, make_records(wid, seqs, frame), pause, "copy")
 
 
 def start_paused_writer(ctx, name: str, path: str | None, wid: int, seqs: list[int], frame=FRAME):
@@ -287,33 +287,63 @@ def test_gc_removes_what_a_creator_killed_mid_create_left(tmp_path):
         directory.rmdir()
 
 
+GC_ON_GO = """
+import json, sys, time, shmreplay
+sys.stdin.readline()  # "go"
+t0 = time.monotonic()
+removed = shmreplay.gc(sys.argv[1])
+print(json.dumps({"t0": t0, "t1": time.monotonic(), "removed": removed}), flush=True)
+"""
+
+
 def test_gc_racing_attachers_never_removes_an_attached_buffer(shm_dir):
     """Stress: gc runs in another process while this one attaches to the same stale buffers.
-    Every attach that succeeds must leave the buffer in place; the others fail cleanly."""
-    names = [f"stale{i}" for i in range(40)]
-    create_in_child(shm_dir, "kill", *names)
-    gc = subprocess.Popen(
-        [sys.executable, "-c", "import shmreplay, sys; print(len(shmreplay.gc(sys.argv[1])))", str(shm_dir)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    handles, missing = [], 0
-    order = np.random.default_rng(3).permutation(names)
-    for name in order:
+    Every attach that succeeds must leave the buffer in place; the others fail cleanly.
+
+    The gc process is started first and waits for "go" on its stdin, so that its pass and the
+    attaches start together; rounds (fresh stale buffers each) go on until one really
+    overlapped in time with gc removing some buffers while others got attached (bounded)."""
+    overlapped_rounds = 0
+    for rnd in range(10):
+        names = [f"stale{rnd}-{i}" for i in range(40)]
+        create_in_child(shm_dir, "kill", *names)
+        gc = subprocess.Popen(
+            [sys.executable, "-c", GC_ON_GO, str(shm_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        handles, missing = [], []
+        order = [str(n) for n in np.random.default_rng(rnd).permutation(names)]
         try:
-            handles.append(ReplayBuffer.attach(str(name), path=shm_dir))
-        except FileNotFoundError:
-            missing += 1
-    removed, _ = gc.communicate(timeout=60)
-    try:
-        assert int(removed) + len(handles) == len(names)
-        assert missing <= int(removed)
-        for h in handles:
-            assert os.path.exists(h.path), f"gc removed {h.name} while it was attached"
-            h.add(x=3)
-    finally:
-        for h in handles:
-            h.close()
+            time.sleep(0.3)  # the gc process is up and waiting for "go"
+            assert gc.stdin is not None
+            gc.stdin.write("go\n")
+            gc.stdin.flush()
+            a0 = time.monotonic()
+            for name in order:
+                try:
+                    handles.append(ReplayBuffer.attach(name, path=shm_dir))
+                except FileNotFoundError:
+                    missing.append(name)
+            a1 = time.monotonic()
+            out, _ = gc.communicate(timeout=60)
+            assert gc.returncode == 0, f"gc failed (exit code {gc.returncode})"
+            report = json.loads(out)
+            removed = set(report["removed"]) & set(names)  # (it also removes earlier rounds' leftovers)
+            attached = {h.name for h in handles}
+            assert removed | attached == set(names) and not removed & attached, (sorted(removed), sorted(attached))
+            assert set(missing) <= removed
+            for h in handles:
+                assert os.path.exists(h.path), f"gc removed {h.name} while it was attached"
+                h.add(x=3)
+        finally:
+            if gc.poll() is None:
+                gc.kill()
+                gc.wait(30)
+            for h in handles:
+                h.close()
+        if removed and attached and report["t0"] <= a1 and a0 <= report["t1"]:
+            overlapped_rounds += 1
+            break
+    assert overlapped_rounds, "in 10 rounds, gc's pass never overlapped the attaches with both outcomes"
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,27 +416,60 @@ def test_ctrl_c_stops_a_waiting_call_promptly(call, shm_name):
 
 
 def test_gc_and_ls_see_buffers_from_a_thread_attaching_concurrently(shm_dir):
-    """list_buffers and gc run while other threads create, attach and close buffers."""
+    """list_buffers and gc run in a loop while one thread of this process creates, attaches,
+    uses and unlinks buffers (live: gc must never take one, or the thread's unlink fails) and
+    another keeps making stale buffers through children that are SIGKILLed. gc removes only
+    the stale ones, never raises, and both kinds of work really overlap the gc loop."""
     fields = {"x": ((), "int64")}
     stop = threading.Event()
     errors: list[BaseException] = []
+    churned, made = [0], [0]
 
     def churn() -> None:
         try:
             while not stop.is_set():
                 with ReplayBuffer.create(capacity=4, fields=fields, path=shm_dir) as b:
                     ReplayBuffer.attach(b.name, path=shm_dir).close()
-                    b.unlink()
+                    b.add(x=1)
+                    b.unlink()  # FileNotFoundError if a gc had removed this live buffer
+                churned[0] += 1
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 
-    thread = threading.Thread(target=churn)
-    thread.start()
+    def make_stale() -> None:
+        try:
+            k = 0
+            while not stop.is_set():
+                create_in_child(shm_dir, "kill", *[f"dead{k}-{j}" for j in range(5)])
+                made[0] += 5
+                k += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn), threading.Thread(target=make_stale)]
+    for t in threads:
+        t.start()
+    removed_total: list[str] = []
+    churn_during = 0
     try:
-        for _ in range(200):
+        assert wait_until(lambda: made[0] > 0 and churned[0] > 0, 60), "the churn threads did not start"
+        churn_start = churned[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not errors:
             shmreplay.list_buffers(shm_dir)
-            assert shmreplay.gc(shm_dir) == []
+            removed = shmreplay.gc(shm_dir)
+            assert all(n.startswith("dead") for n in removed), f"gc removed a live buffer: {removed}"
+            removed_total += removed
+            churn_during = churned[0] - churn_start
+            if len(removed_total) >= 20 and churn_during >= 50:
+                break
     finally:
         stop.set()
-        thread.join(30)
+        for t in threads:
+            t.join(60)
     assert not errors, errors
+    assert len(removed_total) >= 20, f"gc removed only {len(removed_total)} stale buffers while the others churned"
+    assert churn_during >= 50, f"only {churn_during} live create/attach/unlink cycles overlapped the gc loop"
+    assert len(set(removed_total)) == len(removed_total)
+    shmreplay.gc(shm_dir)
+    assert not [n for n in os.listdir(shm_dir) if n.startswith("shmreplay.dead")], "stale buffers left after the last gc"

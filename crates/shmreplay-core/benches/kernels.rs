@@ -17,15 +17,37 @@ fn copy_kernels(c: &mut Criterion) {
         let shared = vec![0u64; size.div_ceil(8)];
         let mut private = vec![1u8; size];
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_with_input(BenchmarkId::new("load", size), &size, |b, _| {
-            // SAFETY: `shared` is 8-aligned, holds `size` rounded up to words, and only this
-            // thread touches it.
-            b.iter(|| unsafe { copy::load(black_box(&mut private), shared.as_ptr().cast()) })
-        });
-        group.bench_with_input(BenchmarkId::new("load_words", size), &size, |b, _| {
-            // SAFETY: as above.
-            b.iter(|| unsafe { copy::words::load(black_box(&mut private), shared.as_ptr().cast()) })
-        });
+        for &kernel in copy::Kernel::available() {
+            group.bench_with_input(
+                BenchmarkId::new(format!("load_{}", kernel.name()), size),
+                &size,
+                |b, _| {
+                    // SAFETY: `shared` is 8-aligned, holds `size` rounded up to words, and only this
+                    // thread touches it; `private` holds `size` bytes.
+                    b.iter(|| unsafe {
+                        kernel.load(
+                            black_box(private.as_mut_ptr()),
+                            shared.as_ptr().cast(),
+                            size,
+                        )
+                    })
+                },
+            );
+            group.bench_with_input(
+                BenchmarkId::new(format!("store_{}", kernel.name()), size),
+                &size,
+                |b, _| {
+                    // SAFETY: as above, the other way round.
+                    b.iter(|| unsafe {
+                        kernel.store(
+                            shared.as_ptr().cast::<u8>().cast_mut(),
+                            black_box(private.as_ptr()),
+                            size,
+                        )
+                    })
+                },
+            );
+        }
         let mut target = vec![0u8; size];
         group.bench_with_input(BenchmarkId::new("copy_from_slice", size), &size, |b, _| {
             b.iter(|| black_box(&mut target).copy_from_slice(black_box(&private)))

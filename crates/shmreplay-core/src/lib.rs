@@ -63,21 +63,21 @@ pub mod platform;
 #[cfg(not(loom))]
 mod registry;
 
+#[cfg(all(not(loom), feature = "test-hooks"))]
+pub use buffer::PauseAt;
 #[cfg(not(loom))]
 pub use buffer::{
     Blocking, Builder, InColumn, NoBlocking, OutColumn, ReplayBuffer, SegmentInfo, Stats,
 };
-#[cfg(all(not(loom), feature = "test-hooks"))]
-pub use buffer::PauseAt;
+pub use error::{human_bytes, Error, Result};
 #[cfg(not(loom))]
 pub use layout::schema::{DType, Field, Schema};
 #[cfg(not(loom))]
 pub use layout::{LAYOUT_VERSION, MAX_CAPACITY, MAX_HANDLES};
 #[cfg(not(loom))]
-pub use registry::{
-    list, remove, remove_segment, remove_stale, segment_path, unique_name, validate_name, Listing, Unreadable,
-    DEFAULT_DIR, FILE_PREFIX, MAX_NAME_LEN,
-};
-pub use error::{human_bytes, Error, Result};
-#[cfg(not(loom))]
 pub use platform::{copy, interrupt};
+#[cfg(not(loom))]
+pub use registry::{
+    list, remove, remove_segment, remove_stale, segment_path, unique_name, validate_name, Listing,
+    Unreadable, DEFAULT_DIR, FILE_PREFIX, MAX_NAME_LEN,
+};

@@ -22,13 +22,16 @@ mod rows;
 
 use arrays::{inputs, outputs};
 
+/// A uint64 numpy array (sampled slot indices and keys).
+type U64Array<'py> = Bound<'py, PyArray1<u64>>;
+
 /// Waits with the GIL released: every wait of a core call goes through here, so no Python
 /// thread is ever stopped by a shmreplay call that waits.
 struct ReleaseGil<'py>(Python<'py>);
 
 impl Blocking for ReleaseGil<'_> {
     fn block(&mut self, wait: &mut (dyn FnMut() + Send)) {
-        self.0.detach(|| wait())
+        self.0.detach(wait)
     }
 }
 
@@ -278,7 +281,7 @@ impl RawBuffer {
         py: Python<'py>,
         out: Vec<Bound<'py, PyUntypedArray>>,
         batch_size: usize,
-    ) -> PyResult<(Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u64>>)> {
+    ) -> PyResult<(U64Array<'py>, U64Array<'py>)> {
         let buffer = self.get()?;
         let out = outputs(&out)?;
         let (mut index, mut key) = (vec![0u64; batch_size], vec![0u64; batch_size]);

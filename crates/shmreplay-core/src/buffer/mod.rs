@@ -46,7 +46,8 @@ impl Blocking for NoBlocking {
     }
 }
 
-/// A row of outputs for [`ReplayBuffer::sample_into_raw`]: re-exported raw column types.
+/// Raw input and output columns (caller memory) for [`ReplayBuffer::extend_columns`] and
+/// [`ReplayBuffer::sample_columns`].
 pub use crate::platform::memory::{Input as InColumn, Output as OutColumn};
 
 /// How long a writer waits for a slot whose writer is alive (or not provably dead) before it
@@ -229,7 +230,10 @@ impl ReplayBuffer {
         // The creator's lock and entry are taken before the segment is published, so that no
         // gc ever sees it without a live holder.
         let take_creator_lock = |file: &File| {
-            let lock = LockFile::new(file.try_clone().map_err(|e| Error::io("dup segment fd", e))?);
+            let lock = LockFile::new(
+                file.try_clone()
+                    .map_err(|e| Error::io("dup segment fd", e))?,
+            );
             if lock.try_lock(CREATOR_LOCK, LockKind::Exclusive)? {
                 Ok(())
             } else {
@@ -239,14 +243,19 @@ impl ReplayBuffer {
                 ))
             }
         };
-        let (segment, file) = Segment::create(&path, layout.total_bytes as u64, take_creator_lock, |segment| {
-            layout::write_header(segment, &schema, &layout, &text, me, unix_nanos());
-            write_owner(segment, &layout, 0, me);
-            segment
-                .word(control(&layout, layout::C_ENTRIES_USED))
-                .store(1, Ordering::Release);
-            Ok(())
-        })?;
+        let (segment, file) = Segment::create(
+            &path,
+            layout.total_bytes as u64,
+            take_creator_lock,
+            |segment| {
+                layout::write_header(segment, &schema, &layout, &text, me, unix_nanos());
+                write_owner(segment, &layout, 0, me);
+                segment
+                    .word(control(&layout, layout::C_ENTRIES_USED))
+                    .store(1, Ordering::Release);
+                Ok(())
+            },
+        )?;
         // The lock belongs to the file description, which the duplicate shares with `file`:
         // closing the duplicate leaves it held by `file`, which the handle keeps.
         let buffer = ReplayBuffer::from_parts(segment, file, schema, layout, name, path);
@@ -555,7 +564,9 @@ impl ReplayBuffer {
     fn owner(&self, e: usize) -> Identity {
         Identity {
             word: self.entry_word(e, handles::E_OWNER).load(Ordering::Acquire),
-            namespace: self.entry_word(e, handles::E_NAMESPACE).load(Ordering::Acquire),
+            namespace: self
+                .entry_word(e, handles::E_NAMESPACE)
+                .load(Ordering::Acquire),
         }
     }
 

@@ -20,7 +20,12 @@ impl ReplayBuffer {
     /// record into `out` (`out[i]` takes the rows of schema field `i`, row after row), writing
     /// each row's slot into `index` and insert ticket into `key`. Torn or in-progress slots are
     /// redrawn; slots of dead writers read as empty. [`Error::Empty`] if no slot holds a record.
-    pub fn sample_into(&self, out: &mut [&mut [u8]], index: &mut [u64], key: &mut [u64]) -> Result<()> {
+    pub fn sample_into(
+        &self,
+        out: &mut [&mut [u8]],
+        index: &mut [u64],
+        key: &mut [u64],
+    ) -> Result<()> {
         let out: Vec<OutColumn<'_>> = out.iter_mut().map(|o| OutColumn::from_slice(o)).collect();
         self.sample_columns(&out, index, key, &mut NoBlocking)
     }
@@ -93,7 +98,7 @@ impl ReplayBuffer {
                     slot_index = rng.below(claimed) as usize;
                     if misses % MISSES_BEFORE_SIZE_CHECK == 0 {
                         // Most slots drawn hold nothing: is there anything to draw at all?
-                        if self.len() == 0 {
+                        if self.is_empty() {
                             return Err(Error::Empty);
                         }
                         std::thread::yield_now();
@@ -207,8 +212,13 @@ impl ReplayBuffer {
             return Some(slot::ticket_of(begun));
         }
         for ((field, dst), &kernel) in fields.iter().zip(out).zip(&self.copy.fields) {
-            self.segment
-                .load_to(record + field.offset, dst, row * field.bytes, field.bytes, kernel);
+            self.segment.load_to(
+                record + field.offset,
+                dst,
+                row * field.bytes,
+                field.bytes,
+                kernel,
+            );
         }
         slot::read_validate(seq, begun).then(|| slot::ticket_of(begun))
     }

@@ -57,7 +57,11 @@ impl ReplayBuffer {
 
     /// [`extend`](Self::extend) of raw columns, waiting through `blocking` (an embedder releases
     /// its own lock there).
-    pub fn extend_columns(&self, columns: &[InColumn<'_>], blocking: &mut dyn Blocking) -> Result<usize> {
+    pub fn extend_columns(
+        &self,
+        columns: &[InColumn<'_>],
+        blocking: &mut dyn Blocking,
+    ) -> Result<usize> {
         self.insert(columns, blocking, None)
     }
 
@@ -73,7 +77,12 @@ impl ReplayBuffer {
         self.insert(columns, &mut NoBlocking, Some((at, pause)))
     }
 
-    fn insert(&self, columns: &[InColumn<'_>], blocking: &mut dyn Blocking, mut pause: Pause<'_>) -> Result<usize> {
+    fn insert(
+        &self,
+        columns: &[InColumn<'_>],
+        blocking: &mut dyn Blocking,
+        mut pause: Pause<'_>,
+    ) -> Result<usize> {
         let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
         if n == 0 {
             return Ok(0);
@@ -167,20 +176,27 @@ struct RowWriter<'a> {
 }
 
 impl RowWriter<'_> {
-    fn write(&mut self, row: usize, ticket: u64, blocking: &mut dyn Blocking, pause: &mut Pause<'_>) -> Result<()> {
+    fn write(
+        &mut self,
+        row: usize,
+        ticket: u64,
+        blocking: &mut dyn Blocking,
+        pause: &mut Pause<'_>,
+    ) -> Result<()> {
         let buffer = self.buffer;
         let index = (ticket % buffer.capacity()) as usize;
         let seq = buffer.seq(index);
         let entry = buffer.entry(self.entry);
         let intent = entry.begin(ticket);
-        let mut waiting = Waiting::new(buffer, self.lock, false);
+        let mut waiting = Waiting::new(buffer, self.lock, self.entry, false);
         let mut claimed = slot::claim(seq, ticket, self.entry, &mut waiting);
         if claimed == Claim::GaveUp {
             // The slot's previous writer is still at it: wait for it outside the embedder's lock.
-            let mut waiting = Waiting::new(buffer, self.lock, true);
+            let mut waiting = Waiting::new(buffer, self.lock, self.entry, true);
             let entry_index = self.entry;
             let mut outcome = None;
-            blocking.block(&mut || outcome = Some(slot::claim(seq, ticket, entry_index, &mut waiting)));
+            blocking
+                .block(&mut || outcome = Some(slot::claim(seq, ticket, entry_index, &mut waiting)));
             claimed = outcome.expect("block runs its closure");
             if claimed == Claim::GaveUp {
                 return Err(waiting.gave_up());
@@ -257,11 +273,17 @@ impl RowWriter<'_> {
                     let split = (half - field.offset).next_multiple_of(8).min(field.bytes);
                     buffer.segment.store_from(at, column, from, split, kernel);
                     hook(index as u64);
-                    buffer
-                        .segment
-                        .store_from(at + split, column, from + split, field.bytes - split, kernel);
+                    buffer.segment.store_from(
+                        at + split,
+                        column,
+                        from + split,
+                        field.bytes - split,
+                        kernel,
+                    );
                 }
-                _ => buffer.segment.store_from(at, column, from, field.bytes, kernel),
+                _ => buffer
+                    .segment
+                    .store_from(at, column, from, field.bytes, kernel),
             }
         }
     }
@@ -271,6 +293,8 @@ impl RowWriter<'_> {
 struct Waiting<'a> {
     buffer: &'a ReplayBuffer,
     lock: &'a LockFile,
+    /// The entry this writer claims slots for.
+    entry: usize,
     /// False: never wait here (the embedder's lock may be held): give up so the caller can
     /// wait outside it. True: wait, up to the bound.
     may_wait: bool,
@@ -282,10 +306,16 @@ struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    fn new(buffer: &'a ReplayBuffer, lock: &'a LockFile, may_wait: bool) -> Waiting<'a> {
+    fn new(
+        buffer: &'a ReplayBuffer,
+        lock: &'a LockFile,
+        entry: usize,
+        may_wait: bool,
+    ) -> Waiting<'a> {
         Waiting {
             buffer,
             lock,
+            entry,
             may_wait,
             patience: Patience::new(),
             started: None,
@@ -318,6 +348,11 @@ impl<'a> Waiting<'a> {
 
 impl Contention for Waiting<'_> {
     fn busy(&mut self, word: u64) -> Busy {
+        // Writes through an entry are serialised and this one is claiming: a busy word naming
+        // our own entry is no write in progress (damage, or a dead former owner's slot).
+        if slot::owner_of(word) == self.entry {
+            return Busy::TakeOver;
+        }
         match self.buffer.orphan(word, self.lock) {
             Orphan::Yes => return Busy::TakeOver,
             Orphan::No(liveness) => self.last = Some((word, liveness)),

@@ -170,7 +170,10 @@ impl Layout {
             section(HANDLES, handles_offset, MAX_HANDLES * ENTRY_BYTES),
             section(SLOTS, slots_offset, slots_len),
         ];
-        debug_assert!(sections.len() <= MAX_SECTIONS && SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES <= HEADER_END);
+        debug_assert!(
+            sections.len() <= MAX_SECTIONS
+                && SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES <= HEADER_END
+        );
         Ok(Layout {
             capacity,
             record_bytes,

@@ -147,7 +147,11 @@ pub mod words {
             // that all concurrent accesses be atomic, which the contract also states.
             let word = unsafe { AtomicU64::from_ptr(src.add(i).cast_mut()) }.load(Relaxed);
             // SAFETY: `dst` is valid for `len` bytes (contract); unaligned private memory.
-            unsafe { dst.add(8 * i).cast::<[u8; 8]>().write_unaligned(word.to_le_bytes()) };
+            unsafe {
+                dst.add(8 * i)
+                    .cast::<[u8; 8]>()
+                    .write_unaligned(word.to_le_bytes())
+            };
         }
         let tail = len % 8;
         if tail != 0 {
@@ -168,7 +172,8 @@ pub mod words {
         let whole = len / 8;
         for i in 0..whole {
             // SAFETY: `src` is valid for `len` bytes (contract); unaligned private memory.
-            let word = u64::from_le_bytes(unsafe { src.add(8 * i).cast::<[u8; 8]>().read_unaligned() });
+            let word =
+                u64::from_le_bytes(unsafe { src.add(8 * i).cast::<[u8; 8]>().read_unaligned() });
             // SAFETY: `dst + i` is aligned, in bounds, and only accessed atomically (contract).
             unsafe { AtomicU64::from_ptr(dst.add(i)) }.store(word, Relaxed);
         }
@@ -237,7 +242,11 @@ mod tests {
                 assert_eq!(input, output, "{kernel:?} kernel, {len} bytes");
                 // The word after the padded field is untouched.
                 let guard = shared[len.div_ceil(8)].load(std::sync::atomic::Ordering::Relaxed);
-                assert_eq!(guard, u64::MAX, "{kernel:?} kernel wrote past the field, {len} bytes");
+                assert_eq!(
+                    guard,
+                    u64::MAX,
+                    "{kernel:?} kernel wrote past the field, {len} bytes"
+                );
             }
         }
     }
@@ -249,7 +258,8 @@ mod tests {
             let input: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
             for &writer in Kernel::available() {
                 for &reader in Kernel::available() {
-                    let shared: Vec<AtomicU64> = (0..len.div_ceil(8)).map(|_| AtomicU64::new(0)).collect();
+                    let shared: Vec<AtomicU64> =
+                        (0..len.div_ceil(8)).map(|_| AtomicU64::new(0)).collect();
                     let base = shared.as_ptr().cast::<u8>().cast_mut();
                     let mut output = vec![0u8; len];
                     // SAFETY: as above; no other thread touches `shared`.

@@ -186,7 +186,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-
 /// Opens `path` read-write, never through a symbolic link.
 pub(crate) fn open_nofollow(path: &Path) -> std::io::Result<File> {
     OpenOptions::new()
@@ -220,7 +219,10 @@ pub(crate) fn ensure_allocated(file: &File, path: &Path, size: u64) -> Result<()
             path: path.to_owned(),
             reason: "the file is sparse and its filesystem cannot reserve space".into(),
         }),
-        Err(e) => Err(Error::io(format!("reserve space for {}", path.display()), e)),
+        Err(e) => Err(Error::io(
+            format!("reserve space for {}", path.display()),
+            e,
+        )),
     }
 }
 

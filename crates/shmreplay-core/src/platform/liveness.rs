@@ -13,7 +13,7 @@
 //!   read. Callers treat it like alive: they wait, never take over, never collect.
 //!
 //! The handle table adds a kernel-held token on top of this (an OFD lock per handle entry,
-//! see [`crate::platform::mapping`]), which proves death across namespaces; this module is the
+//! see `platform::locks`), which proves death across namespaces; this module is the
 //! second witness, for the one case the lock cannot decide (a child that inherited the lock's
 //! file description through `fork` outlives its parent).
 //!
@@ -118,9 +118,7 @@ pub fn current() -> Identity {
 /// The inode of this process's PID namespace.
 fn our_namespace() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/pid")
-        .ok()
-        .map(|m| m.ino())
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Whether the process `who` is provably dead, alive, or neither (see the module docs).
@@ -293,7 +291,78 @@ mod tests {
     }
 
     #[test]
-    fn zombie_is_dead_until_reaped_but_its_threads_keep_it_alive() {
+    fn a_leader_that_exited_while_its_threads_run_is_alive() {
+        let (mut ready, mut go) = ([0 as libc::c_int; 2], [0 as libc::c_int; 2]);
+        // SAFETY: pipes into arrays of two descriptors.
+        assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+        // SAFETY: the child only makes system calls and starts a raw thread, then its main
+        // thread exits with `pthread_exit`; nothing of the parent's state is used.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            extern "C" fn worker(arg: *mut libc::c_void) -> *mut libc::c_void {
+                let fds = arg as *const libc::c_int;
+                let mut byte = 0u8;
+                // SAFETY: `fds` points at the two pipe descriptors, valid in this process.
+                unsafe {
+                    libc::write(*fds, [1u8].as_ptr().cast(), 1);
+                    libc::read(*fds.add(1), (&mut byte as *mut u8).cast(), 1);
+                    libc::_exit(0)
+                }
+            }
+            let fds = [ready[1], go[0]];
+            let mut thread: libc::pthread_t = 0;
+            // SAFETY: a plain thread running `worker` with a pointer to `fds`, which outlives
+            // it (this stack frame is never popped: the main thread ends in `pthread_exit`).
+            unsafe {
+                libc::pthread_create(
+                    &mut thread,
+                    std::ptr::null(),
+                    worker,
+                    fds.as_ptr() as *mut _,
+                );
+                libc::pthread_exit(std::ptr::null_mut());
+            }
+        }
+        let mut byte = 0u8;
+        // SAFETY: reads one byte into a local from our end of the pipe.
+        unsafe { libc::read(ready[0], (&mut byte as *mut u8).cast(), 1) };
+        let start = read_stat(child as u32).map(|s| s.start as u32).unwrap_or(0);
+        let who = Identity {
+            word: (u64::from(start) << 32) | child as u64,
+            namespace: current().namespace,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while read_stat(child as u32).map(|s| s.state) != Ok('Z')
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(
+            read_stat(child as u32).map(|s| s.state),
+            Ok('Z'),
+            "the leader is a zombie"
+        );
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{child}/task"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert_eq!(
+            liveness(who),
+            Liveness::Alive,
+            "its other thread still runs: {tasks:?} {who:?}"
+        );
+        // SAFETY: lets the child's thread exit the process, then reaps it.
+        unsafe {
+            libc::write(go[1], [1u8].as_ptr().cast(), 1);
+            let mut status = 0;
+            libc::waitpid(child, &mut status, 0);
+        }
+        assert_eq!(liveness(who), Liveness::Dead);
+    }
+
+    #[test]
+    fn an_exited_unreaped_process_is_dead() {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         let start = read_stat(pid).map(|s| s.start as u32);
@@ -303,8 +372,7 @@ mod tests {
             namespace: current().namespace,
         };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while read_stat(pid).map(|s| s.state) != Ok('Z') && std::time::Instant::now() < deadline
-        {
+        while read_stat(pid).map(|s| s.state) != Ok('Z') && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         if start.is_ok() {

@@ -61,9 +61,10 @@ impl LockFile {
         let same = |f: &File| {
             use std::os::unix::fs::MetadataExt;
             let ours = rustix::fs::fstat(&self.fd).ok();
-            f.metadata().ok().zip(ours).is_some_and(|(m, o)| {
-                m.dev() == o.st_dev && m.ino() == o.st_ino
-            })
+            f.metadata()
+                .ok()
+                .zip(ours)
+                .is_some_and(|(m, o)| m.dev() == o.st_dev && m.ino() == o.st_ino)
         };
         if !same(&file) {
             return Err(Error::io(
@@ -109,7 +110,12 @@ impl LockFile {
     }
 
     /// `fcntl(fd, command, flock{type, range})`; returns the lock type left in the struct.
-    fn fcntl(&self, command: libc::c_int, lock_type: libc::c_int, range: LockRange) -> std::result::Result<libc::c_int, i32> {
+    fn fcntl(
+        &self,
+        command: libc::c_int,
+        lock_type: libc::c_int,
+        range: LockRange,
+    ) -> std::result::Result<libc::c_int, i32> {
         let too_far = |v: u64| i64::try_from(v).map_err(|_| libc::EINVAL);
         // SAFETY: `flock` is plain data; zeroed is a valid value (l_pid must be 0 for OFD locks).
         let mut lock: libc::flock = unsafe { std::mem::zeroed() };

@@ -15,7 +15,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::platform::copy::Kernel;
-use crate::platform::files::{self, Reserve, RemoveOnDrop};
+use crate::platform::files::{self, RemoveOnDrop, Reserve};
 use crate::platform::interrupt::Patience;
 use crate::platform::memory::{Input, Output};
 
@@ -83,31 +83,28 @@ impl Segment {
     pub(crate) fn open(path: &Path, min_size: u64) -> Result<(Segment, File)> {
         // Never through a symbolic link: in a shared directory like /dev/shm anyone can plant
         // one under a buffer's name.
-        let file = files::open_nofollow(path)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Error::NotFound(path.to_owned()),
-                std::io::ErrorKind::PermissionDenied => Error::PermissionDenied {
+        let file = files::open_nofollow(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::NotFound(path.to_owned()),
+            std::io::ErrorKind::PermissionDenied => Error::PermissionDenied {
+                path: path.to_owned(),
+                reason: "the segment belongs to another user (mode 0600)".into(),
+            },
+            _ if e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => Error::PermissionDenied {
+                path: path.to_owned(),
+                reason: "it is a symbolic link, which shmreplay never follows".into(),
+            },
+            // A directory, a socket, a device without a driver.
+            _ if [Errno::ISDIR, Errno::NXIO, Errno::NODEV]
+                .iter()
+                .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) =>
+            {
+                Error::Corrupt {
                     path: path.to_owned(),
-                    reason: "the segment belongs to another user (mode 0600)".into(),
-                },
-                _ if e.raw_os_error() == Some(Errno::LOOP.raw_os_error()) => {
-                    Error::PermissionDenied {
-                        path: path.to_owned(),
-                        reason: "it is a symbolic link, which shmreplay never follows".into(),
-                    }
+                    reason: "not a regular file".into(),
                 }
-                // A directory, a socket, a device without a driver.
-                _ if [Errno::ISDIR, Errno::NXIO, Errno::NODEV]
-                    .iter()
-                    .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) =>
-                {
-                    Error::Corrupt {
-                        path: path.to_owned(),
-                        reason: "not a regular file".into(),
-                    }
-                }
-                _ => Error::io(format!("open {}", path.display()), e),
-            })?;
+            }
+            _ => Error::io(format!("open {}", path.display()), e),
+        })?;
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
@@ -216,7 +213,14 @@ impl Segment {
     }
 
     /// Copies `len` bytes at byte `offset` out of the segment into `dst` at byte `start`.
-    pub(crate) fn load_to(&self, offset: usize, dst: &Output<'_>, start: usize, len: usize, kernel: Kernel) {
+    pub(crate) fn load_to(
+        &self,
+        offset: usize,
+        dst: &Output<'_>,
+        start: usize,
+        len: usize,
+        kernel: Kernel,
+    ) {
         self.check(offset, len);
         let dst = dst.range(start, len);
         // SAFETY: the shared side is in bounds including the padded last word (checked),
@@ -227,7 +231,14 @@ impl Segment {
 
     /// Copies `len` bytes of `src` from byte `start` into the segment at byte `offset` (zeroing
     /// the padding of the last word).
-    pub(crate) fn store_from(&self, offset: usize, src: &Input<'_>, start: usize, len: usize, kernel: Kernel) {
+    pub(crate) fn store_from(
+        &self,
+        offset: usize,
+        src: &Input<'_>,
+        start: usize,
+        len: usize,
+        kernel: Kernel,
+    ) {
         self.check(offset, len);
         let src = src.range(start, len);
         // SAFETY: as in `load_to`; the padding belongs to the record being written.
@@ -265,10 +276,15 @@ mod tests {
     #[test]
     fn create_is_exclusive_private_and_reserved() {
         let path = temp_path("create");
-        let (seg, _) = Segment::create(&path, 1 << 16, |_| Ok(()), |s| {
-            s.word(0).store(7, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        })
+        let (seg, _) = Segment::create(
+            &path,
+            1 << 16,
+            |_| Ok(()),
+            |s| {
+                s.word(0).store(7, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seg.len(), 1 << 16);
         let meta = std::fs::metadata(&path).unwrap();
@@ -292,14 +308,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("shmreplay-publish-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("shmreplay.x");
-        let (seg, _) = Segment::create(&path, 4096, |_| Ok(()), |s| {
-            assert!(
-                !path.exists(),
-                "the segment is visible before init finished"
-            );
-            s.word(0).store(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(())
-        })
+        let (seg, _) = Segment::create(
+            &path,
+            4096,
+            |_| Ok(()),
+            |s| {
+                assert!(
+                    !path.exists(),
+                    "the segment is visible before init finished"
+                );
+                s.word(0).store(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(seg.len(), 4096);
         let again = Segment::create(&path, 4096, |_| Ok(()), |_| panic!("must not initialise"));

@@ -184,7 +184,12 @@ mod loom_tests {
                             || {
                                 let removed = model
                                     .linked
-                                    .compare_exchange(true, false, Ordering::SeqCst, Ordering::SeqCst)
+                                    .compare_exchange(
+                                        true,
+                                        false,
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                    )
                                     .is_ok();
                                 if removed {
                                     model.removals.fetch_add(1, Ordering::SeqCst);

@@ -24,10 +24,10 @@
 //! happened and was counted:
 //!
 //! * the slot holds `committed_first(ticket, entry)` and `firsts` still equals the snapshot:
-//!   committed, not yet counted: the size includes it ([`adjustment`] +1), and whoever replaces
-//!   that word (the next writer of the slot) or reclaims the entry first counts it ([`settle`]);
+//!   committed, not yet counted: the size includes it (an adjustment of +1), and whoever replaces
+//!   that word (the next writer of the slot) or reclaims the entry first counts it (`Entry::settle`);
 //! * the slot holds `busy(ticket, entry, first = false)`: the entry is overwriting a record, so
-//!   the slot holds none right now ([`adjustment`] -1), whether its writer is alive or dead;
+//!   the slot holds none right now (an adjustment of -1), whether its writer is alive or dead;
 //! * anything else: nothing to adjust.
 //!
 //! The owner counts with a compare-and-swap from the snapshot, and so does a settler, so
@@ -112,9 +112,10 @@ impl Entry<'_> {
 
     /// Counts the first fill committed under `intent` (unless a settler already did).
     pub fn count_first(&self, intent: Intent) {
+        // Wrapping: the word lives in shared memory, which anyone with access may scribble.
         let _ = self.firsts.compare_exchange(
             intent.firsts,
-            intent.firsts + 1,
+            intent.firsts.wrapping_add(1),
             Ordering::AcqRel,
             Ordering::Relaxed,
         );
@@ -167,7 +168,7 @@ impl Entry<'_> {
         if firsts & SNAPSHOT_MASK == intent & SNAPSHOT_MASK {
             let _ = self.firsts.compare_exchange(
                 firsts,
-                firsts + 1,
+                firsts.wrapping_add(1),
                 Ordering::AcqRel,
                 Ordering::Relaxed,
             );
@@ -249,7 +250,11 @@ mod tests {
         e.begin(1);
         let got = claim(&w.seq, 1, 3, &mut Ask(|_| unreachable!()));
         assert!(matches!(got, Claim::Acquired { first: false, .. }));
-        assert_eq!(w.size(), 0, "the old record is gone while the new one is written");
+        assert_eq!(
+            w.size(),
+            0,
+            "the old record is gone while the new one is written"
+        );
         assert!(e.holds_overwrite(|_| &w.seq));
         // A survivor takes the slot over (the writer died): the entry no longer holds it.
         claim(&w.seq, 2, 5, &mut Ask(|_| Busy::TakeOver));

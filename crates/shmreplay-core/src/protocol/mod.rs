@@ -4,7 +4,7 @@
 //! * [`slot`]: the per-slot seqlock: claim, commit, read, validate.
 //! * [`handles`]: the handle table's intents and counters, which keep the size exact whoever
 //!   dies where.
-//! * [`gate`]: the attach / gc handshake that never removes a buffer someone holds.
+//! * `gate`: the attach / gc handshake that never removes a buffer someone holds.
 
 pub(crate) mod gate;
 pub mod handles;

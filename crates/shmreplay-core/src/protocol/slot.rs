@@ -137,7 +137,12 @@ pub enum Busy {
 /// copying; `contention.busy(word)` is asked (rarely: after spinning) what to do about the
 /// writer named in busy word `word`: wait on, take the slot over (that writer is dead), or give
 /// up.
-pub fn claim(seq: &AtomicU64, ticket: u64, owner: usize, contention: &mut impl Contention) -> Claim {
+pub fn claim(
+    seq: &AtomicU64,
+    ticket: u64,
+    owner: usize,
+    contention: &mut impl Contention,
+) -> Claim {
     let mut current = seq.load(Ordering::Acquire);
     let mut spins = 0u32;
     loop {
@@ -266,7 +271,10 @@ mod tests {
         assert!(read_validate(&seq, v));
         assert_eq!(ticket_of(v), 3);
         // An older lap arriving late is dropped, not written over the newer record.
-        assert_eq!(claim(&seq, 1, 0, &mut Ask(|_| unreachable!())), Claim::Superseded);
+        assert_eq!(
+            claim(&seq, 1, 0, &mut Ask(|_| unreachable!())),
+            Claim::Superseded
+        );
         assert_eq!(
             claim(&seq, 11, 0, &mut Ask(|_| unreachable!())),
             Claim::Acquired {
@@ -309,7 +317,10 @@ mod tests {
         assert!(matches!(got, Claim::Acquired { first: true, .. }));
         // Taken over (wrongly believed dead), then the first writer resumes.
         claim(&seq, 12, 1, &mut Ask(|_| Busy::TakeOver));
-        assert!(!commit(&seq, 2, 9, true), "a lost slot must not be published");
+        assert!(
+            !commit(&seq, 2, 9, true),
+            "a lost slot must not be published"
+        );
         assert!(is_busy(seq.load(Ordering::Relaxed)));
         assert!(commit(&seq, 12, 1, true));
     }
@@ -320,7 +331,10 @@ mod tests {
             let seq = AtomicU64::new(word);
             assert_eq!(read_begin(&seq), None);
             let got = claim(&seq, 4, 0, &mut Ask(|_| Busy::TakeOver));
-            assert!(matches!(got, Claim::Acquired { first: true, .. }), "{word:#x}");
+            assert!(
+                matches!(got, Claim::Acquired { first: true, .. }),
+                "{word:#x}"
+            );
         }
     }
 
