@@ -1178,31 +1178,22 @@ def _try_in_child(p: Pristine, action) -> str:
     return run_forked(run, timeout=3)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core: add() waits 10 s for its own entry, then ContendedError (see docstring)")
 def test_busy_word_naming_the_next_ticket_does_not_stall_add(pristine):
     """A slot version word busy(T, entry 0) for the ticket T the next insert takes, in T's slot.
-    attach takes entry 0 (free, its intent cleared), the insert announces T in entry 0's intent,
-    and its claim then asks whether the writer that word names -- entry 0, i.e. itself -- is
-    dead: it is alive (it is us), so ``add`` waits its full 10 s and raises ContendedError ("its
-    writer (pid <own pid>) is alive but not finishing"). No writer stores a busy word for a
-    ticket not yet taken from the cursor, so the word can only be damage, and should be taken
-    over like any other orphaned slot."""
+    attach takes entry 0 (free, its intent cleared) and the insert announces T in entry 0's
+    intent: the word names the claiming writer itself, which is not writing that slot, so the
+    word can only be damage and is taken over at once (it once made ``add`` wait 10 s)."""
     buf = bytearray(pristine.data)
     put(buf, pristine.seq(pristine.cursor % CAP), busy(pristine.cursor, 0, False))
     write_victim(pristine, bytes(buf))
     assert _try_in_child(pristine, lambda h: h.add(**_ZEROS)) == "done"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="core: sample() spins 10 s then ContendedError when a forged size has no record behind it")
 def test_sample_with_forged_size_and_no_record_does_not_spin(rings):
     """A ring that holds no record but whose cursor moved (a writer took a chunk of 64 tickets
-    and died before its first claim: ``sample`` on it raises EmptyBufferError, see
-    test_corrupted_entry_words), with entry 0's ``firsts`` damaged to 5: ``len`` says 5, and
-    ``sample``, which asks ``len`` whether anything can be drawn, draws for 10 s at full CPU and
-    raises ContendedError ("every slot drawn was being written") although no slot is being
-    written. It should raise EmptyBufferError at once."""
+    and died before its first claim), with entry 0's ``firsts`` damaged to 5: ``len`` says 5,
+    but after a few thousand misses ``sample`` scans the slots, finds none readable and raises
+    EmptyBufferError at once (it once drew for 10 s and raised ContendedError)."""
     p = rings["taken"]
     buf = bytearray(p.data)
     put(buf, p.entry(0, E_FIRSTS), 5)

@@ -14,6 +14,9 @@ use crate::protocol::slot;
 const PREFETCH_AHEAD: usize = 16;
 /// After this many misses in a row, a sampler asks whether any slot holds a record at all.
 const MISSES_BEFORE_SIZE_CHECK: u64 = 32;
+/// After this many misses for one row, it checks by looking at every slot (a multiple of the
+/// above).
+const MISSES_BEFORE_SCAN: u64 = 4096;
 
 impl ReplayBuffer {
     /// Draws `index.len()` records uniformly with replacement from the slots holding a committed
@@ -98,7 +101,11 @@ impl ReplayBuffer {
                     slot_index = rng.below(claimed) as usize;
                     if misses % MISSES_BEFORE_SIZE_CHECK == 0 {
                         // Most slots drawn hold nothing: is there anything to draw at all?
-                        if self.is_empty() {
+                        // The size says so cheaply; once, after many misses, a scan makes sure
+                        // (the size words live in shared memory and may have been damaged).
+                        if self.is_empty()
+                            || (misses == MISSES_BEFORE_SCAN && !self.any_readable(claimed))
+                        {
                             return Err(Error::Empty);
                         }
                         std::thread::yield_now();
@@ -187,6 +194,11 @@ impl ReplayBuffer {
             });
         });
         result.expect("block runs its closure")
+    }
+
+    /// True if any of the first `claimed` slots holds a committed record right now.
+    fn any_readable(&self, claimed: u64) -> bool {
+        (0..claimed as usize).any(|i| slot::read_begin(self.seq(i)).is_some())
     }
 
     /// One seqlock read of slot `index` into row `row` of `out`: its ticket, if consistent.
