@@ -26,7 +26,7 @@ from helpers import (
     take_row,
 )
 
-STATS_KEYS = {"capacity", "size", "inserts", "samples", "retries", "recovered", "superseded", "attached"}
+STATS_KEYS = {"capacity", "size", "inserts", "samples", "retries", "recovered", "superseded", "lost", "attached"}
 
 
 # --------------------------------------------------------------------------- create / attach
@@ -724,3 +724,14 @@ def test_inspect_looks_without_attaching(shm_dir, control_fields):
         seen.close()
         with pytest.raises(FileNotFoundError):
             shmreplay.ReplayBuffer.inspect("no-such-buffer", path=shm_dir)
+
+
+def test_stats_shape_is_defined_once(name_factory, control_fields):
+    """The stats dict the core builds (from ``Stats::items``) has exactly the keys of the typed
+    ``shmreplay.Stats``, in the same order, all ints."""
+    from shmreplay import Stats
+
+    with ReplayBuffer.create(name_factory(), capacity=4, fields=control_fields) as buf:
+        stats = buf.stats()
+        assert list(stats) == list(Stats.__annotations__)
+        assert all(type(v) is int for v in stats.values())

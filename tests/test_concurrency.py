@@ -173,7 +173,9 @@ def _streaming_writer(name, wid, frame, batch_rows, start, stop, progress, q):
     def body():
         buf = ReplayBuffer.attach(name)
         try:
-            laps = [make_records(wid, range(j * batch_rows, (j + 1) * batch_rows), frame) for j in range(STREAM_LAPS)]
+            laps = [
+                make_records(wid, range(j * batch_rows, (j + 1) * batch_rows), frame) for j in range(STREAM_LAPS)
+            ]
             calls = 0
             start.wait(BARRIER_TIMEOUT)
             began = time.monotonic()
@@ -353,7 +355,9 @@ def _assert_overlapped(writers, readers, min_seconds):
     everyone = writers + readers
     latest_start = max(r["start"] for r in everyone)
     earliest_end = min(r["end"] for r in everyone)
-    spans = "; ".join(f"{r['role']} {r['id']}: {r['start'] - latest_start:+.3f}..{r['end'] - latest_start:+.3f} s" for r in everyone)
+    spans = "; ".join(
+        f"{r['role']} {r['id']}: {r['start'] - latest_start:+.3f}..{r['end'] - latest_start:+.3f} s" for r in everyone
+    )
     # the barrier releases everybody at once (a late start means a process did not wait for it),
     # and nobody stops before the parent says so, at least min_seconds later
     assert latest_start - min(r["start"] for r in everyone) < 2.0, spans
@@ -404,7 +408,9 @@ MIN_FRESH_BATCHES = 50
 
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 @pytest.mark.parametrize("capacity,batch_size,frame,min_seconds,min_retries", CASES)
-def test_no_torn_rows_under_concurrent_writes(shm_name, start_method, capacity, batch_size, frame, min_seconds, min_retries):
+def test_no_torn_rows_under_concurrent_writes(
+    shm_name, start_method, capacity, batch_size, frame, min_seconds, min_retries
+):
     """2 writers (add + small extends) and 2 samplers (sample + buf[i]), all started together."""
     fields = record_fields(frame)
     with ReplayBuffer.create(shm_name, capacity=capacity, fields=fields) as buf:
@@ -436,7 +442,8 @@ def test_no_torn_rows_under_concurrent_writes(shm_name, start_method, capacity, 
         # ring wrapped (at least twice) while it sampled
         for s in samplers:
             assert s["fresh_batches"] >= MIN_FRESH_BATCHES, f"sampler {s['id']} rarely drew new rows: {s}"
-            assert s["max_key"] - s["first_max_key"] >= 2 * capacity, f"sampler {s['id']}: the ring did not wrap under it: {s}"
+            wrapped = s["max_key"] - s["first_max_key"]
+            assert wrapped >= 2 * capacity, f"sampler {s['id']}: the ring did not wrap under it: {s}"
             assert s["max_key"] < total
 
         # -- the shared counters agree with what the children did
