@@ -416,7 +416,8 @@ class ReplayBuffer:
 
         Scalar fields come back as numpy scalars. Raises ``IndexError`` for an index out of
         range or a slot that holds no record (never written, or its writer died while writing
-        it), and ``TimeoutError`` if a live writer kept the slot busy for 5 s.
+        it), and :class:`ContendedError` (a ``TimeoutError``) if a writer that may still be alive
+        kept the slot busy for 10 s.
         """
         i = _int_arg("index", index, None)
         if i < 0:
