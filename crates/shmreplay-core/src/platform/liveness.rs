@@ -292,72 +292,68 @@ mod tests {
 
     #[test]
     fn a_leader_that_exited_while_its_threads_run_is_alive() {
-        let (mut ready, mut go) = ([0 as libc::c_int; 2], [0 as libc::c_int; 2]);
-        // SAFETY: pipes into arrays of two descriptors.
+        let mut ready = [0 as libc::c_int; 2];
+        // SAFETY: a pipe into an array of two descriptors.
         assert_eq!(unsafe { libc::pipe(ready.as_mut_ptr()) }, 0);
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
-        // SAFETY: the child only makes system calls and starts a raw thread, then its main
-        // thread exits with `pthread_exit`; nothing of the parent's state is used.
+        // SAFETY: the child only makes raw system calls and starts a raw thread; nothing of the
+        // parent's state is used, no destructor or lock is involved.
         let child = unsafe { libc::fork() };
         if child == 0 {
             extern "C" fn worker(arg: *mut libc::c_void) -> *mut libc::c_void {
-                let fds = arg as *const libc::c_int;
-                let mut byte = 0u8;
-                // SAFETY: `fds` points at the two pipe descriptors, valid in this process.
+                // SAFETY: `arg` is the write end of the pipe; the thread ends the whole process
+                // after a bounded sleep, so nothing outlives the test.
                 unsafe {
-                    libc::write(*fds, [1u8].as_ptr().cast(), 1);
-                    libc::read(*fds.add(1), (&mut byte as *mut u8).cast(), 1);
+                    libc::write(arg as libc::c_int, [1u8].as_ptr().cast(), 1);
+                    libc::sleep(3);
                     libc::_exit(0)
                 }
             }
-            let fds = [ready[1], go[0]];
             let mut thread: libc::pthread_t = 0;
-            // SAFETY: a plain thread running `worker` with a pointer to `fds`, which outlives
-            // it (this stack frame is never popped: the main thread ends in `pthread_exit`).
+            // SAFETY: a plain thread running `worker`; then the leader thread alone exits
+            // (`SYS_exit`, not `exit_group`, and no destructors): it becomes a zombie while its
+            // other thread runs on.
             unsafe {
                 libc::pthread_create(
                     &mut thread,
                     std::ptr::null(),
                     worker,
-                    fds.as_ptr() as *mut _,
+                    ready[1] as usize as *mut _,
                 );
-                libc::pthread_exit(std::ptr::null_mut());
+                libc::syscall(libc::SYS_exit, 0);
             }
         }
+        // SAFETY: our copy of the write end is not needed.
+        unsafe { libc::close(ready[1]) };
         let mut byte = 0u8;
-        // SAFETY: reads one byte into a local from our end of the pipe.
-        unsafe { libc::read(ready[0], (&mut byte as *mut u8).cast(), 1) };
+        // SAFETY: reads one byte into a local; returns 0 at once if the child died first.
+        let got = unsafe { libc::read(ready[0], (&mut byte as *mut u8).cast(), 1) };
         let start = read_stat(child as u32).map(|s| s.start as u32).unwrap_or(0);
         let who = Identity {
             word: (u64::from(start) << 32) | child as u64,
             namespace: current().namespace,
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while read_stat(child as u32).map(|s| s.state) != Ok('Z')
             && std::time::Instant::now() < deadline
         {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(
-            read_stat(child as u32).map(|s| s.state),
-            Ok('Z'),
-            "the leader is a zombie"
-        );
-        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{child}/task"))
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert_eq!(
-            liveness(who),
-            Liveness::Alive,
-            "its other thread still runs: {tasks:?} {who:?}"
-        );
-        // SAFETY: lets the child's thread exit the process, then reaps it.
+        let zombie = read_stat(child as u32).map(|s| s.state) == Ok('Z');
+        let while_running = liveness(who);
+        let mut status = 0;
+        // SAFETY: ends and reaps our own child, whatever happened above.
         unsafe {
-            libc::write(go[1], [1u8].as_ptr().cast(), 1);
-            let mut status = 0;
+            libc::kill(child, libc::SIGKILL);
             libc::waitpid(child, &mut status, 0);
+            libc::close(ready[0]);
         }
+        assert_eq!(got, 1, "the child's thread started");
+        assert!(zombie, "the leader is a zombie");
+        assert_eq!(
+            while_running,
+            Liveness::Alive,
+            "its other thread still runs"
+        );
         assert_eq!(liveness(who), Liveness::Dead);
     }
 
