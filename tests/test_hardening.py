@@ -1326,3 +1326,64 @@ def test_sparse_segment_on_a_full_tmpfs_is_refused_at_attach_not_sigbus(small_tm
                 p.unlink()
         if os.path.exists(src_path):
             os.unlink(src_path)
+
+
+# --------------------------------------------------------------------------- PID namespaces
+
+NAMESPACED_WRITER = """
+import sys, time, numpy as np, shmreplay, helpers
+name = sys.argv[1]
+buf = shmreplay.ReplayBuffer.attach(name)
+def on_pause(slot):
+    print("paused", slot, flush=True)
+    time.sleep(120)
+helpers.extend_pausing(buf, helpers.make_records(1, [100], (4, 16, 16)), on_pause, "copy")
+"""
+
+
+def test_writer_in_another_pid_namespace_is_waited_for_and_taken_over_once_killed(shm_name):
+    """A sidecar container: a writer in its own PID namespace (its pid means nothing here)
+    paused mid-copy. The next writer of its slot, in our namespace, cannot judge that pid, so it
+    must wait, not take over; once the sidecar is killed, the kernel releases its lock and the
+    slot is taken over at once."""
+    if not helpers.has_stage_hook():
+        pytest.skip("needs the test-hooks build")
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a PID namespace here: {probe.stderr.decode().strip()}")
+    fields = record_fields(FRAME)
+    with ReplayBuffer.create(shm_name, capacity=1, fields=fields) as buf:
+        buf.extend(make_records(0, [0], FRAME))
+        sidecar = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-c", NAMESPACED_WRITER, shm_name],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=_env(),
+        )
+        try:
+            assert sidecar.stdout is not None
+            line = sidecar.stdout.readline()
+            assert line.startswith("paused"), f"the namespaced writer did not pause: {line!r}"
+            done: list[Any] = []
+
+            def insert() -> None:
+                try:
+                    buf.extend(make_records(2, [1], FRAME))
+                    done.append("done")
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    done.append(e)
+
+            waiter = threading.Thread(target=insert, daemon=True)
+            waiter.start()
+            waiter.join(2.0)
+            assert not done, f"the writer did not wait for a writer it cannot prove dead: {done}"
+            assert buf.stats()["recovered"] == 0
+            sidecar.kill()  # unshare --kill-child: the namespace's processes die with it
+            sidecar.wait(30)
+            waiter.join(15)
+            assert done == ["done"], done
+        finally:
+            if sidecar.poll() is None:
+                sidecar.kill()
+                sidecar.wait(30)
+        assert buf.stats()["recovered"] == 1
+        assert _who(buf[0]) == (2, 1)
+        assert len(buf) == 1
