@@ -12,6 +12,7 @@ use crate::platform::liveness::Liveness;
 use crate::platform::locks::LockFile;
 use crate::protocol::handles::Counter;
 use crate::protocol::slot::{self, Busy, Claim, Contention};
+use std::sync::Arc;
 
 /// Tickets a writer takes from the cursor at a time. A writer killed mid-insert leaves at most
 /// this many claimed tickets unwritten (holes while the ring fills), whatever the size of its
@@ -91,14 +92,12 @@ impl ReplayBuffer {
         let entry = self
             .prepare(&mut handle, blocking, true, false)?
             .expect("registered");
-        let lock = self.current_lock_file();
         // Rows that the same call would overwrite at once are never written.
         let skipped = n.saturating_sub(self.layout.capacity);
         let mut writer = RowWriter {
             buffer: self,
             columns,
             entry,
-            lock: &lock,
             inserted: 0,
             recovered: 0,
             superseded: skipped as u64,
@@ -168,7 +167,6 @@ struct RowWriter<'a> {
     buffer: &'a ReplayBuffer,
     columns: &'a [InColumn<'a>],
     entry: usize,
-    lock: &'a LockFile,
     inserted: u64,
     recovered: u64,
     superseded: u64,
@@ -188,11 +186,11 @@ impl RowWriter<'_> {
         let seq = buffer.seq(index);
         let entry = buffer.entry(self.entry);
         let intent = entry.begin(ticket);
-        let mut waiting = Waiting::new(buffer, self.lock, self.entry, false);
+        let mut waiting = Waiting::new(buffer, self.entry, false);
         let mut claimed = slot::claim(seq, ticket, self.entry, &mut waiting);
         if claimed == Claim::GaveUp {
             // The slot's previous writer is still at it: wait for it outside the embedder's lock.
-            let mut waiting = Waiting::new(buffer, self.lock, self.entry, true);
+            let mut waiting = Waiting::new(buffer, self.entry, true);
             let entry_index = self.entry;
             let mut outcome = None;
             blocking
@@ -292,7 +290,9 @@ impl RowWriter<'_> {
 /// A writer's answers to the slot protocol's questions about the words it finds.
 struct Waiting<'a> {
     buffer: &'a ReplayBuffer,
-    lock: &'a LockFile,
+    /// This process's lock file, fetched the first time a liveness question comes up (most
+    /// inserts never ask one).
+    lock: Option<Arc<LockFile>>,
     /// The entry this writer claims slots for.
     entry: usize,
     /// False: never wait here (the embedder's lock may be held): give up so the caller can
@@ -306,15 +306,10 @@ struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    fn new(
-        buffer: &'a ReplayBuffer,
-        lock: &'a LockFile,
-        entry: usize,
-        may_wait: bool,
-    ) -> Waiting<'a> {
+    fn new(buffer: &'a ReplayBuffer, entry: usize, may_wait: bool) -> Waiting<'a> {
         Waiting {
             buffer,
-            lock,
+            lock: None,
             entry,
             may_wait,
             patience: Patience::new(),
@@ -353,7 +348,9 @@ impl Contention for Waiting<'_> {
         if slot::owner_of(word) == self.entry {
             return Busy::TakeOver;
         }
-        match self.buffer.orphan(word, self.lock) {
+        let buffer = self.buffer;
+        let lock = self.lock.get_or_insert_with(|| buffer.current_lock_file());
+        match buffer.orphan(word, lock) {
             Orphan::Yes => return Busy::TakeOver,
             Orphan::No(liveness) => self.last = Some((word, liveness)),
         }
