@@ -20,11 +20,13 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 import traceback
 from typing import Any, Callable
 
 import contenders
+import sysinfo
 from workloads import WORKLOADS, take_row
 
 POOL_BATCHES = 4  # distinct prepared batches a writer cycles through
@@ -116,6 +118,8 @@ def job_entry(job: dict, conn: Any) -> None:
         result = {"ok": True, **JOBS[job["kind"]](job)}
     except BaseException:  # noqa: BLE001 - every failure is reported, none stops the suite
         result = {"ok": False, "error": traceback.format_exc(limit=6)}
+    if "shmreplay" in sys.modules:  # the copy kernels of the process that measured shmreplay
+        result["shmreplay_kernels"] = sysinfo.kernels_info()
     conn.send(result)
     conn.close()
 

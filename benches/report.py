@@ -1,4 +1,10 @@
-"""Medians, ratios to the limit, the issue's targets, the printed table, JSON and the chart."""
+"""Medians, ratios to the limit, the issue's targets, the printed table, JSON and the chart.
+
+    .venv/bin/python benches/report.py benches/results/full.json   # print a results file's report
+
+Every report opens with the CPU (model, family/model/stepping, erms/fsrm/avx2/avx512 flags) and
+the copy kernels shmreplay chose (see sysinfo.py).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import sys
 from collections import defaultdict
 
 import contenders
+import sysinfo
 from workloads import WORKLOADS
 
 SINGLE = ["insert_b1", "insert_b64", "sample_b32", "sample_b256"]
@@ -36,12 +43,9 @@ CHART_LABELS = {
 
 
 def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    """The machine, the CPU (model, family/model/stepping, the copy-relevant flags), the copy
+    kernels shmreplay chose in this process and ``SHMREPLAY_COPY_KERNEL``, package versions."""
+    cpu = sysinfo.cpu_info()
     versions = {}
     for pkg in ("numpy", "shmreplay", "cpprb", "torch", "tensordict", "torchrl", "matplotlib"):
         try:
@@ -56,7 +60,10 @@ def machine_info() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "cpu": cpu,
+        "cpu": cpu["model_name"],
+        "cpu_info": cpu,
+        "shmreplay_kernels": sysinfo.kernels_info(),
+        "SHMREPLAY_COPY_KERNEL": sysinfo.copy_kernel_env(),
         "cores": os.cpu_count(),
         "cores_usable": len(os.sched_getaffinity(0)),
         "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
@@ -66,6 +73,36 @@ def machine_info() -> dict:
         "git_commit": commit,
         "load_avg_start": os.getloadavg(),
     }
+
+
+def header(doc: dict) -> str:
+    """The lines that open every printed report: run, CPU, copy kernels, machine.
+
+    Works on result files written before the CPU details and kernels were recorded (it says
+    "not recorded")."""
+    mi = doc["machine"]
+    run = f"shmreplay benches, {doc.get('mode', '?')} mode"
+    if doc.get("started"):
+        run += f", started {doc['started']}"
+    if mi.get("git_commit"):
+        run += f", commit {mi['git_commit']}"
+    cpu = sysinfo.describe_cpu(mi.get("cpu_info") or mi.get("cpu"))
+    if "shmreplay_kernels" in mi:
+        kernels = sysinfo.describe_kernels(mi["shmreplay_kernels"], mi.get("SHMREPLAY_COPY_KERNEL"))
+    else:
+        kernels = "not recorded (result file from an older suite)"
+    v = mi.get("versions", {})
+    lines = [
+        run,
+        f"cpu: {cpu}",
+        f"copy kernels: {kernels}",
+        f"machine: {mi.get('cores_usable', '?')} of {mi.get('cores', '?')} cores, {mi.get('memory_gb', '?')} GB, "
+        f"kernel {mi.get('kernel', '?')}, Python {mi.get('python', '?')}, numpy {v.get('numpy')}, shmreplay {v.get('shmreplay')}",
+    ]
+    seen = [k for k in doc.get("kernels_in_jobs", []) if k != mi.get("shmreplay_kernels")]
+    for k in seen:  # a job process that saw other kernels than the orchestrator (a rebuild mid-run?)
+        lines.append(f"copy kernels in shmreplay's measuring processes: {sysinfo.describe_kernels(k, mi.get('SHMREPLAY_COPY_KERNEL'))}")
+    return "\n".join(lines)
 
 
 def _median(xs: list[float]) -> float | None:
@@ -83,8 +120,11 @@ def summarise(doc: dict) -> None:
     scale: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     owner: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     errors = []
+    kernels_in_jobs: list = []
     for entry in doc["raw"]:
         job, res = entry["job"], entry["result"]
+        if "shmreplay_kernels" in res and res["shmreplay_kernels"] not in kernels_in_jobs:
+            kernels_in_jobs.append(res["shmreplay_kernels"])
         k, wl, cap = job["contender"], job["workload"], job["capacity"]
         if not res["ok"]:
             errors.append({"rep": entry["rep"], "scenario": job["scenario"], "workload": wl, "capacity": cap, "contender": k, "error": res["error"]})
@@ -143,6 +183,7 @@ def summarise(doc: dict) -> None:
     ]
     doc["medians"] = {"single": single, "concurrent": concurrent, "scale": scale_rows, "owner": owners}
     doc["errors"] = errors
+    doc["kernels_in_jobs"] = kernels_in_jobs
     doc["targets"] = targets(doc["medians"])
 
 
@@ -219,7 +260,7 @@ def _grid(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def table(doc: dict) -> str:
-    m, out = doc["medians"], []
+    m, out = doc["medians"], [header(doc)]
     order = {k: i for i, k in enumerate(contenders.ORDER)}
     rn = lambda k: contenders.label(k)  # noqa: E731
     groups = sorted({(r["workload"], r["capacity"]) for r in m["single"]}, key=lambda x: (x[0], x[1]))
@@ -363,3 +404,36 @@ def chart(doc: dict, path: str) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# ---------------------------------------------------------------------------------------
+# Command line: print the report of a results file (nothing is rewritten)
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Prints the report of a results file of benches/run.py (or of "
+                                 "benches/hugepages.py), CPU and copy kernels first. Rewrites nothing: "
+                                 "`run.py --report FILE` also redoes the JSON's medians and the chart.")
+    ap.add_argument("json", nargs="+", help="results file(s), e.g. benches/results/full.json")
+    args = ap.parse_args(argv)
+    for i, path in enumerate(args.json):
+        with open(path) as f:
+            doc = json.load(f)
+        if i:
+            print()
+        print(f"== {path}")
+        if doc.get("suite") == "shmreplay hugepages":
+            import hugepages
+
+            print(hugepages.table(doc))
+            continue
+        summarise(doc)
+        print(table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,8 @@ import harness  # noqa: E402
 import report  # noqa: E402
 
 SHM_DIR = "/dev/shm"
+WORKLOAD_NAMES = ["atari", "control"]
+SCENARIOS = ["single", "concurrent", "parallel", "scale"]
 
 
 class BudgetSpent(Exception):
@@ -191,8 +193,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: small capacities, one round (< 2 min)")
     ap.add_argument("--only", help=f"comma-separated contenders (the limit is always measured): {','.join(contenders.ORDER)}")
-    ap.add_argument("--workloads", help="comma-separated: atari,control")
-    ap.add_argument("--scenarios", help="comma-separated: single,concurrent,parallel,scale")
+    ap.add_argument("--workloads", help=f"comma-separated: {','.join(WORKLOAD_NAMES)} (default: both)")
+    ap.add_argument("--scenarios", help=f"comma-separated: {','.join(SCENARIOS)} (default: all)")
     ap.add_argument("--reps", type=int, help="rounds (default: quick 1, full 3)")
     ap.add_argument("--all-capacities", action="store_true", help=f"every contender at every capacity (default at the big ones: {','.join(BIG)})")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default benches/results)")
@@ -211,8 +213,11 @@ def main() -> int:
     unknown = set(wanted) - set(contenders.ORDER)
     if unknown:
         ap.error(f"unknown contender(s) {sorted(unknown)}; choose from {contenders.ORDER}")
-    workloads = set(args.workloads.split(",")) if args.workloads else {"atari", "control"}
-    kinds = set(args.scenarios.split(",")) if args.scenarios else {"single", "concurrent", "parallel", "scale"}
+    workloads = set(args.workloads.split(",")) if args.workloads else set(WORKLOAD_NAMES)
+    kinds = set(args.scenarios.split(",")) if args.scenarios else set(SCENARIOS)
+    for what, got, known in (("workload", workloads, WORKLOAD_NAMES), ("scenario", kinds, SCENARIOS)):
+        if got - set(known):
+            ap.error(f"unknown {what}(s) {sorted(got - set(known))}; choose from {','.join(known)}")
 
     skipped = {}
     keys = []
@@ -231,10 +236,10 @@ def main() -> int:
     prefix = f"shmbench-{os.getpid()}-{uuid.uuid4().hex[:4]}-"
     groups = job_groups(cfg, keys, workloads, kinds)
     n_jobs = sum(len(j) for _, j in groups)
-    print(f"{mode} suite: {n_jobs} jobs per round, {cfg.reps} round(s); files in {SHM_DIR} start with {prefix}", flush=True)
-
     started = time.time()
     machine = report.machine_info()
+    print(report.header({"mode": mode, "machine": machine}), flush=True)
+    print(f"{mode} suite: {n_jobs} jobs per round, {cfg.reps} round(s); files in {SHM_DIR} start with {prefix}", flush=True)
     raw: list[dict] = []
     t0 = time.monotonic()
     last_round = 0.0

@@ -17,7 +17,7 @@ fn copy_kernels(c: &mut Criterion) {
         let shared = vec![0u64; size.div_ceil(8)];
         let mut private = vec![1u8; size];
         group.throughput(Throughput::Bytes(size as u64));
-        for &kernel in copy::Kernel::available() {
+        for kernel in copy::Kernel::available() {
             group.bench_with_input(
                 BenchmarkId::new(format!("load_{}", kernel.name()), size),
                 &size,

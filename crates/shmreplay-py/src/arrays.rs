@@ -1,5 +1,8 @@
 //! Memory of numpy arrays and scalars seen as bytes: the binding's only `unsafe` code.
 
+use std::marker::PhantomData;
+use std::mem::size_of;
+
 use numpy::npyffi::PY_ARRAY_API;
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -68,13 +71,10 @@ fn disjoint(memory: &[(*mut u8, usize)]) -> PyResult<()> {
     Ok(())
 }
 
-/// The value of a numpy scalar (`np.float32(0.5)`, `np.bool_(True)`...) whose dtype has numpy
-/// kind `kind` and `size` bytes, as little-endian bytes; `None` for anything else.
-pub(crate) fn numpy_scalar_bytes(
-    value: &Bound<'_, PyAny>,
-    kind: u8,
-    size: usize,
-) -> Option<[u8; 8]> {
+/// A numpy scalar (`np.float64(0.5)`, `np.int64(3)`, `np.bool_(True)`...) of a bool, integer or
+/// float dtype of at most 8 bytes: its dtype's numpy kind (`b'b'`, `b'i'`, `b'u'`, `b'f'`) and
+/// size, and its value's native-order bytes (the first `size` of them). `None` for anything else.
+pub(crate) fn numpy_scalar(value: &Bound<'_, PyAny>) -> Option<(u8, usize, [u8; 8])> {
     let py = value.py();
     let obj = value.as_ptr();
     // SAFETY: `obj` is a live object (borrowed from `value`); the numpy C API is initialised
@@ -89,15 +89,118 @@ pub(crate) fn numpy_scalar_bytes(
     }
     .cast_into::<numpy::PyArrayDescr>()
     .ok()?;
-    let fits = descr.kind() == kind
-        && descr.itemsize() == size
-        && matches!(descr.byteorder(), b'=' | b'|')
-        && size <= 8;
+    let (kind, size) = (descr.kind(), descr.itemsize());
+    let fits = matches!(kind, b'b' | b'i' | b'u' | b'f')
+        && size <= 8
+        && matches!(descr.byteorder(), b'=' | b'|');
     if !fits {
         return None;
     }
     let mut bytes = [0u8; 8];
-    // SAFETY: the scalar's dtype is `size` <= 8 bytes (checked), so its C value fits `bytes`.
+    // SAFETY: the scalar's dtype is a plain number of `size` <= 8 bytes (checked; not a
+    // flexible type, of which the call would copy a pointer), so its C value fits `bytes`.
     unsafe { PY_ARRAY_API.PyArray_ScalarAsCtype(py, obj, bytes.as_mut_ptr().cast()) };
-    Some(bytes)
+    Some((kind, size, bytes))
+}
+
+/// Plain numbers as the elements of an input are read.
+///
+/// # Safety
+/// Every bit pattern of `size_of::<Self>()` bytes is a valid value of the type (no `bool`,
+/// `char`, references or padding).
+pub(crate) unsafe trait Element: Copy {
+    type Bytes: AsRef<[u8]>;
+    fn ne_bytes(self) -> Self::Bytes;
+}
+
+macro_rules! elements {
+    ($($t:ty),*) => {$(
+        // SAFETY: a primitive integer: every bit pattern is a value.
+        unsafe impl Element for $t {
+            type Bytes = [u8; size_of::<$t>()];
+            fn ne_bytes(self) -> Self::Bytes {
+                self.to_ne_bytes()
+            }
+        }
+    )*};
+}
+elements!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+/// The bytes of an input to convert: a C-contiguous array's memory or a scalar's value, read
+/// element by element through raw unaligned reads (as the copies of [`InColumn`], no Rust
+/// reference to an array's memory is formed: another thread may write it meanwhile).
+#[derive(Clone, Copy)]
+pub(crate) struct Source<'a> {
+    data: *const u8,
+    len: usize,
+    _borrow: PhantomData<&'a [u8]>,
+}
+
+impl<'a> Source<'a> {
+    /// The memory of `array` (checked C-contiguous), valid while `array` is borrowed.
+    pub(crate) fn of_array(array: &'a Bound<'_, PyUntypedArray>) -> Option<Source<'a>> {
+        let (data, len) = array_memory(array, false).ok()?;
+        Some(Source {
+            data,
+            len,
+            _borrow: PhantomData,
+        })
+    }
+
+    pub(crate) fn of_bytes(bytes: &'a [u8]) -> Source<'a> {
+        Source {
+            data: bytes.as_ptr(),
+            len: bytes.len(),
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Number of elements of `size` bytes.
+    pub(crate) fn count(&self, size: usize) -> usize {
+        self.len / size
+    }
+
+    /// The input read as consecutive `T`s (whole ones: a trailing partial element is ignored).
+    pub(crate) fn elements<T: Element>(self) -> Elements<'a, T> {
+        Elements {
+            data: self.data,
+            next: 0,
+            count: self.count(size_of::<T>()),
+            _borrow: PhantomData,
+        }
+    }
+}
+
+pub(crate) struct Elements<'a, T> {
+    data: *const u8,
+    next: usize,
+    count: usize,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+impl<T: Element> Iterator for Elements<'_, T> {
+    type Item = T;
+
+    #[inline]
+    fn next(&mut self) -> Option<T> {
+        if self.next == self.count {
+            return None;
+        }
+        // SAFETY: element `next` < `count` lies inside the `len` readable bytes at `data`,
+        // which the borrow of the source (an array, by a strong reference, or a byte slice)
+        // keeps alive; the read is unaligned-tolerant and every bit pattern is a `T`.
+        let value = unsafe {
+            self.data
+                .add(self.next * size_of::<T>())
+                .cast::<T>()
+                .read_unaligned()
+        };
+        self.next += 1;
+        Some(value)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.count - self.next;
+        (left, Some(left))
+    }
 }

@@ -390,6 +390,17 @@ fn remove(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<()> {
     shmreplay_core::remove(name, dir.as_deref()).map_err(|e| to_py(py, e))
 }
 
+/// The copy kernels of this process: which this CPU can run, which one the environment forced
+/// (`SHMREPLAY_COPY_KERNEL`), and which each range size gets. For benchmark reports.
+#[pyfunction]
+fn kernels(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    for (key, value) in shmreplay_core::copy::describe() {
+        dict.set_item(key, value)?;
+    }
+    Ok(dict)
+}
+
 #[pyfunction]
 fn unique_name() -> String {
     shmreplay_core::unique_name()
@@ -445,6 +456,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(remove_stale, m)?)?;
     m.add_function(wrap_pyfunction!(remove, m)?)?;
     m.add_function(wrap_pyfunction!(unique_name, m)?)?;
+    m.add_function(wrap_pyfunction!(kernels, m)?)?;
     m.add_function(wrap_pyfunction!(validate_name, m)?)?;
     #[cfg(feature = "test-hooks")]
     m.add_function(wrap_pyfunction!(_test_extend_pausing, m)?)?;

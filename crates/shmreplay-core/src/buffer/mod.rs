@@ -78,23 +78,39 @@ pub(crate) const CREATOR_LOCK: LockRange = LockRange {
 /// 2^64 / golden ratio: consecutive multiples are far apart, for seeding generators.
 const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 
-/// Copy kernels of a schema's byte ranges (see `platform::copy`: one kernel per byte range).
+/// Copy kernels of a schema's byte ranges (see `platform::copy`: one access width per range).
 #[derive(Clone, Debug)]
 pub(crate) struct CopyPlan {
-    /// For staged records: the kernel of the whole record.
-    record: Kernel,
-    /// Otherwise: the kernel of each field.
-    fields: Vec<Kernel>,
+    /// For staged records: the kernels of the whole record.
+    record: Kernels,
+    /// Otherwise: the kernels of each field.
+    fields: Vec<Kernels>,
+}
+
+/// The kernels that copy one byte range into and out of the segment.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kernels {
+    load: Kernel,
+    store: Kernel,
+}
+
+impl Kernels {
+    fn for_len(len: usize) -> Kernels {
+        Kernels {
+            load: Kernel::for_load(len),
+            store: Kernel::for_store(len),
+        }
+    }
 }
 
 impl CopyPlan {
     fn new(schema: &Schema, layout: &Layout) -> CopyPlan {
         CopyPlan {
-            record: Kernel::for_len(layout.record_bytes),
+            record: Kernels::for_len(layout.record_bytes),
             fields: schema
                 .fields()
                 .iter()
-                .map(|f| Kernel::for_len(f.bytes))
+                .map(|f| Kernels::for_len(f.bytes))
                 .collect(),
         }
     }

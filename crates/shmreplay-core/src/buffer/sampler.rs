@@ -211,7 +211,8 @@ impl ReplayBuffer {
             // Small records: one copy of the whole record, then split into fields once valid.
             let mut staged = [0u8; STAGED_RECORD_BYTES];
             let staged = &mut staged[..self.layout.record_bytes];
-            self.segment.load_bytes(record, staged, self.copy.record);
+            self.segment
+                .load_bytes(record, staged, self.copy.record.load);
             if !slot::read_validate(seq, begun) {
                 return None;
             }
@@ -223,7 +224,8 @@ impl ReplayBuffer {
             }
             return Some(slot::ticket_of(begun));
         }
-        for ((field, dst), &kernel) in fields.iter().zip(out).zip(&self.copy.fields) {
+        for ((field, dst), kernels) in fields.iter().zip(out).zip(&self.copy.fields) {
+            let kernel = kernels.load;
             self.segment.load_to(
                 record + field.offset,
                 dst,

@@ -246,7 +246,7 @@ impl RowWriter<'_> {
             }
             let len = buffer.layout.record_bytes;
             let staged = crate::platform::memory::Input::from_slice(&staged[..len]);
-            let kernel = buffer.copy.record;
+            let kernel = buffer.copy.record.store;
             match hook.as_mut() {
                 // Two stores with the record's own kernel: the same access width as one.
                 Some(hook) => {
@@ -262,7 +262,8 @@ impl RowWriter<'_> {
             return;
         }
         let half = buffer.layout.record_bytes / 2;
-        for ((field, column), &kernel) in fields.iter().zip(self.columns).zip(&buffer.copy.fields) {
+        for ((field, column), kernels) in fields.iter().zip(self.columns).zip(&buffer.copy.fields) {
+            let kernel = kernels.store;
             let at = record + field.offset;
             let from = row * field.bytes;
             let crosses_half = field.offset <= half && half < field.offset + field.bytes;
