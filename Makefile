@@ -1,14 +1,14 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - set up, then run the live actor-learner demo (Atari frames)
 #   make test   - set up, then run every test (Rust unit/loom/proptest/multi-process, in release
-#                 and debug builds, + pytest, + the Python concurrency tests on the portable
-#                 copy kernel)
+#                 and debug builds, + pytest, + the Python concurrency tests under every copy
+#                 kernel the CPU supports)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-words typecheck lint fmt clean bench bench-deps bench-quick soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -58,17 +58,20 @@ loom:
 pytest: dev
 	$(PY) -m pytest -q tests
 
-# The multi-process tests again, with the portable atomic-word copy kernel forced (the one used
-# where no faster kernel is available), so that it is exercised on every machine.
-test-words: dev
-	SHMREPLAY_COPY_KERNEL=words $(PY) -m pytest -q tests/test_concurrency.py tests/test_recovery.py
+# The multi-process tests again under every copy kernel this CPU can run, each forced in turn
+# (`words`, the portable one, included), so that every kernel is exercised on every machine.
+test-kernels: dev
+	@for kernel in $$($(PY) -c 'import shmreplay._core as c; print(c.kernels()["available"].replace(",", " "))'); do \
+		echo "SHMREPLAY_COPY_KERNEL=$$kernel pytest tests/test_concurrency.py tests/test_recovery.py" && \
+		SHMREPLAY_COPY_KERNEL=$$kernel $(PY) -m pytest -q tests/test_concurrency.py tests/test_recovery.py || exit 1; \
+	done
 
 # The hand-written stubs must match the runtime, and the package must type-check against them.
 typecheck: dev
 	$(PY) -m mypy.stubtest shmreplay --ignore-missing-stub
 	$(PY) -m mypy python/shmreplay
 
-test: rust-test rust-test-debug loom typecheck pytest test-words
+test: rust-test rust-test-debug loom typecheck pytest test-kernels
 
 # The benchmark suite against the peers (optional extras installed here) and the limit.
 bench-deps: $(VENV)/.bench-installed

@@ -421,6 +421,8 @@ def field_values(draw, shape: tuple[int, ...], dst: np.dtype, rows: int | None):
 def _check(trio: Trio, fields: dict, batch: dict, rows: int | None, takes: bool) -> None:
     taken, stored = trio.put_only(batch, rows)
     assert taken == takes
+    converted = any(np.asarray(v).dtype != dt for v, (_, dt) in zip(batch.values(), fields.values()))
+    event(f"put: {'took' if taken else 'declined'}{' (converting)' if converted else ''}")
     (public_error, public_rows), (slow_error, slow_rows) = trio.outcomes(batch, rows)
     assert public_error == slow_error and public_rows == slow_rows
     if taken:
