@@ -249,8 +249,9 @@ impl RawBuffer {
     }
 
     /// The fast path of `add` (`rows=None`) and `extend` (`rows=N`): inserts `values` and
-    /// returns True if every value is an array of its field's exact dtype and shape or a Python
-    /// scalar its field holds exactly; otherwise returns False and writes nothing.
+    /// returns True if every value is an array of its field's shape or a scalar whose dtype
+    /// converts to the field's under numpy's `same_kind` rule with every value fitting (see
+    /// `rows.rs`); otherwise returns False and writes nothing.
     #[pyo3(signature = (values, rows=None))]
     fn put(
         &self,

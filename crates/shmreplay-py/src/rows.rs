@@ -54,38 +54,36 @@ pub(crate) fn columns<'a, 'py>(
     if values.len() != schema.fields().len() {
         return None;
     }
-    // Every column but those borrowed from arrays (`None` here, filled in below in order).
-    let mut made: Vec<Option<Column<'a>>> = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
     for (field, name) in schema.fields().iter().zip(names) {
         let value = values.get_item(name.bind(values.py())).ok()??;
         if let Ok(array) = value.cast::<PyUntypedArray>() {
             let dtype = array_dtype(array, field, rows)?;
             if dtype == field.dtype {
                 arrays.push(array.clone());
-                made.push(None);
+                // An empty placeholder until all the arrays are in `arrays` (below).
+                columns.push(Column::Borrowed(InColumn::from_slice(&[])));
             } else {
                 let source = Source::of_array(array)?;
                 let mut bytes = vec![0u8; source.count(dtype.size()) * field.dtype.size()];
                 convert(dtype, field.dtype, source, &mut bytes)?;
-                made.push(Some(Column::Converted(bytes)));
+                columns.push(Column::Converted(bytes));
             }
         } else if rows.is_none() && field.shape.is_empty() {
             let (bytes, len) = scalar_bytes(&value, field.dtype)?;
-            made.push(Some(Column::Scalar(bytes, len)));
+            columns.push(Column::Scalar(bytes, len));
         } else {
             return None;
         }
     }
     let arrays: &'a Vec<_> = arrays;
     let mut arrays = arrays.iter();
-    made.into_iter()
-        .map(|column| match column {
-            Some(column) => Some(column),
-            None => Some(Column::Borrowed(
-                crate::arrays::input_of(arrays.next()?).ok()?,
-            )),
-        })
-        .collect()
+    for column in &mut columns {
+        if let Column::Borrowed(input) = column {
+            *input = crate::arrays::input_of(arrays.next()?).ok()?;
+        }
+    }
+    Some(columns)
 }
 
 /// The dtype of an array that has the field's shape, `(rows, *shape)` (or `shape` for one row
