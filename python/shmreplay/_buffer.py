@@ -117,9 +117,12 @@ _PHYSICAL_MEMORY = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _rows(batch: dict[str, Any]) -> int | None:
-    """The leading dimension of a batch's first value, if it is a numpy array (fast path)."""
+    """The leading dimension of a batch's first value, if it is a numpy array or a list (the
+    fast path's guess; it checks every value itself)."""
     for value in batch.values():
-        return value.shape[0] if type(value) is np.ndarray and value.ndim else None
+        if type(value) is np.ndarray:
+            return value.shape[0] if value.ndim else None
+        return len(value) if type(value) is list else None
     return None
 
 

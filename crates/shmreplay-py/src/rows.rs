@@ -17,7 +17,7 @@ use std::mem::size_of;
 
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString};
 use shmreplay_core::{DType, Field, InColumn, Schema};
 
 use crate::arrays::{Element, Source};
@@ -72,6 +72,8 @@ pub(crate) fn columns<'a, 'py>(
         } else if rows.is_none() && field.shape.is_empty() {
             let (bytes, len) = scalar_bytes(&value, field.dtype)?;
             columns.push(Column::Scalar(bytes, len));
+        } else if let (Some(n), true) = (rows, field.shape.is_empty()) {
+            columns.push(Column::Converted(list_bytes(&value, n, field.dtype)?));
         } else {
             return None;
         }
@@ -84,6 +86,40 @@ pub(crate) fn columns<'a, 'py>(
         }
     }
     Some(columns)
+}
+
+/// A list of `rows` Python scalars of one type (all bool, all int or all float) for a scalar
+/// field, as the bytes numpy would store for it: numpy makes such a list a bool, int64 or
+/// float64 array, which converts as each element does on its own. Mixed types (numpy would
+/// pick a common dtype, rounding twice) and anything else are declined.
+fn list_bytes(value: &Bound<'_, PyAny>, rows: usize, dtype: DType) -> Option<Vec<u8>> {
+    let list = value.cast::<PyList>().ok()?;
+    if list.len() != rows {
+        return None;
+    }
+    let kind = |item: &Bound<'_, PyAny>| {
+        if item.is_exact_instance_of::<PyBool>() {
+            Some(0)
+        } else if item.is_exact_instance_of::<PyInt>() {
+            // Beyond int64 numpy picks uint64, float64 or object for the whole list.
+            item.extract::<i64>().ok().map(|_| 1)
+        } else if item.is_exact_instance_of::<PyFloat>() {
+            Some(2)
+        } else {
+            None
+        }
+    };
+    let mut first = None;
+    let mut bytes = Vec::with_capacity(rows * dtype.size());
+    for item in list.iter() {
+        let k = kind(&item)?;
+        if *first.get_or_insert(k) != k {
+            return None;
+        }
+        let (value, len) = scalar_bytes(&item, dtype)?;
+        bytes.extend_from_slice(&value[..len]);
+    }
+    Some(bytes)
 }
 
 /// The dtype of an array that has the field's shape, `(rows, *shape)` (or `shape` for one row
