@@ -597,7 +597,7 @@ impl ReplayBuffer {
     }
 
     fn slot_offset(&self, index: usize) -> usize {
-        self.layout.section(layout::SLOTS).offset + index * self.layout.slot_bytes
+        self.layout.slots_offset + index * self.layout.slot_bytes
     }
 
     fn seq(&self, index: usize) -> &AtomicU64 {
@@ -718,11 +718,11 @@ impl SegmentLocks for GateLocks<'_> {
 }
 
 fn control(layout: &Layout, word: usize) -> usize {
-    layout.section(layout::CONTROL).offset + word
+    layout.control_offset + word
 }
 
 fn entry_offset(layout: &Layout, entry: usize) -> usize {
-    layout.section(layout::HANDLES).offset + entry * ENTRY_BYTES
+    layout.handles_offset + entry * ENTRY_BYTES
 }
 
 fn write_owner(segment: &Segment, layout: &Layout, entry: usize, me: Identity) {

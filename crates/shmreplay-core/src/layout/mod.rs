@@ -120,6 +120,10 @@ pub(crate) struct Layout {
     pub slot_bytes: usize,
     /// Where the record starts in its slot.
     pub record_in_slot: usize,
+    /// The sections' offsets, as fields: the hot paths address slots without a lookup.
+    pub control_offset: usize,
+    pub handles_offset: usize,
+    pub slots_offset: usize,
     pub sections: Vec<Section>,
     pub total_bytes: usize,
 }
@@ -180,6 +184,9 @@ impl Layout {
             schema_len,
             slot_bytes,
             record_in_slot,
+            control_offset,
+            handles_offset,
+            slots_offset,
             sections,
             total_bytes,
         })
@@ -190,7 +197,8 @@ impl Layout {
         self.record_bytes <= STAGED_RECORD_BYTES
     }
 
-    pub fn section(&self, tag: [u8; 8]) -> Section {
+    #[cfg(test)]
+    fn section(&self, tag: [u8; 8]) -> Section {
         *self
             .sections
             .iter()
