@@ -295,7 +295,7 @@ def table(doc: dict) -> str:
                  ",".join(map(str, r["fds"])), ",".join(map(str, r["maps"]))] for r in sorted(m["scale"], key=lambda r: (order[r["contender"]], r["capacity"]))]
         out.append(_grid(["contender", "capacity", "us/sample", "vs smallest", "fds", "shared mappings"], body))
     if doc["targets"]:
-        out.append("\ntargets (issue 5), shmreplay:")
+        out.append("\ntargets (issue 10), shmreplay:")
         body = []
         for t in doc["targets"]:
             v = t["value"]
