@@ -6,12 +6,12 @@
 //! crossbeam#859). Two sound ways remain, both here:
 //!
 //! * [`words`] (portable, the reference): every access is a `Relaxed` `AtomicU64` load or store.
-//! * [`movsb`] (x86-64): `rep movsb` in inline assembly. Inline assembly is opaque to the
-//!   compiler, whose model of it is "some code that may perform any accesses the hardware
-//!   could"; the hardware performs `rep movsb` as byte-sized accesses, each of them
-//!   single-copy atomic on x86, which is exactly a sequence of `Relaxed` `AtomicU8` accesses.
-//!   This is the argument of the `atomic-memcpy` and `atomic-maybe-uninit` crates. It is much
-//!   faster for large fields (it moves whole cache lines with fast-strings microcode).
+//! * the x86-64 kernels (`rep movsb`, AVX2 and AVX-512 loops, streaming stores), each one block
+//!   of inline assembly. Inline assembly is opaque to the compiler, whose model of it is "some
+//!   code that may perform any accesses the hardware could"; the hardware performs these
+//!   copies as accesses that are single-copy atomic for every byte, which is at least a
+//!   sequence of `Relaxed` `AtomicU8` accesses. This is the argument of the `atomic-memcpy` and
+//!   `atomic-maybe-uninit` crates. They are much faster for large fields.
 //!
 //! **One access width per byte range.** Racing atomic accesses of different sizes to the same
 //! bytes are undefined behaviour (rust-lang/rust#128778), so a byte range written with Rust
