@@ -90,6 +90,8 @@ def _dir_arg(path: Any) -> str | None:
     path = os.fspath(path)
     if not isinstance(path, str):
         raise TypeError("path must be a str or os.PathLike[str]")
+    if not path or "\x00" in path:
+        raise ValueError(f"path must be a non-empty directory name without NUL bytes, got {path!r}")
     return path
 
 
@@ -145,7 +147,9 @@ class ReplayBuffer:
         """Internal: use :meth:`create` or :meth:`attach`."""
         self._raw = raw
         self._dir = path
-        self._owner = owner
+        # The creating process owns the buffer; a child that inherits the handle through fork
+        # does not (its ``with`` exit must not remove the buffer under everyone else).
+        self._owner = os.getpid() if owner else None
         self._fields: FieldTypes = {
             name: (tuple(shape), np.dtype(code)) for name, code, shape in raw.fields
         }
@@ -248,7 +252,7 @@ class ReplayBuffer:
     @property
     def is_owner(self) -> bool:
         """True for the handle that created the buffer (it unlinks it on ``with`` exit)."""
-        return self._owner
+        return self._owner == os.getpid()
 
     @property
     def closed(self) -> bool:
@@ -356,6 +360,14 @@ class ReplayBuffer:
         return_info: Literal[True],
         out: Mapping[str, np.ndarray] | None = ...,
     ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
+    @overload
+    def sample(
+        self,
+        batch_size: int,
+        *,
+        return_info: bool,
+        out: Mapping[str, np.ndarray] | None = ...,
+    ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]: ...
     def sample(
         self,
         batch_size: int,
@@ -463,7 +475,7 @@ class ReplayBuffer:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if self._owner and not self.closed:
+            if self.is_owner and not self.closed:
                 try:
                     self.unlink()
                 except FileNotFoundError:

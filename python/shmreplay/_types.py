@@ -12,8 +12,9 @@ Shape = Union[int, Tuple[int, ...]]
 """A field's shape: ``()`` for scalars, an int for 1-d, a tuple of ints."""
 DTypeLike = Union[str, type, "np.dtype[Any]"]
 """A field's dtype: ``np.uint8``, ``"float32"``, ``np.dtype("i4")``..."""
-FieldSpec = Tuple[Shape, DTypeLike]
-"""``(shape, dtype)`` of one field."""
+FieldSpec = Tuple[Shape, Any]
+"""``(shape, dtype)`` of one field; the dtype is anything ``np.dtype()`` takes (typed ``Any`` so
+that a dict literal mixing ``np.uint8`` and ``"float32"`` type-checks)."""
 PathLike = Union[str, "os.PathLike[str]"]
 
 

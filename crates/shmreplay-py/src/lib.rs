@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use numpy::{PyArray1, PyUntypedArray};
 use pyo3::exceptions::{
-    PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyOSError,
-    PyPermissionError, PyValueError,
+    PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyMemoryError,
+    PyOSError, PyPermissionError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
@@ -285,7 +285,15 @@ impl RawBuffer {
     ) -> PyResult<(U64Array<'py>, U64Array<'py>)> {
         let buffer = self.get()?;
         let out = outputs(&out)?;
-        let (mut index, mut key) = (vec![0u64; batch_size], vec![0u64; batch_size]);
+        let zeros = || -> PyResult<Vec<u64>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(batch_size).map_err(|_| {
+                PyMemoryError::new_err(format!("no memory for a batch of {batch_size} rows"))
+            })?;
+            v.resize(batch_size, 0);
+            Ok(v)
+        };
+        let (mut index, mut key) = (zeros()?, zeros()?);
         py.detach(|| {
             buffer.sample_columns(&out, &mut index, &mut key, &mut shmreplay_core::NoBlocking)
         })

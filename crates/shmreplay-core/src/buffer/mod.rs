@@ -8,7 +8,7 @@ mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -120,8 +120,9 @@ impl CopyPlan {
 /// and handle-table entry.
 #[derive(Debug)]
 struct Handle {
-    /// The process the lock file and entry belong to (another one after `fork`).
-    pid: u32,
+    /// The process image (`liveness::image`) the lock file and entry belong to (another one
+    /// after `fork`).
+    image: u64,
     entry: Option<usize>,
 }
 
@@ -195,9 +196,9 @@ pub struct ReplayBuffer {
     handle: Mutex<Handle>,
     /// The file description holding this handle's locks; replaced in a forked child.
     lock_file: RwLock<Arc<LockFile>>,
-    /// The pid `lock_file` belongs to, readable without locking.
-    lock_pid: AtomicU32,
-    /// `pid << 32 | (entry + 1)` of the registration, readable without locking (0: none).
+    /// The process image `lock_file` belongs to, readable without locking.
+    lock_image: AtomicU64,
+    /// The registration (see [`registration_word`]), readable without locking (0: none).
     registered: AtomicU64,
     rng: AtomicU64,
 }
@@ -278,7 +279,7 @@ impl ReplayBuffer {
         {
             let mut handle = buffer.lock_handle(&mut NoBlocking)?;
             handle.entry = Some(0);
-            buffer.publish_registration(handle.pid, 0);
+            buffer.publish_registration(handle.image, 0);
         }
         Ok(buffer)
     }
@@ -309,7 +310,7 @@ impl ReplayBuffer {
         // Handles made in the same nanosecond still draw different streams.
         static HANDLES: AtomicU64 = AtomicU64::new(0);
         let seed = unix_nanos() ^ HANDLES.fetch_add(1, Ordering::Relaxed).wrapping_mul(GOLDEN);
-        let pid = liveness::pid();
+        let image = liveness::image();
         ReplayBuffer {
             copy: CopyPlan::new(&schema, &layout),
             segment,
@@ -317,9 +318,9 @@ impl ReplayBuffer {
             layout,
             name: name.to_owned(),
             path,
-            handle: Mutex::new(Handle { pid, entry: None }),
+            handle: Mutex::new(Handle { image, entry: None }),
             lock_file: RwLock::new(Arc::new(LockFile::new(file))),
-            lock_pid: AtomicU32::new(pid),
+            lock_image: AtomicU64::new(image),
             registered: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
         }
@@ -369,6 +370,7 @@ impl ReplayBuffer {
     /// Locks this handle's state, waiting (through `blocking`, interruptibly) if another
     /// thread holds it: writes through one handle are serialised.
     fn lock_handle(&self, blocking: &mut dyn Blocking) -> Result<MutexGuard<'_, Handle>> {
+        let started = Instant::now();
         loop {
             match self.handle.try_lock() {
                 Ok(guard) => return Ok(guard),
@@ -388,11 +390,47 @@ impl ReplayBuffer {
                         interrupted = true;
                         return;
                     }
+                    if started.elapsed() > WAIT_LIMIT {
+                        return;
+                    }
                     pause.wait();
                 }
             });
             if interrupted {
                 return Err(Error::Interrupted);
+            }
+            if started.elapsed() > WAIT_LIMIT {
+                return Err(self.handle_busy());
+            }
+        }
+    }
+
+    /// Why this handle's state stayed locked past the bound: another thread of this process
+    /// is in a long call, or (after `fork`) a thread of the parent was, and it does not exist
+    /// here to let go.
+    fn handle_busy(&self) -> Error {
+        Error::Contended(format!(
+            "{}: this handle stayed busy for {} s: another thread is in a long call on it, or \
+             the handle was inherited through fork while a thread of the parent was using it \
+             (attach anew in the child: ReplayBuffer.attach(name))",
+            self.name,
+            WAIT_LIMIT.as_secs()
+        ))
+    }
+
+    /// The lock file slot, for replacing it in a forked child; bounded like `lock_handle`.
+    fn write_lock_file(&self) -> Result<std::sync::RwLockWriteGuard<'_, Arc<LockFile>>> {
+        let started = Instant::now();
+        loop {
+            match self.lock_file.try_write() {
+                Ok(guard) => return Ok(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) if started.elapsed() > WAIT_LIMIT => {
+                    return Err(self.handle_busy())
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
             }
         }
     }
@@ -410,14 +448,14 @@ impl ReplayBuffer {
 
     /// The entry registered for the calling process, if any (no locking).
     fn registered_entry(&self) -> Option<usize> {
-        let r = self.registered.load(Ordering::Acquire);
-        ((r >> 32) as u32 == liveness::pid() && r & 0xffff_ffff != 0)
-            .then(|| (r & 0xffff_ffff) as usize - 1)
+        let word = self.registered.load(Ordering::Acquire);
+        let entry = (word & 0xffff) as usize;
+        (entry != 0 && word == registration_word(liveness::image(), entry - 1)).then(|| entry - 1)
     }
 
-    fn publish_registration(&self, pid: u32, entry: usize) {
+    fn publish_registration(&self, image: u64, entry: usize) {
         self.registered
-            .store(u64::from(pid) << 32 | (entry as u64 + 1), Ordering::Release);
+            .store(registration_word(image, entry), Ordering::Release);
     }
 
     /// Makes the handle usable by the calling process: after `fork`, a lock file of its own
@@ -433,8 +471,8 @@ impl ReplayBuffer {
         register: bool,
         attaching: bool,
     ) -> Result<Option<usize>> {
-        let me = liveness::pid();
-        let forked = handle.pid != me;
+        let me = liveness::image();
+        let forked = handle.image != me;
         let needs_entry = register || (forked && handle.entry.is_some());
         if forked {
             // Until the child has locks of its own it keeps the inherited description (and
@@ -448,9 +486,9 @@ impl ReplayBuffer {
                 handle.entry = None;
                 self.registered.store(0, Ordering::Release);
             }
-            *self.lock_file.write().unwrap_or_else(|e| e.into_inner()) = fresh;
-            self.lock_pid.store(me, Ordering::Release);
-            handle.pid = me;
+            *self.write_lock_file()? = fresh;
+            self.lock_image.store(me, Ordering::Release);
+            handle.image = me;
         } else if needs_entry && handle.entry.is_none() {
             let entry = self.register_with(&self.current_lock_file(), attaching, blocking)?;
             handle.entry = Some(entry);
@@ -468,7 +506,7 @@ impl ReplayBuffer {
 
     /// The lock file of the calling process (reopened first in a forked child).
     fn locks(&self, blocking: &mut dyn Blocking) -> Result<Arc<LockFile>> {
-        if self.lock_pid.load(Ordering::Acquire) != liveness::pid() {
+        if self.lock_image.load(Ordering::Acquire) != liveness::image() {
             let mut handle = self.lock_handle(blocking)?;
             self.prepare(&mut handle, blocking, false, false)?;
         }
@@ -715,6 +753,14 @@ impl SegmentLocks for GateLocks<'_> {
     fn is_linked(&self) -> Result<bool> {
         self.0.is_linked()
     }
+}
+
+/// A registration in one word: the process image's fork count (low 16 bits) and pid, and the
+/// entry + 1 (so that 0 means none).
+fn registration_word(image: u64, entry: usize) -> u64 {
+    let forks = (image >> 32) & 0xffff;
+    let pid = image & 0xffff_ffff;
+    forks << 48 | pid << 16 | (entry as u64 + 1)
 }
 
 fn control(layout: &Layout, word: usize) -> usize {

@@ -52,6 +52,8 @@ impl Identity {
 }
 
 static PID: AtomicU32 = AtomicU32::new(0);
+/// How many `fork`s separate this process image from the first one (bumped in every child).
+static FORK_GENERATION: AtomicU32 = AtomicU32::new(0);
 /// False if the fork hook could not be registered: then nothing about the process is cached.
 static CACHING: AtomicBool = AtomicBool::new(false);
 static CURRENT_WORD: AtomicU64 = AtomicU64::new(0);
@@ -60,6 +62,7 @@ static CURRENT_NAMESPACE: AtomicU64 = AtomicU64::new(0);
 fn install_fork_hook() {
     static ONCE: Once = Once::new();
     extern "C" fn forget() {
+        FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
         PID.store(0, Ordering::Relaxed);
         CURRENT_WORD.store(0, Ordering::Relaxed);
         CURRENT_NAMESPACE.store(0, Ordering::Relaxed);
@@ -89,6 +92,14 @@ pub fn pid() -> u32 {
         }
         pid => pid,
     }
+}
+
+/// A token for "this process image": the pid and the number of `fork`s behind it. A handle
+/// compares it with the token it recorded to notice it was inherited through `fork`; the fork
+/// count keeps a grandchild that got a dead ancestor's pid back from passing for it.
+pub fn image() -> u64 {
+    let pid = pid();
+    (u64::from(FORK_GENERATION.load(Ordering::Relaxed)) << 32) | u64::from(pid)
 }
 
 /// This process's identity. A start time or namespace that cannot be read now is recorded as
