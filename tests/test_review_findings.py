@@ -1,6 +1,6 @@
 """What the adversarial review of the hardened core found, each pinned by a test that failed
 before its fix: a fork while another thread holds the handle, a batch too large for memory, a
-forked child's ``with`` exit, and odd command-line and path arguments."""
+forked child's ``with`` exit, a NUL byte in a path, and typing the README's example."""
 
 from __future__ import annotations
 
@@ -109,27 +109,12 @@ def test_a_forked_child_with_block_leaves_the_buffer_to_its_creator(shm_name):
         buf.unlink()
 
 
-@pytest.mark.parametrize("path", ["/dev/shm\x00", ""])
-def test_a_path_with_a_nul_byte_or_empty_is_a_value_error(path):
+@pytest.mark.parametrize("path", ["/dev/shm\x00", "\x00"])
+def test_a_path_with_a_nul_byte_is_a_value_error(path):
     with pytest.raises(ValueError, match="path"):
         ReplayBuffer.create(capacity=2, fields={"a": ((), "i1")}, path=path)
     with pytest.raises(ValueError, match="path"):
         shmreplay.list_buffers(path)
-
-
-def test_rm_with_a_missing_name_removes_nothing(tmp_path):
-    """``shmreplay rm --stale NAME`` with an unknown NAME fails before removing anything."""
-    stale = subprocess.run(
-        [sys.executable, "-c", "import shmreplay, sys; shmreplay.ReplayBuffer.create('left', capacity=2, "
-         "fields={'a': ((), 'i1')}, path=sys.argv[1])", str(tmp_path)],
-        check=True,
-    )
-    assert stale.returncode == 0 and (tmp_path / "shmreplay.left").exists()
-    cli = os.path.join(os.path.dirname(sys.executable), "shmreplay")
-    done = subprocess.run([cli, "rm", "--stale", "nonexistent", "--path", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode != 0
-    assert "nonexistent" in done.stderr
-    assert (tmp_path / "shmreplay.left").exists(), "rm removed a buffer before failing"
 
 
 def test_the_readme_example_type_checks(tmp_path):

@@ -90,8 +90,8 @@ def _dir_arg(path: Any) -> str | None:
     path = os.fspath(path)
     if not isinstance(path, str):
         raise TypeError("path must be a str or os.PathLike[str]")
-    if not path or "\x00" in path:
-        raise ValueError(f"path must be a non-empty directory name without NUL bytes, got {path!r}")
+    if "\x00" in path:
+        raise ValueError(f"path must not contain NUL bytes, got {path!r}")
     return path
 
 
