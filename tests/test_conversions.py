@@ -665,3 +665,14 @@ def test_extend_takes_lists_of_python_scalars_on_the_fast_path(segments):
         assert not buf._raw.put({"obs": np.repeat(obs, 2, 0), "action": [3, 4], "reward": [1, 0.5], "done": [1, 0]}, 2)
         assert not buf._raw.put({"obs": obs, "action": [2**64 - 1], "reward": [0.5], "done": [1]}, 1)
         assert len(buf) == 1
+
+
+def test_an_empty_list_is_left_to_numpy(segments):
+    """numpy makes ``[]`` a float64 array: ``extend({"done": []})`` into a bool field is the
+    TypeError numpy's same_kind rule gives, on the fast path as on the slow one (hypothesis
+    found the fast path once taking it as zero rows)."""
+    with ReplayBuffer.create(capacity=4, fields={"done": ((), np.bool_)}, path=segments) as buf:
+        assert not buf._raw.put({"done": []}, 0)
+        with pytest.raises(TypeError):
+            buf.extend({"done": []})
+        assert len(buf) == 0

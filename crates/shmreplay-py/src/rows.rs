@@ -94,7 +94,8 @@ pub(crate) fn columns<'a, 'py>(
 /// pick a common dtype, rounding twice) and anything else are declined.
 fn list_bytes(value: &Bound<'_, PyAny>, rows: usize, dtype: DType) -> Option<Vec<u8>> {
     let list = value.cast::<PyList>().ok()?;
-    if list.len() != rows {
+    // numpy makes an empty list a float64 array, which no bool or integer field accepts.
+    if list.len() != rows || rows == 0 {
         return None;
     }
     let kind = |item: &Bound<'_, PyAny>| {
