@@ -150,11 +150,12 @@ impl ReplayBuffer {
             record_bytes: self.layout.record_bytes as u64,
             attached: stats.attached,
             creator_pid: creator.pid(),
-            stale: stats.attached == 0 && liveness::liveness(creator) == Liveness::Dead,
+            stale: stats.attached == 0 && self.creator_is_gone(),
         }
     }
 
-    /// True if the buffer is stale: see [`SegmentInfo::stale`].
+    /// True if the process that created the buffer is provably gone (half of
+    /// [`SegmentInfo::stale`]; gc asks it with every entry locked).
     pub(crate) fn creator_is_gone(&self) -> bool {
         liveness::liveness(layout::creator(&self.segment)) == Liveness::Dead
     }
