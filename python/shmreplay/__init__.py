@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import _core
 from ._buffer import ReplayBuffer, _dir_arg
+from ._samplers import Prioritized, Sampler, Uniform
 from ._errors import (
     ContendedError,
     CorruptSegmentError,
@@ -22,6 +23,9 @@ from ._types import BufferInfo, DTypeLike, FieldSpec, PathLike, SampleInfo, Shap
 
 __all__ = [
     "ReplayBuffer",
+    "Uniform",
+    "Prioritized",
+    "Sampler",
     "ShmReplayError",
     "InsufficientSpaceError",
     "EmptyBufferError",
@@ -50,7 +54,8 @@ def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     """The buffers of this user in ``path`` (default ``/dev/shm``), sorted by name.
 
     Each is a dict: name, path, capacity, size, bytes, record_bytes, attached (live handles),
-    creator_pid, and stale (no live process holds it and its creator has exited). Files named
+    creator_pid, stale (no live process holds it and its creator has exited), and sampler
+    (``None`` for uniform, ``(alpha, eps, stratified)`` for prioritized). Files named
     like segments that cannot be read are left out (``shmreplay ls`` shows them).
     """
     return _core.scan(_dir_arg(path))[0]  # type: ignore[return-value]

@@ -14,6 +14,9 @@ from ._errors import EmptyBufferError as EmptyBufferError
 from ._errors import InsufficientSpaceError as InsufficientSpaceError
 from ._errors import ShmReplayError as ShmReplayError
 from ._errors import TooManyHandlesError as TooManyHandlesError
+from ._samplers import Prioritized as Prioritized
+from ._samplers import Sampler as Sampler
+from ._samplers import Uniform as Uniform
 from ._types import BufferInfo as BufferInfo
 from ._types import DTypeLike as DTypeLike
 from ._types import FieldSpec as FieldSpec

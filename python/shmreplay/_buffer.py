@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping, overload
 import numpy as np
 
 from . import _core
+from ._samplers import Prioritized, Sampler, Uniform, sampler_args, sampler_of
 from ._types import FieldSpec, PathLike, SampleInfo, Stats
 
 FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
@@ -18,6 +19,9 @@ FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
 _KINDS = {"b": "bool", "u": "unsigned integer", "i": "signed integer", "f": "floating point"}
 _CODES = {"b1", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"}
 _MAX_DIMENSION = 1 << 40
+_DEFAULT_BETA = 0.4
+# The keyword that carries priorities in add/extend: no field may take its name.
+_PRIORITY = "priority"
 
 
 def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
@@ -63,6 +67,10 @@ def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
     for name, spec in fields.items():
         if not isinstance(name, str):
             raise TypeError(f"field names must be strings, got {name!r}")
+        if name == _PRIORITY:
+            raise ValueError(
+                "a field may not be named 'priority': add/extend take priorities under that name"
+            )
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise TypeError(f"field {name!r}: expected a (shape, dtype) pair, got {spec!r}")
         shape, dtype = spec
@@ -128,6 +136,47 @@ def _rows(batch: dict[str, Any]) -> int | None:
     return None
 
 
+def _priorities(value: Any, rows: int | None) -> np.ndarray | None:
+    """Raw priorities as a float64 array: one value for all rows, or one per row (``rows`` of
+    them; ``None``: a single ``add``). Refuses non-numbers (TypeError), and NaN, infinite or
+    negative values and wrong lengths (ValueError)."""
+    if value is None:
+        return None
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"priority must be a number or an array of numbers ({e})") from None
+    if array.dtype.kind not in "iuf":
+        raise TypeError(f"priority must be a number or an array of numbers, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float64)
+    if array.ndim > 1 or (array.ndim == 1 and (rows is None or array.shape[0] != rows)):
+        want = "a number" if rows is None else f"a number or {rows} values"
+        raise ValueError(f"priority must be {want}, got shape {array.shape}")
+    if not np.all(np.isfinite(array)) or np.any(array < 0):
+        raise ValueError("priorities must be finite and >= 0")
+    return array.reshape(-1)
+
+
+def _keys(keys: Any) -> np.ndarray:
+    """Record keys as a uint64 array: integers only (ValueError for other numbers, TypeError
+    for non-numbers), one-dimensional, none negative."""
+    try:
+        array = np.asarray(keys)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"keys must be an array of integers ({e})") from None
+    if array.size == 0 and array.dtype.kind in "fO":  # np.asarray([]) is float64
+        return np.empty(0, np.uint64)
+    if array.dtype.kind not in "iu":
+        if array.dtype.kind in "fcb":
+            raise ValueError(f"keys must be an integer array (as sample returns them), got {array.dtype}")
+        raise TypeError(f"keys must be an integer array, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"keys must be one-dimensional, got shape {array.shape}")
+    if array.dtype.kind == "i" and array.size and array.min() < 0:
+        raise ValueError("keys must be >= 0")
+    return np.ascontiguousarray(array, dtype=np.uint64)
+
+
 def _reattach(name: str, path: str | None) -> "ReplayBuffer":
     return ReplayBuffer.attach(name, path=path)
 
@@ -141,7 +190,7 @@ class ReplayBuffer:
     (or pass it to a child process: it pickles by name).
     """
 
-    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner")
+    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner", "_sampler")
 
     def __init__(self, raw: _core.RawBuffer, path: str | None, owner: bool) -> None:
         """Internal: use :meth:`create` or :meth:`attach`."""
@@ -154,6 +203,7 @@ class ReplayBuffer:
             name: (tuple(shape), np.dtype(code)) for name, code, shape in raw.fields
         }
         self._names = frozenset(self._fields)
+        self._sampler: Sampler = sampler_of(raw.sampler)
 
     # ---- construction ----
 
@@ -165,6 +215,7 @@ class ReplayBuffer:
         capacity: int,
         fields: Mapping[str, FieldSpec],
         path: PathLike | None = None,
+        sampler: Sampler | None = None,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -174,6 +225,8 @@ class ReplayBuffer:
             fields: ``{name: (shape, dtype)}``; shape ``()`` for scalars, dtype any numpy
                 bool/int/uint/float dtype or its name.
             path: directory for the segment file (default ``/dev/shm``).
+            sampler: :class:`Uniform` (the default) or :class:`Prioritized`; fixed for the
+                buffer's life, and what every process that attaches gets.
 
         Raises:
             FileExistsError: the name is taken.
@@ -182,12 +235,13 @@ class ReplayBuffer:
         """
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
+        sampling = sampler_args(sampler)
         directory = _dir_arg(path)
         if name is None:
             name = _core.unique_name()
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        raw = _core.RawBuffer.create(name, directory, capacity, parsed)
+        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling)
         return cls(raw, directory, owner=True)
 
     @classmethod
@@ -248,6 +302,19 @@ class ReplayBuffer:
     def nbytes(self) -> int:
         """Bytes of the whole segment."""
         return self._raw.segment_bytes
+
+    @property
+    def sampler(self) -> Sampler:
+        """How this buffer samples: :class:`Uniform` or :class:`Prioritized` (fixed at creation)."""
+        return self._sampler
+
+    @property
+    def priority_range(self) -> tuple[float, float] | None:
+        """``(largest v, resolution)`` of a prioritized buffer's fixed point: ``v = (p + eps) **
+        alpha`` must be at most the first; values are held to the nearest multiple of the second
+        (a positive ``v`` below it is held as the resolution itself, so it stays drawable).
+        ``None`` for a uniform buffer."""
+        return self._raw.priority_range()
 
     @property
     def is_owner(self) -> bool:
@@ -320,27 +387,39 @@ class ReplayBuffer:
                 raise ValueError(f"fields have different numbers of rows: {rows}")
         return columns
 
-    def add(self, /, **values: Any) -> None:
+    def add(self, /, *, priority: float | None = None, **values: Any) -> None:
         """Inserts one transition: one keyword argument per field.
 
-        Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
-        or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses.
-        """
-        if not self._raw.put(values):
-            self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())])
+        ``priority``: the raw priority ``p >= 0`` of a :class:`Prioritized` buffer; omitted,
+        the largest of 1.0 and every raw priority ever set in the buffer (new transitions are
+        drawn at least once soon, as in the PER paper). ``TypeError`` on a uniform buffer.
 
-    def extend(self, batch: Mapping[str, Any]) -> None:
+        Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
+        or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses, and
+        ``ValueError`` on a negative, NaN or infinite priority.
+        """
+        priorities = _priorities(priority, None)
+        if not self._raw.put(values, None, priorities):
+            self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())], priorities)
+
+    def extend(self, batch: Mapping[str, Any], *, priority: Any = None) -> None:
         """Inserts N transitions given as ``{field: array of N rows}`` (wrapping around the ring).
 
-        Validates every field before writing anything; errors as for :meth:`add`.
+        ``priority``: raw priorities of a :class:`Prioritized` buffer, one number for all rows or
+        an array of N; omitted, as in :meth:`add`.
+
+        Validates every field and priority before writing anything; errors as for :meth:`add`.
         """
         if type(batch) is dict:
             rows = _rows(batch)
-            if rows is not None and self._raw.put(batch, rows):
-                return
+            if rows is not None:
+                priorities = _priorities(priority, rows)
+                if self._raw.put(batch, rows, priorities):
+                    return
         if not isinstance(batch, Mapping):
             raise TypeError(f"extend takes a mapping {{field: array}}, got {type(batch).__name__}")
-        self._raw.extend(self._columns(batch, (-1,)))
+        columns = self._columns(batch, (-1,))
+        self._raw.extend(columns, _priorities(priority, columns[0].shape[0]))
 
     # ---- reading ----
 
@@ -349,6 +428,7 @@ class ReplayBuffer:
         self,
         batch_size: int,
         *,
+        beta: float | None = ...,
         return_info: Literal[False] = ...,
         out: Mapping[str, np.ndarray] | None = ...,
     ) -> dict[str, np.ndarray]: ...
@@ -357,6 +437,7 @@ class ReplayBuffer:
         self,
         batch_size: int,
         *,
+        beta: float | None = ...,
         return_info: Literal[True],
         out: Mapping[str, np.ndarray] | None = ...,
     ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
@@ -365,6 +446,7 @@ class ReplayBuffer:
         self,
         batch_size: int,
         *,
+        beta: float | None = ...,
         return_info: bool,
         out: Mapping[str, np.ndarray] | None = ...,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]: ...
@@ -372,14 +454,24 @@ class ReplayBuffer:
         self,
         batch_size: int,
         *,
+        beta: float | None = None,
         return_info: bool = False,
         out: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]:
-        """Draws ``batch_size`` rows uniformly, with replacement, from the committed slots.
+        """Draws ``batch_size`` rows, with replacement, from the committed slots: uniformly, or
+        by priority in a :class:`Prioritized` buffer.
 
         Returns ``{field: array (batch_size, *shape)}`` of fresh arrays, and with
         ``return_info=True`` also ``{"index": int64 slots, "key": uint64 insert tickets}``
         (a key identifies the record: it changes when the slot is overwritten).
+
+        In a prioritized buffer, row ``i`` is drawn with probability ``P(i) = v_i / sum(v)``,
+        and the info also holds ``"probability"`` (float64 ``P(i)``), ``"weight"`` (float32
+        importance weights ``(v_i / v_min) ** -beta``, ``v_min`` the smallest positive ``v`` in
+        the buffer, so every weight is at most 1) and ``"priority"`` (float64 raw ``p``).
+        ``beta`` (in ``[0, 1]``, default 0.4) is for prioritized buffers only (``TypeError``
+        on a uniform one). Records of priority 0 are never drawn while any has more; if all
+        have 0, rows are drawn uniformly with probability ``1/len`` and weight 1.
 
         ``out`` reuses arrays instead of allocating new ones on every call (large fresh arrays
         cost page faults): one C-contiguous, writable array per field, of the field's dtype and
@@ -391,6 +483,14 @@ class ReplayBuffer:
         n = _int_arg("batch_size", batch_size, 1)
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
+        prioritized = isinstance(self._sampler, Prioritized)
+        if beta is not None:
+            if not prioritized:
+                raise TypeError(f"beta is for prioritized sampling; this buffer's sampler is {self._sampler}")
+            if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+                raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+            if not 0.0 <= float(beta) <= 1.0:
+                raise ValueError(f"beta must be between 0 and 1, got {beta}")
         if n * self.record_bytes > _PHYSICAL_MEMORY:
             raise MemoryError(
                 f"a batch of {n:,} rows of {self.record_bytes:,} bytes needs more memory than this "
@@ -400,11 +500,56 @@ class ReplayBuffer:
             arrays = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
         else:
             arrays = self._check_out(out, n)
+        if prioritized:
+            b = _DEFAULT_BETA if beta is None else float(beta)
+            index, key, probability, weight, priority = self._raw.sample_prioritized_into(
+                list(arrays.values()), n, b
+            )
+            if return_info:
+                info: SampleInfo = {
+                    "index": index.view(np.int64),
+                    "key": key,
+                    "probability": probability,
+                    "weight": weight,
+                    "priority": priority,
+                }
+                return arrays, info
+            return arrays
         index, key = self._raw.sample_into(list(arrays.values()), n)
         if return_info:
-            info: SampleInfo = {"index": index.view(np.int64), "key": key}
+            info = {"index": index.view(np.int64), "key": key}
             return arrays, info
         return arrays
+
+    def update_priorities(self, keys: Any, priorities: Any) -> int:
+        """Sets the raw priorities of the records ``keys`` (``info["key"]`` of :meth:`sample`),
+        from any process, with no lock.
+
+        A key whose slot has been overwritten since it was sampled is ignored and counted in
+        ``stats()["stale_updates"]``: an update never lands on a newer record. Of duplicate keys
+        the last value wins. Returns how many distinct keys were applied.
+
+        Raises (and applies nothing): ``ValueError`` for NaN, infinite or negative priorities,
+        keys that are not integers, or lengths that differ; ``TypeError`` for non-numbers, and
+        on a uniform buffer.
+        """
+        self._require_prioritized("update_priorities")
+        k = _keys(keys)
+        p = _priorities(priorities, k.shape[0])
+        assert p is not None
+        if np.ndim(priorities) == 0:
+            raise ValueError(f"give one priority per key ({k.shape[0]} keys), got a single number")
+        return self._raw.update_priorities(k, p)
+
+    def priorities(self, keys: Any) -> np.ndarray:
+        """The raw priorities (float64) of the records ``keys``; NaN where the slot has been
+        overwritten since the key was sampled."""
+        self._require_prioritized("priorities")
+        return self._raw.priorities(_keys(keys))
+
+    def _require_prioritized(self, what: str) -> None:
+        if not isinstance(self._sampler, Prioritized):
+            raise TypeError(f"{what} needs a prioritized buffer; this buffer's sampler is {self._sampler}")
 
     def _check_out(self, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
         if not isinstance(out, Mapping):
@@ -448,7 +593,9 @@ class ReplayBuffer:
 
     def stats(self) -> Stats:
         """Counters over all processes: capacity, size, inserts, samples (rows), retries,
-        recovered, superseded, attached (live handles)."""
+        recovered, superseded, lost, stale_updates, attached (live handles); a prioritized
+        buffer adds priority_total (the sum of ``v`` over its records, exact when no call is in
+        flight) and max_priority (the largest raw priority ever set, at least 1.0)."""
         return self._raw.stats()  # type: ignore[return-value]
 
     def processes(self) -> list[int]:

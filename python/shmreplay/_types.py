@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Tuple, TypedDict, Union
+import sys
+from typing import Any, Optional, Tuple, TypedDict, Union
+
+if sys.version_info >= (3, 11):
+    from typing import NotRequired
+else:  # pragma: no cover
+    from typing_extensions import NotRequired
 
 import numpy as np
 import numpy.typing as npt
@@ -19,10 +25,14 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class SampleInfo(TypedDict):
-    """Where each sampled row came from: its slot and its insert ticket (the key)."""
+    """Where each sampled row came from: its slot and its insert ticket (the key); for a
+    prioritized buffer also its probability, importance weight and raw priority."""
 
     index: npt.NDArray[np.int64]
     key: npt.NDArray[np.uint64]
+    probability: NotRequired[npt.NDArray[np.float64]]
+    weight: NotRequired[npt.NDArray[np.float32]]
+    priority: NotRequired[npt.NDArray[np.float64]]
 
 
 class Stats(TypedDict):
@@ -36,7 +46,10 @@ class Stats(TypedDict):
     recovered: int
     superseded: int
     lost: int
+    stale_updates: int
     attached: int
+    priority_total: NotRequired[float]
+    max_priority: NotRequired[float]
 
 
 class BufferInfo(TypedDict):
@@ -55,3 +68,5 @@ class BufferInfo(TypedDict):
     attached: int
     creator_pid: int
     stale: bool
+    sampler: Optional[Tuple[float, float, bool]]
+    """``None`` (uniform) or ``(alpha, eps, stratified)``."""

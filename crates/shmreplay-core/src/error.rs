@@ -44,6 +44,9 @@ pub enum Error {
         "all {0} handle entries of this buffer are in use by live processes; close some handles"
     )]
     TooManyHandles(usize),
+    /// The call needs another sampler than the buffer's (priorities on a uniform buffer).
+    #[error("{0}")]
+    WrongSampler(String),
     #[error("interrupted")]
     Interrupted,
     #[error("{context}: {source}")]

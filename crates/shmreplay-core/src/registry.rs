@@ -25,7 +25,7 @@ pub struct Unreadable {
 }
 
 /// What [`list`] found in a directory.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 #[non_exhaustive]
 pub struct Listing {
     pub buffers: Vec<SegmentInfo>,

@@ -8,14 +8,16 @@ use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::{PyArray1, PyUntypedArray};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArray};
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyMemoryError,
-    PyOSError, PyPermissionError, PyValueError,
+    PyOSError, PyPermissionError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
-use shmreplay_core::{Blocking, DType, Error, ReplayBuffer, Schema};
+use shmreplay_core::{
+    Blocking, DType, Error, Prioritized, PriorityOutputs, ReplayBuffer, Sampler, Schema,
+};
 
 mod arrays;
 mod rows;
@@ -24,6 +26,37 @@ use arrays::{inputs, outputs};
 
 /// A uint64 numpy array (sampled slot indices and keys).
 type U64Array<'py> = Bound<'py, PyArray1<u64>>;
+type F64Array<'py> = Bound<'py, PyArray1<f64>>;
+type F32Array<'py> = Bound<'py, PyArray1<f32>>;
+
+/// A sampler as the Python package passes it: `None` (uniform) or `(alpha, eps, stratified)`.
+type SamplerArgs = Option<(f64, f64, bool)>;
+
+fn sampler_of(args: SamplerArgs) -> Sampler {
+    match args {
+        None => Sampler::Uniform,
+        Some((alpha, eps, stratified)) => Sampler::Prioritized(Prioritized {
+            alpha,
+            eps,
+            stratified,
+        }),
+    }
+}
+
+fn sampler_args(sampler: Sampler) -> SamplerArgs {
+    sampler
+        .prioritized()
+        .map(|p| (p.alpha, p.eps, p.stratified))
+}
+
+/// A zeroed vector of `n` values, or `MemoryError` if it cannot be allocated.
+fn zeroed<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|_| PyMemoryError::new_err(format!("no memory for a batch of {n} rows")))?;
+    v.resize(n, T::default());
+    Ok(v)
+}
 
 /// Waits with the GIL released: every wait of a core call goes through here, so no Python
 /// thread is ever stopped by a shmreplay call that waits.
@@ -91,6 +124,7 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
         Error::Empty => ours("EmptyBufferError"),
         Error::Contended(_) => ours("ContendedError"),
         Error::TooManyHandles(_) => ours("TooManyHandlesError"),
+        Error::WrongSampler(_) => PyTypeError::new_err(message),
         Error::Interrupted => PENDING_SIGNAL
             .with(|pending| pending.borrow_mut().take())
             .unwrap_or_else(|| PyKeyboardInterrupt::new_err(message)),
@@ -158,15 +192,17 @@ impl RawBuffer {
 
 #[pymethods]
 impl RawBuffer {
-    /// Creates a buffer; `fields` is a list of `(name, dtype code, shape)`.
+    /// Creates a buffer; `fields` is a list of `(name, dtype code, shape)`, `sampler` None
+    /// (uniform) or `(alpha, eps, stratified)`.
     #[staticmethod]
-    #[pyo3(signature = (name, dir, capacity, fields))]
+    #[pyo3(signature = (name, dir, capacity, fields, sampler=None))]
     fn create(
         py: Python<'_>,
         name: &str,
         dir: Option<PathBuf>,
         capacity: u64,
         fields: Vec<(String, String, Vec<usize>)>,
+        sampler: SamplerArgs,
     ) -> PyResult<RawBuffer> {
         let parsed = fields
             .into_iter()
@@ -175,7 +211,12 @@ impl RawBuffer {
             .and_then(|f| Schema::new(&f))
             .map_err(|e| to_py(py, e))?;
         RawBuffer::open(py, || {
-            ReplayBuffer::create(name, dir.as_deref(), capacity, parsed)
+            ReplayBuffer::builder(name)
+                .dir_opt(dir.as_deref())
+                .capacity(capacity)
+                .schema(parsed)
+                .sampler(sampler_of(sampler))
+                .create()
         })
     }
 
@@ -228,6 +269,12 @@ impl RawBuffer {
             .collect())
     }
 
+    /// None (uniform) or `(alpha, eps, stratified)`.
+    #[getter]
+    fn sampler(&self) -> PyResult<SamplerArgs> {
+        Ok(sampler_args(self.get()?.sampler()))
+    }
+
     #[getter]
     fn closed(&self) -> bool {
         self.inner
@@ -240,24 +287,39 @@ impl RawBuffer {
         Ok(self.get()?.len() as usize)
     }
 
-    /// Inserts rows given as one C-contiguous array per field (already of the field's dtype).
-    fn extend(&self, py: Python<'_>, columns: Vec<Bound<'_, PyUntypedArray>>) -> PyResult<usize> {
+    /// Inserts rows given as one C-contiguous array per field (already of the field's dtype),
+    /// with float64 raw priorities (one per row, or one for all) or none.
+    #[pyo3(signature = (columns, priorities=None))]
+    fn extend(
+        &self,
+        py: Python<'_>,
+        columns: Vec<Bound<'_, PyUntypedArray>>,
+        priorities: Option<PyReadonlyArray1<'_, f64>>,
+    ) -> PyResult<usize> {
         let buffer = self.get()?;
         let columns = inputs(&columns)?;
-        py.detach(|| buffer.extend_columns(&columns, &mut shmreplay_core::NoBlocking))
-            .map_err(|e| to_py(py, e))
+        let priorities = priorities.map(|p| p.to_vec()).transpose()?;
+        py.detach(|| {
+            buffer.extend_columns_with_priorities(
+                &columns,
+                priorities.as_deref(),
+                &mut shmreplay_core::NoBlocking,
+            )
+        })
+        .map_err(|e| to_py(py, e))
     }
 
     /// The fast path of `add` (`rows=None`) and `extend` (`rows=N`): inserts `values` and
     /// returns True if every value is an array of its field's shape or a scalar whose dtype
     /// converts to the field's under numpy's `same_kind` rule with every value fitting (see
     /// `rows.rs`); otherwise returns False and writes nothing.
-    #[pyo3(signature = (values, rows=None))]
+    #[pyo3(signature = (values, rows=None, priorities=None))]
     fn put(
         &self,
         py: Python<'_>,
         values: &Bound<'_, PyDict>,
         rows: Option<usize>,
+        priorities: Option<PyReadonlyArray1<'_, f64>>,
     ) -> PyResult<bool> {
         let buffer = self.get()?;
         let mut arrays = Vec::new();
@@ -266,12 +328,20 @@ impl RawBuffer {
             return Ok(false);
         };
         let columns: Vec<_> = columns.iter().map(|c| c.input()).collect();
+        let priorities = priorities.as_ref().map(|p| p.as_slice()).transpose()?;
         // Small inserts are quicker than releasing and retaking the GIL; they release it only
         // if they have to wait (for another thread on this handle, or a slot's writer).
         let inserted = if columns.iter().map(|c| c.len()).sum::<usize>() < 64 << 10 {
-            buffer.extend_columns(&columns, &mut ReleaseGil(py))
+            buffer.extend_columns_with_priorities(&columns, priorities, &mut ReleaseGil(py))
         } else {
-            py.detach(|| buffer.extend_columns(&columns, &mut shmreplay_core::NoBlocking))
+            let priorities = priorities.map(<[f64]>::to_vec);
+            py.detach(|| {
+                buffer.extend_columns_with_priorities(
+                    &columns,
+                    priorities.as_deref(),
+                    &mut shmreplay_core::NoBlocking,
+                )
+            })
         };
         inserted.map(|_| true).map_err(|e| to_py(py, e))
     }
@@ -285,20 +355,93 @@ impl RawBuffer {
     ) -> PyResult<(U64Array<'py>, U64Array<'py>)> {
         let buffer = self.get()?;
         let out = outputs(&out)?;
-        let zeros = || -> PyResult<Vec<u64>> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(batch_size).map_err(|_| {
-                PyMemoryError::new_err(format!("no memory for a batch of {batch_size} rows"))
-            })?;
-            v.resize(batch_size, 0);
-            Ok(v)
-        };
-        let (mut index, mut key) = (zeros()?, zeros()?);
+        let (mut index, mut key) = (zeroed(batch_size)?, zeroed(batch_size)?);
         py.detach(|| {
             buffer.sample_columns(&out, &mut index, &mut key, &mut shmreplay_core::NoBlocking)
         })
         .map_err(|e| to_py(py, e))?;
         Ok((PyArray1::from_vec(py, index), PyArray1::from_vec(py, key)))
+    }
+
+    /// Fills one fresh array per field with a batch drawn by priority; returns `(index, key,
+    /// probability, weight, priority)`.
+    #[allow(clippy::type_complexity)]
+    fn sample_prioritized_into<'py>(
+        &self,
+        py: Python<'py>,
+        out: Vec<Bound<'py, PyUntypedArray>>,
+        batch_size: usize,
+        beta: f64,
+    ) -> PyResult<(
+        U64Array<'py>,
+        U64Array<'py>,
+        F64Array<'py>,
+        F32Array<'py>,
+        F64Array<'py>,
+    )> {
+        let buffer = self.get()?;
+        let out = outputs(&out)?;
+        let (mut index, mut key) = (zeroed(batch_size)?, zeroed(batch_size)?);
+        let (mut probability, mut weight, mut priority) = (
+            zeroed(batch_size)?,
+            zeroed(batch_size)?,
+            zeroed(batch_size)?,
+        );
+        py.detach(|| {
+            let info = PriorityOutputs {
+                probability: &mut probability,
+                weight: &mut weight,
+                priority: &mut priority,
+            };
+            buffer.sample_prioritized_columns(
+                &out,
+                &mut index,
+                &mut key,
+                info,
+                beta,
+                &mut shmreplay_core::NoBlocking,
+            )
+        })
+        .map_err(|e| to_py(py, e))?;
+        Ok((
+            PyArray1::from_vec(py, index),
+            PyArray1::from_vec(py, key),
+            PyArray1::from_vec(py, probability),
+            PyArray1::from_vec(py, weight),
+            PyArray1::from_vec(py, priority),
+        ))
+    }
+
+    /// Sets the raw priorities of records `keys`; returns how many distinct keys applied.
+    fn update_priorities(
+        &self,
+        py: Python<'_>,
+        keys: PyReadonlyArray1<'_, u64>,
+        priorities: PyReadonlyArray1<'_, f64>,
+    ) -> PyResult<usize> {
+        let buffer = self.get()?;
+        let (keys, priorities) = (keys.to_vec()?, priorities.to_vec()?);
+        py.detach(|| buffer.update_priorities(&keys, &priorities, &mut shmreplay_core::NoBlocking))
+            .map_err(|e| to_py(py, e))
+    }
+
+    /// The raw priorities of records `keys` (NaN where overwritten).
+    fn priorities<'py>(
+        &self,
+        py: Python<'py>,
+        keys: PyReadonlyArray1<'py, u64>,
+    ) -> PyResult<F64Array<'py>> {
+        let buffer = self.get()?;
+        let keys = keys.to_vec()?;
+        let mut out = zeroed(keys.len())?;
+        py.detach(|| buffer.priorities(&keys, &mut out))
+            .map_err(|e| to_py(py, e))?;
+        Ok(PyArray1::from_vec(py, out))
+    }
+
+    /// `(v_max, resolution)` of a prioritized buffer's fixed point, None for a uniform one.
+    fn priority_range(&self) -> PyResult<Option<(f64, f64)>> {
+        Ok(self.get()?.priority_range())
     }
 
     /// Copies slot `index` into one array per field; returns its key, or None if never written.
@@ -316,10 +459,14 @@ impl RawBuffer {
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let buffer = self.get()?;
-        let stats = py.detach(|| buffer.stats());
+        let (stats, priority) = py.detach(|| (buffer.stats(), buffer.priority_stats()));
         let dict = PyDict::new(py);
         for (key, value) in stats.items() {
             dict.set_item(key, value)?;
+        }
+        if let Some(priority) = priority {
+            dict.set_item("priority_total", priority.total)?;
+            dict.set_item("max_priority", priority.max_priority)?;
         }
         Ok(dict)
     }
@@ -368,6 +515,7 @@ fn scan<'py>(
             dict.set_item("attached", info.attached)?;
             dict.set_item("creator_pid", info.creator_pid)?;
             dict.set_item("stale", info.stale)?;
+            dict.set_item("sampler", sampler_args(info.sampler))?;
             Ok(dict)
         })
         .collect::<PyResult<_>>()?;

@@ -2,6 +2,7 @@
 //! processes. This module holds the handle's life (create, open, register, fork, drop); the
 //! writer, the sampler and the statistics have a module each.
 
+mod priority;
 mod sampler;
 mod stats;
 mod writer;
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::layout::schema::Schema;
-use crate::layout::{self, Layout, ENTRY_BYTES, MAX_HANDLES};
+use crate::layout::{self, Layout, Sampler, ENTRY_BYTES, MAX_HANDLES};
 use crate::platform::copy::Kernel;
 use crate::platform::interrupt::Patience;
 use crate::platform::liveness::{self, Identity, Liveness};
@@ -25,6 +26,7 @@ use crate::protocol::handles::{self, Counter, Entry};
 use crate::protocol::slot;
 use crate::registry::segment_path;
 
+pub use priority::{PriorityOutputs, PriorityStats};
 pub use stats::{SegmentInfo, Stats};
 #[cfg(feature = "test-hooks")]
 pub use writer::PauseAt;
@@ -133,6 +135,7 @@ pub struct Builder {
     dir: Option<PathBuf>,
     capacity: Option<u64>,
     schema: Option<Schema>,
+    sampler: Sampler,
 }
 
 impl Builder {
@@ -160,6 +163,12 @@ impl Builder {
         self
     }
 
+    /// How the buffer samples (create only; default [`Sampler::Uniform`]).
+    pub fn sampler(mut self, sampler: Sampler) -> Builder {
+        self.sampler = sampler;
+        self
+    }
+
     /// Creates the buffer. Fails with [`Error::AlreadyExists`] if the name is taken and
     /// [`Error::InsufficientSpace`] if the filesystem cannot hold it (nothing is left behind).
     pub fn create(self) -> Result<ReplayBuffer> {
@@ -168,7 +177,13 @@ impl Builder {
                 "creating a buffer needs a capacity and a schema".into(),
             ));
         };
-        ReplayBuffer::create_at(&self.name, self.dir.as_deref(), capacity, schema)
+        ReplayBuffer::create_at(
+            &self.name,
+            self.dir.as_deref(),
+            capacity,
+            schema,
+            self.sampler,
+        )
     }
 
     /// Attaches to the existing buffer, after validating everything in its header.
@@ -201,6 +216,10 @@ pub struct ReplayBuffer {
     /// The registration (see [`registration_word`]), readable without locking (0: none).
     registered: AtomicU64,
     rng: AtomicU64,
+    /// When this handle next looks for tree changes left half-done by dead processes
+    /// (nanoseconds since `clock`).
+    repair_due: AtomicU64,
+    clock: Instant,
 }
 
 impl ReplayBuffer {
@@ -211,6 +230,7 @@ impl ReplayBuffer {
             dir: None,
             capacity: None,
             schema: None,
+            sampler: Sampler::Uniform,
         }
     }
 
@@ -221,7 +241,7 @@ impl ReplayBuffer {
         capacity: u64,
         schema: Schema,
     ) -> Result<ReplayBuffer> {
-        Self::create_at(name, dir, capacity, schema)
+        Self::create_at(name, dir, capacity, schema, Sampler::Uniform)
     }
 
     /// Attaches to existing buffer `name` in `dir`; see [`Builder::open`].
@@ -239,10 +259,12 @@ impl ReplayBuffer {
         dir: Option<&Path>,
         capacity: u64,
         schema: Schema,
+        sampler: Sampler,
     ) -> Result<ReplayBuffer> {
         let path = segment_path(name, dir)?;
         let text = schema.encode();
-        let layout = Layout::new(capacity, schema.record_bytes(), text.len())?;
+        let layout = Layout::new(capacity, schema.record_bytes(), text.len(), sampler)?;
+        check_atomics(&layout)?;
         let me = liveness::current();
         // The creator's lock and entry are taken before the segment is published, so that no
         // gc ever sees it without a live holder.
@@ -288,6 +310,7 @@ impl ReplayBuffer {
         let path = segment_path(name, dir)?;
         let (segment, file) = Segment::open(&path, layout::MIN_SEGMENT_BYTES)?;
         let (schema, layout) = layout::read_header(&segment, &path)?;
+        check_atomics(&layout)?;
         crate::platform::files::ensure_allocated(&file, &path, layout.total_bytes as u64)?;
         let buffer = ReplayBuffer::from_parts(segment, file, schema, layout, name, path);
         if register {
@@ -323,6 +346,8 @@ impl ReplayBuffer {
             lock_image: AtomicU64::new(image),
             registered: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
+            repair_due: AtomicU64::new(0),
+            clock: Instant::now(),
         }
     }
 
@@ -569,6 +594,8 @@ impl ReplayBuffer {
                 }
             }
             entry.end();
+            // Its dead owner may have been changing priorities: finish that first.
+            self.repair_entry(e);
             write_owner(&self.segment, &self.layout, e, me);
             self.word(self.control(layout::C_ENTRIES_USED))
                 .fetch_max(e as u64 + 1, Ordering::AcqRel);
@@ -718,6 +745,19 @@ impl ReplayBuffer {
         rng.next();
         rng
     }
+}
+
+/// Prioritized buffers need 128-bit atomics that work across processes: lock-free ones
+/// (`cmpxchg16b`, which every x86-64 CPU of the last 15 years has).
+fn check_atomics(layout: &Layout) -> Result<()> {
+    if layout.priority.is_some() && !portable_atomic::AtomicU128::is_lock_free() {
+        return Err(Error::WrongSampler(
+            "prioritized buffers need lock-free 128-bit atomics (cmpxchg16b), which this CPU \
+             lacks"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What [`ReplayBuffer::orphan`] found about a busy slot's writer.

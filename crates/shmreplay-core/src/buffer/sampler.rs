@@ -202,7 +202,7 @@ impl ReplayBuffer {
     }
 
     /// One seqlock read of slot `index` into row `row` of `out`: its ticket, if consistent.
-    fn try_read(&self, index: usize, out: &[OutColumn<'_>], row: usize) -> Option<u64> {
+    pub(super) fn try_read(&self, index: usize, out: &[OutColumn<'_>], row: usize) -> Option<u64> {
         let seq = self.seq(index);
         let begun = slot::read_begin(seq)?;
         let record = self.record_offset(index);

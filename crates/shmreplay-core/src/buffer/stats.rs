@@ -28,6 +28,9 @@ pub struct Stats {
     /// Commits refused because the slot had been taken over meanwhile (a writer wrongly
     /// believed dead; never expected).
     pub lost: u64,
+    /// Priority updates ignored because their record had been overwritten since it was
+    /// sampled (0 in uniform buffers).
+    pub stale_updates: u64,
     /// Live handles, over all processes.
     pub attached: u64,
 }
@@ -35,7 +38,7 @@ pub struct Stats {
 impl Stats {
     /// `(name, value)` of every counter, in a fixed order: the one definition of the stats'
     /// shape, which the Python binding turns into its dict.
-    pub fn items(&self) -> [(&'static str, u64); 9] {
+    pub fn items(&self) -> [(&'static str, u64); 10] {
         [
             ("capacity", self.capacity),
             ("size", self.size),
@@ -45,13 +48,14 @@ impl Stats {
             ("recovered", self.recovered),
             ("superseded", self.superseded),
             ("lost", self.lost),
+            ("stale_updates", self.stale_updates),
             ("attached", self.attached),
         ]
     }
 }
 
 /// One segment found by [`crate::list`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct SegmentInfo {
     pub name: String,
@@ -63,6 +67,8 @@ pub struct SegmentInfo {
     pub attached: u64,
     /// Pid of the process that created the buffer.
     pub creator_pid: u32,
+    /// How it samples.
+    pub sampler: crate::layout::Sampler,
     /// No handle is held by any process and its creator is provably gone: [`crate::remove_stale`]
     /// removes it.
     pub stale: bool,
@@ -98,7 +104,7 @@ impl ReplayBuffer {
                 );
             }
         }
-        let [inserts, samples, retries, recovered, superseded, lost] = totals;
+        let [inserts, samples, retries, recovered, superseded, lost, stale_updates] = totals;
         Stats {
             capacity: self.capacity(),
             size: self.len(),
@@ -108,6 +114,7 @@ impl ReplayBuffer {
             recovered,
             superseded,
             lost,
+            stale_updates,
             attached: self.held_entries().len() as u64,
         }
     }
@@ -150,6 +157,7 @@ impl ReplayBuffer {
             record_bytes: self.layout.record_bytes as u64,
             attached: stats.attached,
             creator_pid: creator.pid(),
+            sampler: self.sampler(),
             stale: stats.attached == 0 && self.creator_is_gone(),
         }
     }

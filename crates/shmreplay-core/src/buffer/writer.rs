@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use super::priority::{LeafWriter, RowPriorities};
 use super::{Backoff, Blocking, InColumn, NoBlocking, Orphan, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
 use crate::layout::{self, STAGED_RECORD_BYTES};
@@ -53,7 +54,21 @@ impl ReplayBuffer {
     /// [`Error::Interrupted`]. Either way the rows before that slot were inserted, the rest not.
     pub fn extend(&self, columns: &[&[u8]]) -> Result<usize> {
         let columns: Vec<InColumn<'_>> = columns.iter().map(|c| InColumn::from_slice(c)).collect();
-        self.insert(&columns, &mut NoBlocking, None)
+        self.insert(&columns, None, &mut NoBlocking, None)
+    }
+
+    /// [`extend`](Self::extend) into a prioritized buffer: `priorities` holds each row's raw
+    /// priority `p >= 0`, or one for all rows. Without priorities (here `None`, or a plain
+    /// `extend`), rows get the largest raw priority ever set in the buffer (at least 1.0).
+    /// Invalid priorities (negative, not finite, beyond the largest value the tree holds) are
+    /// refused before anything is written.
+    pub fn extend_columns_with_priorities(
+        &self,
+        columns: &[InColumn<'_>],
+        priorities: Option<&[f64]>,
+        blocking: &mut dyn Blocking,
+    ) -> Result<usize> {
+        self.insert(columns, priorities, blocking, None)
     }
 
     /// [`extend`](Self::extend) of raw columns, waiting through `blocking` (an embedder releases
@@ -63,7 +78,7 @@ impl ReplayBuffer {
         columns: &[InColumn<'_>],
         blocking: &mut dyn Blocking,
     ) -> Result<usize> {
-        self.insert(columns, blocking, None)
+        self.insert(columns, None, blocking, None)
     }
 
     /// [`extend_columns`](Self::extend_columns), calling `pause(slot)` at `at` in the first
@@ -75,19 +90,22 @@ impl ReplayBuffer {
         at: PauseAt,
         pause: &mut dyn FnMut(u64),
     ) -> Result<usize> {
-        self.insert(columns, &mut NoBlocking, Some((at, pause)))
+        self.insert(columns, None, &mut NoBlocking, Some((at, pause)))
     }
 
     fn insert(
         &self,
         columns: &[InColumn<'_>],
+        priorities: Option<&[f64]>,
         blocking: &mut dyn Blocking,
         mut pause: Pause<'_>,
     ) -> Result<usize> {
         let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
+        let priorities = self.row_priorities(priorities, n)?;
         if n == 0 {
             return Ok(0);
         }
+        self.repair_if_due();
         let mut handle = self.lock_handle(blocking)?;
         let entry = self
             .prepare(&mut handle, blocking, true, false)?
@@ -98,6 +116,8 @@ impl ReplayBuffer {
             buffer: self,
             columns,
             entry,
+            leaves: LeafWriter::new(self),
+            priorities: &priorities,
             inserted: 0,
             recovered: 0,
             superseded: skipped as u64,
@@ -122,16 +142,34 @@ impl ReplayBuffer {
                     break;
                 }
             };
-            for k in 0..take {
-                let ticket = first_ticket + k;
-                if k + PREFETCH_AHEAD < take {
-                    self.prefetch(((ticket + PREFETCH_AHEAD) % self.capacity()) as usize);
+            let first_index = (first_ticket % self.capacity()) as usize;
+            if writer.leaves.is_some() {
+                let last = ((first_ticket + take - 1) % self.capacity()) as usize;
+                let (first, last) = if take >= self.capacity() {
+                    (0, self.layout.capacity - 1)
+                } else {
+                    (first_index, last)
+                };
+                self.begin_tree_change(entry, first, last);
+            }
+            let written = (|| {
+                for k in 0..take {
+                    let ticket = first_ticket + k;
+                    if k + PREFETCH_AHEAD < take {
+                        self.prefetch(((ticket + PREFETCH_AHEAD) % self.capacity()) as usize);
+                    }
+                    writer.write(row, ticket, blocking, &mut pause)?;
+                    row += 1;
                 }
-                if let Err(e) = writer.write(row, ticket, blocking, &mut pause) {
-                    result = Err(e);
-                    break 'chunks;
-                }
-                row += 1;
+                Ok(())
+            })();
+            if let Some(leaves) = &writer.leaves {
+                leaves.propagate(first_index, take as usize);
+                self.end_tree_change(entry);
+            }
+            if let Err(e) = written {
+                result = Err(e);
+                break 'chunks;
             }
         }
         self.entry(entry).end();
@@ -167,6 +205,9 @@ struct RowWriter<'a> {
     buffer: &'a ReplayBuffer,
     columns: &'a [InColumn<'a>],
     entry: usize,
+    /// The priority tree's leaves, in a prioritized buffer.
+    leaves: Option<LeafWriter<'a>>,
+    priorities: &'a RowPriorities,
     inserted: u64,
     recovered: u64,
     superseded: u64,
@@ -208,9 +249,15 @@ impl RowWriter<'_> {
             Claim::GaveUp => unreachable!("handled above"),
             Claim::Acquired { first, recovered } => (first, recovered),
         };
+        if let Some(leaves) = &self.leaves {
+            leaves.claimed(index, ticket);
+        }
         // A test hook pauses the first row written, then no more.
         let mut pause = pause.take();
         self.copy_row(row, index, &mut pause);
+        if let (Some(leaves), Some(value)) = (&self.leaves, self.priorities.of(row)) {
+            leaves.written(index, ticket, value);
+        }
         if !slot::commit(seq, ticket, self.entry, first) {
             self.lost += 1;
             return Ok(());

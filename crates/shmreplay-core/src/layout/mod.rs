@@ -5,6 +5,7 @@
 //! 0      header words: magic, layout version, ready flag, checksum, kind, features, sizes,
 //!        creator, section count
 //! 136    section directory: up to 8 entries of (tag, offset, length, version)
+//! 392    the sampler: kind (0 uniform, 1 prioritized), alpha, eps, stratified
 //! 512    schema text
 //! ...    sections, each at the offset its directory entry gives:
 //!   control   the insert cursor and other buffer-wide words, each on its own cache lines
@@ -12,6 +13,7 @@
 //!   slots     capacity slots: the slot's version word (its seqlock, see `protocol::slot`), then
 //!             its record (records of 1 KiB or more start on the slot's second cache line, and
 //!             their slots are whole cache lines)
+//!   priority  prioritized buffers only: the sum tree of `protocol::priority`
 //! ```
 //!
 //! New regions (a priority tree, limiter words, stream indexes) come as new sections: they get
@@ -33,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::platform::copy::Kernel;
 use crate::platform::liveness::Identity;
 use crate::platform::mapping::Segment;
+use crate::protocol::priority::Geometry;
 use schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
@@ -41,8 +44,11 @@ pub const LAYOUT_VERSION: u64 = 3;
 const READY: u64 = 1;
 /// `kind` of a plain ring of records.
 pub(crate) const KIND_RING: u64 = 1;
-/// Feature bits this version understands (none yet).
-const KNOWN_FEATURES: u64 = 0;
+/// Feature bit: the buffer samples by priority (it has a `priority` section). Versions that do
+/// not know it refuse such a buffer instead of sampling it uniformly.
+const FEATURE_PRIORITIZED: u64 = 1;
+/// Feature bits this version understands.
+const KNOWN_FEATURES: u64 = FEATURE_PRIORITIZED;
 
 pub const MAX_CAPACITY: u64 = 1 << 40;
 /// Live handles (in any process) a buffer can have at once.
@@ -70,6 +76,10 @@ const H_SECTION_COUNT: usize = 128;
 const SECTION_DIRECTORY: usize = 136;
 const MAX_SECTIONS: usize = 8;
 const SECTION_ENTRY_BYTES: usize = 32;
+const H_SAMPLER: usize = 392;
+const H_ALPHA: usize = 400;
+const H_EPS: usize = 408;
+const H_STRATIFIED: usize = 416;
 const HEADER_END: usize = 512;
 const SCHEMA_TEXT: usize = HEADER_END;
 
@@ -109,9 +119,64 @@ impl Section {
 pub(crate) const CONTROL: [u8; 8] = *b"control\0";
 pub(crate) const HANDLES: [u8; 8] = *b"handles\0";
 pub(crate) const SLOTS: [u8; 8] = *b"slots\0\0\0";
+pub(crate) const PRIORITY: [u8; 8] = *b"priority";
+
+/// How a buffer draws its samples; fixed at creation.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Sampler {
+    /// Every slot holding a record is equally likely.
+    #[default]
+    Uniform,
+    /// In proportion to `v = (p + eps)^alpha` of each record's priority `p`.
+    Prioritized(Prioritized),
+}
+
+/// The parameters of prioritized sampling (Schaul et al., 2016).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Prioritized {
+    /// The exponent: 0 is uniform, 1 fully proportional.
+    pub alpha: f64,
+    /// Added to every raw priority before the exponent (keeps zero-error items drawable).
+    pub eps: f64,
+    /// Each of the B rows of a batch draws from its own 1/B of the total mass (else i.i.d.).
+    pub stratified: bool,
+}
+
+impl Default for Prioritized {
+    fn default() -> Self {
+        Prioritized {
+            alpha: 0.6,
+            eps: 1e-6,
+            stratified: true,
+        }
+    }
+}
+
+impl Sampler {
+    /// Refuses parameters that make no sense (negative or non-finite alpha or eps).
+    pub fn validate(&self) -> Result<()> {
+        if let Sampler::Prioritized(p) = self {
+            for (name, value) in [("alpha", p.alpha), ("eps", p.eps)] {
+                if !(value.is_finite() && value >= 0.0) {
+                    return Err(Error::InvalidArgument(format!(
+                        "Prioritized: {name} must be a finite number >= 0, got {value}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn prioritized(&self) -> Option<&Prioritized> {
+        match self {
+            Sampler::Uniform => None,
+            Sampler::Prioritized(p) => Some(p),
+        }
+    }
+}
 
 /// Where everything is in a segment of a given capacity and schema.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Layout {
     pub capacity: usize,
     pub record_bytes: usize,
@@ -124,12 +189,21 @@ pub(crate) struct Layout {
     pub control_offset: usize,
     pub handles_offset: usize,
     pub slots_offset: usize,
+    /// The priority tree's section and geometry (prioritized buffers only).
+    pub priority: Option<(usize, Geometry)>,
+    pub sampler: Sampler,
     pub sections: Vec<Section>,
     pub total_bytes: usize,
 }
 
 impl Layout {
-    pub fn new(capacity: u64, record_bytes: usize, schema_len: usize) -> Result<Layout> {
+    pub fn new(
+        capacity: u64,
+        record_bytes: usize,
+        schema_len: usize,
+        sampler: Sampler,
+    ) -> Result<Layout> {
+        sampler.validate()?;
         if capacity == 0 || capacity > MAX_CAPACITY {
             return Err(Error::InvalidArgument(format!(
                 "capacity must be between 1 and {MAX_CAPACITY}, got {capacity}"
@@ -159,21 +233,31 @@ impl Layout {
         let handles_offset = control_offset + CONTROL_BYTES;
         let slots_offset = (handles_offset + MAX_HANDLES * ENTRY_BYTES).next_multiple_of(4096);
         let slots_len = capacity.checked_mul(slot_bytes).ok_or_else(too_big)?;
-        let total_bytes = slots_offset
-            .checked_add(slots_len)
-            .filter(|&t| t as u64 <= i64::MAX as u64)
-            .ok_or_else(too_big)?;
+        let slots_end = slots_offset.checked_add(slots_len).ok_or_else(too_big)?;
+        let priority = sampler.prioritized().map(|_| {
+            let offset = slots_end.next_multiple_of(4096);
+            (offset, Geometry::new(capacity))
+        });
+        let total_bytes = match &priority {
+            Some((offset, geometry)) => offset.checked_add(geometry.bytes),
+            None => Some(slots_end),
+        }
+        .filter(|&t| t as u64 <= i64::MAX as u64)
+        .ok_or_else(too_big)?;
         let section = |tag, offset, len| Section {
             tag,
             offset,
             len,
             version: 1,
         };
-        let sections = vec![
+        let mut sections = vec![
             section(CONTROL, control_offset, CONTROL_BYTES),
             section(HANDLES, handles_offset, MAX_HANDLES * ENTRY_BYTES),
             section(SLOTS, slots_offset, slots_len),
         ];
+        if let Some((offset, geometry)) = &priority {
+            sections.push(section(PRIORITY, *offset, geometry.bytes));
+        }
         debug_assert!(
             sections.len() <= MAX_SECTIONS
                 && SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES <= HEADER_END
@@ -187,6 +271,8 @@ impl Layout {
             control_offset,
             handles_offset,
             slots_offset,
+            priority,
+            sampler,
             sections,
             total_bytes,
         })
@@ -216,9 +302,21 @@ pub(crate) fn write_header(
     creator: Identity,
     created_unix_ns: u64,
 ) {
+    let (features, sampler_words) = match layout.sampler {
+        Sampler::Uniform => (0, [0; 4]),
+        Sampler::Prioritized(p) => (
+            FEATURE_PRIORITIZED,
+            [
+                1,
+                p.alpha.to_bits(),
+                p.eps.to_bits(),
+                u64::from(p.stratified),
+            ],
+        ),
+    };
     let mut words = vec![
         (H_KIND, KIND_RING),
-        (H_FEATURES, 0),
+        (H_FEATURES, features),
         (H_CAPACITY, layout.capacity as u64),
         (H_RECORD_BYTES, layout.record_bytes as u64),
         (H_SLOT_BYTES, layout.slot_bytes as u64),
@@ -230,6 +328,10 @@ pub(crate) fn write_header(
         (H_CREATOR_NAMESPACE, creator.namespace),
         (H_CREATED_UNIX_NS, created_unix_ns),
         (H_SECTION_COUNT, layout.sections.len() as u64),
+        (H_SAMPLER, sampler_words[0]),
+        (H_ALPHA, sampler_words[1]),
+        (H_EPS, sampler_words[2]),
+        (H_STRATIFIED, sampler_words[3]),
     ];
     for (i, s) in layout.sections.iter().enumerate() {
         let at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES;
@@ -311,7 +413,26 @@ pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Lay
     if schema.hash() != word(H_SCHEMA_HASH) {
         return Err(corrupt("schema hash mismatch".into()));
     }
-    let layout = Layout::new(word(H_CAPACITY), schema.record_bytes(), text.len())
+    let prioritized = word(H_FEATURES) & FEATURE_PRIORITIZED != 0;
+    let sampler = match (word(H_SAMPLER), prioritized) {
+        (0, false) => Sampler::Uniform,
+        (1, true) => Sampler::Prioritized(Prioritized {
+            alpha: f64::from_bits(word(H_ALPHA)),
+            eps: f64::from_bits(word(H_EPS)),
+            stratified: match word(H_STRATIFIED) {
+                0 => false,
+                1 => true,
+                other => return Err(corrupt(format!("sampler flag {other} is not 0 or 1"))),
+            },
+        }),
+        (kind, _) => {
+            return Err(corrupt(format!(
+                "sampler kind {kind} does not match the feature bits {:#x}",
+                word(H_FEATURES)
+            )))
+        }
+    };
+    let layout = Layout::new(word(H_CAPACITY), schema.record_bytes(), text.len(), sampler)
         .map_err(|e| corrupt(e.to_string()))?;
     let stored = [
         (H_RECORD_BYTES, layout.record_bytes),
@@ -392,17 +513,22 @@ mod tests {
     #[test]
     fn sections_are_aligned_disjoint_and_in_order() {
         for (capacity, record) in [(1u64, 8usize), (1000, 184), (7, 56_464), (1 << 20, 24)] {
-            let layout = Layout::new(capacity, record, 300).unwrap();
-            let mut end = SCHEMA_TEXT + 300;
-            for s in &layout.sections {
-                assert!(s.offset >= end, "{s:?} overlaps what comes before");
-                assert_eq!(s.offset % 128, 0);
-                end = s.offset + s.len;
+            for sampler in [
+                Sampler::Uniform,
+                Sampler::Prioritized(Prioritized::default()),
+            ] {
+                let layout = Layout::new(capacity, record, 300, sampler).unwrap();
+                let mut end = SCHEMA_TEXT + 300;
+                for s in &layout.sections {
+                    assert!(s.offset >= end, "{s:?} overlaps what comes before");
+                    assert_eq!(s.offset % 128, 0);
+                    end = s.offset + s.len;
+                }
+                assert_eq!(layout.section(SLOTS).offset % 4096, 0);
+                assert_eq!(end, layout.total_bytes);
+                assert!(layout.sections.len() <= MAX_SECTIONS);
+                assert_eq!(layout.slot_bytes % 8, 0);
             }
-            assert_eq!(layout.section(SLOTS).offset % 4096, 0);
-            assert_eq!(end, layout.total_bytes);
-            assert!(layout.sections.len() <= MAX_SECTIONS);
-            assert_eq!(layout.slot_bytes % 8, 0);
         }
     }
 }

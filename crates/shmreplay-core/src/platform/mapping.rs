@@ -195,6 +195,19 @@ impl Segment {
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
 
+    /// The 16-byte atomic at byte `offset` (16-aligned): a priority-tree leaf.
+    pub(crate) fn cell(&self, offset: usize) -> &portable_atomic::AtomicU128 {
+        self.check(offset, 16);
+        debug_assert_eq!(offset % 16, 0);
+        debug_assert!(portable_atomic::AtomicU128::is_lock_free());
+        // SAFETY: in bounds and 16-aligned (checked above and by the layout, whose sections
+        // start on 128-byte boundaries; the mapping is page-aligned). The mapping lives as long
+        // as `self`, every process accesses these cells only through this type, and the
+        // instructions are lock-free (a prioritized buffer is opened only then), so they are atomic across processes too (a
+        // lock-based fallback would be private to one process).
+        unsafe { portable_atomic::AtomicU128::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
+    }
+
     /// Asks the CPU to start loading the cache lines of `[offset, offset + len)` (the first
     /// 256 bytes at most: the hardware prefetcher follows a longer sequential copy by itself).
     /// A hint only: it changes no memory and never faults, even outside the mapping.

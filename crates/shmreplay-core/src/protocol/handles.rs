@@ -8,7 +8,9 @@
 //! namespace  that process's PID namespace
 //! intent     the insert in progress: (ticket + 1) << 12 | (firsts & 0xfff), or 0
 //! firsts     how many slots were first filled through this entry (monotone, never reset)
-//! counters   inserts, samples, retries, recovered, superseded, lost (monotone, never reset)
+//! counters   inserts, samples, retries, recovered, superseded, lost, stale updates (monotone,
+//!            never reset)
+//! tree       the priority-tree leaves being changed: first + 1 (0: none) and last slot index
 //! ```
 //!
 //! Who owns an entry is decided by a kernel lock (see `platform::locks`), not by these words.
@@ -42,6 +44,11 @@ pub(crate) const E_NAMESPACE: usize = 8;
 pub(crate) const E_INTENT: usize = 16;
 pub(crate) const E_FIRSTS: usize = 24;
 pub(crate) const E_COUNTERS: usize = 32;
+/// The range of priority-tree leaves this entry's process is changing (see
+/// `protocol::priority`): first slot + 1 (0: none), then the last slot (wrapping if smaller).
+pub(crate) const E_TREE_FIRST: usize = E_COUNTERS + 8 * Counter::ALL.len();
+pub(crate) const E_TREE_LAST: usize = E_TREE_FIRST + 8;
+const _: () = assert!(E_TREE_LAST + 8 <= 128, "an entry is 128 bytes");
 
 /// Per-entry event counters, summed over all entries for the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,16 +65,19 @@ pub enum Counter {
     Superseded,
     /// Commits refused because the slot had been taken over meanwhile.
     Lost,
+    /// Priority updates ignored because their record had been overwritten.
+    StaleUpdates,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::Inserts,
         Counter::Samples,
         Counter::Retries,
         Counter::Recovered,
         Counter::Superseded,
         Counter::Lost,
+        Counter::StaleUpdates,
     ];
 
     pub(crate) fn offset(self) -> usize {

@@ -5,7 +5,9 @@
 //! * [`handles`]: the handle table's intents and counters, which keep the size exact whoever
 //!   dies where.
 //! * `gate`: the attach / gc handshake that never removes a buffer someone holds.
+//! * `priority`: the sum tree of priorities, exact and lock-free, repaired after deaths.
 
 pub(crate) mod gate;
 pub mod handles;
+pub(crate) mod priority;
 pub mod slot;

@@ -1,0 +1,558 @@
+//! Prioritized replay: priorities given with inserts, sampling in proportion to them, updates
+//! from any process, and the repair of what a process killed mid-change left behind. The tree
+//! itself, and why it needs no lock, is `protocol::priority`.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Blocking, OutColumn, ReplayBuffer, WAIT_LIMIT};
+use crate::error::{Error, Result};
+use crate::layout::{Prioritized, Sampler};
+use crate::platform::interrupt::Patience;
+use crate::platform::liveness::Liveness;
+use crate::platform::locks::LockKind;
+use crate::platform::mapping::Segment;
+use crate::protocol::handles::{self, Counter};
+use crate::protocol::priority::{Drawn, Leaf, Tree, TreeMemory};
+use crate::protocol::slot;
+use crate::sync::{AtomicU128, AtomicU64};
+
+/// How often a handle looks for changes of the tree left half-done by dead processes.
+const REPAIR_EVERY: Duration = Duration::from_millis(50);
+/// How many rows ahead sampling prefetches slots.
+const PREFETCH_AHEAD: usize = 16;
+/// After this many misses for one row, a sampler checks for interrupts and its time bound.
+const MISSES_BEFORE_CHECK: u64 = 32;
+
+/// The priority section of a segment, as a tree's memory.
+#[derive(Clone, Copy)]
+pub(crate) struct Section<'a> {
+    segment: &'a Segment,
+    base: usize,
+}
+
+impl TreeMemory for Section<'_> {
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        self.segment.word(self.base + offset)
+    }
+    fn cell(&self, offset: usize) -> &AtomicU128 {
+        self.segment.cell(self.base + offset)
+    }
+    fn prefetch(&self, offset: usize) {
+        self.segment.prefetch(self.base + offset, 64)
+    }
+}
+
+/// Where [`ReplayBuffer::sample_prioritized_columns`] writes what it knows about each row.
+pub struct PriorityOutputs<'a> {
+    /// `P(i)`: the row's share of the total priority when it was drawn.
+    pub probability: &'a mut [f64],
+    /// The importance weight `(v_i / v_min)^-beta`, at most 1.
+    pub weight: &'a mut [f32],
+    /// The row's raw priority `p`.
+    pub priority: &'a mut [f64],
+}
+
+/// What a prioritized buffer reports beyond the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PriorityStats {
+    /// The sum of `v` over the records (exact, in the tree's fixed point).
+    pub total: f64,
+    /// The largest raw priority ever set (1.0 if none above it was).
+    pub max_priority: f64,
+}
+
+/// The fixed-point values of the rows of one insert.
+pub(crate) enum RowPriorities {
+    Uniform,
+    /// One `(q, raw bits)` for every row.
+    All(u64, u64),
+    Each(Vec<(u64, u64)>),
+}
+
+impl RowPriorities {
+    pub(crate) fn of(&self, row: usize) -> Option<(u64, u64)> {
+        match self {
+            RowPriorities::Uniform => None,
+            RowPriorities::All(q, raw) => Some((*q, *raw)),
+            RowPriorities::Each(each) => Some(each[row]),
+        }
+    }
+}
+
+impl ReplayBuffer {
+    /// How this buffer samples (fixed at creation).
+    pub fn sampler(&self) -> Sampler {
+        self.layout.sampler
+    }
+
+    /// The priority tree, if the buffer has one.
+    pub(crate) fn tree(&self) -> Option<Tree<'_, Section<'_>>> {
+        let (base, geometry) = self.layout.priority.as_ref()?;
+        Some(Tree {
+            geometry,
+            memory: Section {
+                segment: &self.segment,
+                base: *base,
+            },
+        })
+    }
+
+    fn prioritized(&self, what: &str) -> Result<(Prioritized, Tree<'_, Section<'_>>)> {
+        match (self.layout.sampler, self.tree()) {
+            (Sampler::Prioritized(p), Some(tree)) => Ok((p, tree)),
+            _ => Err(Error::WrongSampler(format!(
+                "{what} needs a prioritized buffer; {} samples uniformly (create it with \
+                 sampler=Prioritized(...))",
+                self.name
+            ))),
+        }
+    }
+
+    /// `(q, raw bits)` of raw priority `p`, or why it cannot be held.
+    fn quantize(&self, p: Prioritized, tree: &Tree<'_, Section<'_>>, raw: f64) -> Result<u64> {
+        let scale = tree.geometry.scale;
+        let bad = |why: String| Err(Error::InvalidArgument(why));
+        if !(raw.is_finite() && raw >= 0.0) {
+            return bad(format!("priorities must be finite and >= 0, got {raw}"));
+        }
+        let v = (raw + p.eps).powf(p.alpha);
+        match scale.quantize(v) {
+            Some(q) => Ok(q),
+            None => bad(format!(
+                "priority {raw} gives (p + eps)^alpha = {v:e}, above the largest value this \
+                 buffer holds ({:e})",
+                scale.v_max()
+            )),
+        }
+    }
+
+    /// The fixed-point values of an insert's rows: `priorities` holds one raw priority for
+    /// every row or one for all; `None` gives every row the largest raw priority ever set.
+    /// Validated whole before anything is written.
+    pub(crate) fn row_priorities(
+        &self,
+        priorities: Option<&[f64]>,
+        rows: usize,
+    ) -> Result<RowPriorities> {
+        if self.layout.sampler == Sampler::Uniform {
+            return match priorities {
+                None => Ok(RowPriorities::Uniform),
+                Some(_) => Err(self.prioritized("an insert with priorities").err().unwrap()),
+            };
+        }
+        let (p, tree) = self.prioritized("priorities")?;
+        match priorities {
+            None => {
+                let raw = tree.max_raw();
+                Ok(RowPriorities::All(
+                    self.quantize(p, &tree, raw)?,
+                    raw.to_bits(),
+                ))
+            }
+            Some([raw]) => {
+                let q = self.quantize(p, &tree, *raw)?;
+                tree.raise_max_raw(*raw);
+                Ok(RowPriorities::All(q, raw.to_bits()))
+            }
+            Some(each) if each.len() == rows => {
+                let values = each
+                    .iter()
+                    .map(|&raw| Ok((self.quantize(p, &tree, raw)?, raw.to_bits())))
+                    .collect::<Result<Vec<_>>>()?;
+                tree.raise_max_raw(each.iter().copied().fold(0.0, f64::max));
+                Ok(RowPriorities::Each(values))
+            }
+            Some(each) => Err(Error::InvalidArgument(format!(
+                "{} priorities for {rows} rows (give one per row, or one for all)",
+                each.len()
+            ))),
+        }
+    }
+
+    // ---- the range of leaves a handle is changing ----
+
+    /// Records that this entry is changing the leaves `first..=last` (wrapping when smaller).
+    pub(crate) fn begin_tree_change(&self, entry: usize, first: usize, last: usize) {
+        self.entry_word(entry, handles::E_TREE_LAST)
+            .store(last as u64, Ordering::SeqCst);
+        self.entry_word(entry, handles::E_TREE_FIRST)
+            .store(first as u64 + 1, Ordering::SeqCst);
+    }
+
+    /// The change is done and its ancestors recomputed.
+    pub(crate) fn end_tree_change(&self, entry: usize) {
+        self.entry_word(entry, handles::E_TREE_FIRST)
+            .store(0, Ordering::SeqCst);
+    }
+
+    /// Recomputes what entry `e`'s dead process left half-changed, and forgets it. The caller
+    /// holds the entry's lock (so no new owner is using it).
+    pub(crate) fn repair_entry(&self, e: usize) {
+        let Some(tree) = self.tree() else { return };
+        let first = self
+            .entry_word(e, handles::E_TREE_FIRST)
+            .load(Ordering::SeqCst);
+        if first == 0 {
+            return;
+        }
+        let last = self
+            .entry_word(e, handles::E_TREE_LAST)
+            .load(Ordering::SeqCst);
+        tree.repair((first - 1) as usize, last as usize);
+        self.end_tree_change(e);
+    }
+
+    /// Every `REPAIR_EVERY`, looks for entries whose process died while changing the tree and
+    /// repairs what they left: ordinary calls do it, no special call is needed.
+    pub(crate) fn repair_if_due(&self) {
+        if self.layout.priority.is_none() {
+            return;
+        }
+        let now = self.clock.elapsed().as_nanos() as u64;
+        let due = self.repair_due.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .repair_due
+                .compare_exchange(
+                    due,
+                    now + REPAIR_EVERY.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let mine = self.registered_entry();
+        let mut lock = None;
+        for e in 0..self.entries_used() {
+            if Some(e) == mine
+                || self
+                    .entry_word(e, handles::E_TREE_FIRST)
+                    .load(Ordering::SeqCst)
+                    == 0
+            {
+                continue;
+            }
+            let lock = lock.get_or_insert_with(|| self.current_lock_file());
+            if self.entry_liveness(e, lock) != Liveness::Dead {
+                continue;
+            }
+            // Holding the entry's lock keeps a new owner out while its range is repaired.
+            if let Ok(true) = lock.try_lock(super::entry_lock(e), LockKind::Exclusive) {
+                self.repair_entry(e);
+                lock.unlock(super::entry_lock(e));
+            }
+        }
+    }
+
+    // ---- sampling ----
+
+    /// Draws `index.len()` rows in proportion to their priorities (see the crate docs): like
+    /// [`sample_columns`](Self::sample_columns), plus each row's probability, importance
+    /// weight (`beta` in `[0, 1]`) and raw priority. When every record's priority is 0, draws
+    /// uniformly (probability `1/len`, weight 1).
+    pub fn sample_prioritized_columns(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        info: PriorityOutputs<'_>,
+        beta: f64,
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let (params, tree) = self.prioritized("sampling by priority")?;
+        let n = index.len();
+        if !(0.0..=1.0).contains(&beta) {
+            return Err(Error::InvalidArgument(format!(
+                "beta must be between 0 and 1, got {beta}"
+            )));
+        }
+        for (name, len) in [
+            ("key", key.len()),
+            ("probability", info.probability.len()),
+            ("weight", info.weight.len()),
+            ("priority", info.priority.len()),
+        ] {
+            if len != n {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} has {len} rows, index has {n}"
+                )));
+            }
+        }
+        if self.rows_in(out.iter().map(|o| o.len()), "output")? != n {
+            return Err(Error::InvalidArgument(format!(
+                "outputs do not hold {n} rows"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        self.repair_if_due();
+        let total = tree.total();
+        if total == 0 {
+            return self.sample_all_zero(out, index, key, info, &tree, blocking);
+        }
+        let entry = self.ensure_registered(blocking)?;
+        let mut rng = self.rng_for_call();
+        let capacity = self.capacity();
+        let scale = tree.geometry.scale;
+        // Row k of a stratified batch draws from [k·T/n, (k+1)·T/n).
+        let mut target = |row: usize, total: u64| -> u64 {
+            let r = rng.below(total);
+            if params.stratified {
+                ((row as u128 * u128::from(total) + u128::from(r)) / n as u128) as u64
+            } else {
+                r
+            }
+        };
+        // Every row's leaf first, then the copies, prefetching slots ahead (as `sample_columns`).
+        let mut drawn: Vec<Option<Drawn>> =
+            (0..n).map(|row| tree.descend(target(row, total))).collect();
+        for d in drawn.iter().take(PREFETCH_AHEAD).flatten() {
+            self.prefetch(d.index);
+        }
+        let mut retries = 0u64;
+        let mut started = None;
+        let mut patience = Patience::new();
+        let mut total_now = total;
+        let mut values = vec![0u64; n];
+        let result = (|| {
+            for row in 0..n {
+                if let Some(Some(ahead)) = drawn.get(row + PREFETCH_AHEAD) {
+                    self.prefetch(ahead.index);
+                }
+                let mut misses = 0u64;
+                loop {
+                    if let Some(d) = drawn[row] {
+                        if let Some(ticket) = self.try_read(d.index, out, row) {
+                            // The leaf must still be this record's, and drawable.
+                            let leaf = tree.leaf(d.index);
+                            if leaf.tag == scale.tag(ticket, capacity) && leaf.q > 0 {
+                                index[row] = d.index as u64;
+                                key[row] = ticket;
+                                values[row] = leaf.q;
+                                info.priority[row] = leaf.raw_priority();
+                                break;
+                            }
+                        }
+                    }
+                    retries += 1;
+                    misses += 1;
+                    if misses % MISSES_BEFORE_CHECK == 0 {
+                        total_now = tree.total();
+                        if total_now == 0 {
+                            return Err(Error::Contended(
+                                "sample: every priority became 0 while sampling".into(),
+                            ));
+                        }
+                        std::thread::yield_now();
+                        if patience.interrupted() {
+                            return Err(Error::Interrupted);
+                        }
+                        if started.get_or_insert_with(Instant::now).elapsed() > WAIT_LIMIT {
+                            return Err(Error::Contended(format!(
+                                "sample: no consistent row after {misses} draws in {} s: every \
+                                 slot drawn was being written",
+                                WAIT_LIMIT.as_secs()
+                            )));
+                        }
+                    }
+                    drawn[row] = tree.descend(target(row, total_now));
+                }
+            }
+            Ok(())
+        })();
+        self.count(entry, Counter::Retries, retries);
+        result?;
+        // The global minimum, or the batch's if the root is momentarily behind: weights ≤ 1.
+        let batch_min = values.iter().copied().min().unwrap_or(1);
+        let v_min = match tree.minimum() {
+            0 => batch_min,
+            m => m.min(batch_min),
+        } as f64;
+        for row in 0..n {
+            let q = values[row] as f64;
+            info.probability[row] = q / total as f64;
+            info.weight[row] = (q / v_min).powf(-beta) as f32;
+        }
+        self.count(entry, Counter::Samples, n as u64);
+        Ok(())
+    }
+
+    /// Every priority is 0: uniform draws, probability `1/len`, weight 1.
+    fn sample_all_zero(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        info: PriorityOutputs<'_>,
+        tree: &Tree<'_, Section<'_>>,
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        self.sample_columns(out, index, key, blocking)?;
+        let size = self.len().max(1) as f64;
+        let scale = tree.geometry.scale;
+        for row in 0..index.len() {
+            let leaf = tree.leaf(index[row] as usize);
+            let own = leaf.tag == scale.tag(key[row], self.capacity());
+            info.priority[row] = if own { leaf.raw_priority() } else { 0.0 };
+            info.probability[row] = 1.0 / size;
+            info.weight[row] = 1.0;
+        }
+        Ok(())
+    }
+
+    // ---- updates ----
+
+    /// Sets the raw priorities of the records `keys` (as sampling returned them) to
+    /// `priorities`, from any process. A key whose slot has been overwritten since is ignored
+    /// and counted as a stale update; of duplicate keys the last wins. Everything is validated
+    /// first: on an error nothing is applied. Returns how many distinct keys were applied.
+    pub fn update_priorities(
+        &self,
+        keys: &[u64],
+        priorities: &[f64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<usize> {
+        let (params, tree) = self.prioritized("update_priorities")?;
+        if keys.len() != priorities.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys but {} priorities",
+                keys.len(),
+                priorities.len()
+            )));
+        }
+        let mut updates = keys
+            .iter()
+            .zip(priorities)
+            .enumerate()
+            .map(|(order, (&key, &raw))| Ok((key, order, self.quantize(params, &tree, raw)?, raw)))
+            .collect::<Result<Vec<_>>>()?;
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        self.repair_if_due();
+        let entry = self.ensure_registered(blocking)?;
+        // The last of duplicate keys wins; then in slot order, so ancestors are shared.
+        updates.sort_unstable_by_key(|&(key, order, ..)| (key, std::cmp::Reverse(order)));
+        updates.dedup_by_key(|u| u.0);
+        let capacity = self.capacity();
+        updates.sort_unstable_by_key(|&(key, ..)| key % capacity);
+        let slot_of = |key: u64| (key % capacity) as usize;
+        let (first, last) = (slot_of(updates[0].0), slot_of(updates[updates.len() - 1].0));
+        self.begin_tree_change(entry, first, last);
+        let scale = tree.geometry.scale;
+        let mut changed = Vec::with_capacity(updates.len());
+        let mut largest = 0.0f64;
+        for &(key, _, q, raw) in &updates {
+            let index = slot_of(key);
+            let holds_key =
+                slot::read_begin(self.seq(index)).is_some_and(|word| slot::ticket_of(word) == key);
+            if holds_key && tree.update(index, scale.tag(key, capacity), q, raw.to_bits()) {
+                changed.push(index);
+                largest = largest.max(raw);
+            }
+        }
+        tree.propagate(changed.iter().copied(), false);
+        self.end_tree_change(entry);
+        tree.raise_max_raw(largest);
+        self.count(
+            entry,
+            Counter::StaleUpdates,
+            (updates.len() - changed.len()) as u64,
+        );
+        Ok(changed.len())
+    }
+
+    /// The raw priorities of the records `keys` into `out`; NaN for a key whose slot has been
+    /// overwritten since (or that never was a record of this buffer).
+    pub fn priorities(&self, keys: &[u64], out: &mut [f64]) -> Result<()> {
+        let (_, tree) = self.prioritized("priorities")?;
+        if keys.len() != out.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keys but room for {} priorities",
+                keys.len(),
+                out.len()
+            )));
+        }
+        let capacity = self.capacity();
+        let scale = tree.geometry.scale;
+        for (&key, p) in keys.iter().zip(out.iter_mut()) {
+            let index = (key % capacity) as usize;
+            let holds_key =
+                slot::read_begin(self.seq(index)).is_some_and(|word| slot::ticket_of(word) == key);
+            let leaf = tree.leaf(index);
+            *p = if holds_key && leaf.tag == scale.tag(key, capacity) {
+                leaf.raw_priority()
+            } else {
+                f64::NAN
+            };
+        }
+        Ok(())
+    }
+
+    /// The priority total and maximum, for prioritized buffers.
+    pub fn priority_stats(&self) -> Option<PriorityStats> {
+        let tree = self.tree()?;
+        Some(PriorityStats {
+            total: tree.geometry.scale.value(tree.total()),
+            max_priority: tree.max_raw(),
+        })
+    }
+
+    /// `(largest v, smallest positive v)` the tree holds (None for a uniform buffer).
+    pub fn priority_range(&self) -> Option<(f64, f64)> {
+        let scale = self.tree()?.geometry.scale;
+        Some((scale.v_max(), scale.resolution()))
+    }
+
+    /// Whether every node of the tree matches its leaves (meaningful when nothing is in flight);
+    /// `None` for a uniform buffer. For tests and checks.
+    #[doc(hidden)]
+    pub fn priority_tree_is_exact(&self) -> Option<bool> {
+        self.tree().map(|t| t.is_consistent())
+    }
+}
+
+/// What the writer does to a slot's leaf.
+pub(crate) struct LeafWriter<'a> {
+    tree: Tree<'a, Section<'a>>,
+    capacity: u64,
+}
+
+impl<'a> LeafWriter<'a> {
+    pub(crate) fn new(buffer: &'a ReplayBuffer) -> Option<LeafWriter<'a>> {
+        Some(LeafWriter {
+            tree: buffer.tree()?,
+            capacity: buffer.capacity(),
+        })
+    }
+
+    /// The slot was claimed for `ticket`: its old record's value is gone.
+    pub(crate) fn claimed(&self, index: usize, ticket: u64) {
+        self.tree
+            .retag(index, self.tree.geometry.scale.tag(ticket, self.capacity));
+    }
+
+    /// The record of `ticket` is written, about to be committed: its value goes in.
+    pub(crate) fn written(&self, index: usize, ticket: u64, (q, raw): (u64, u64)) {
+        let tag = self.tree.geometry.scale.tag(ticket, self.capacity);
+        self.tree.store(index, Leaf { tag, q, raw });
+    }
+
+    /// The leaves `first..first + count` (wrapping) changed: recompute their ancestors.
+    pub(crate) fn propagate(&self, first: usize, count: usize) {
+        let capacity = self.capacity as usize;
+        let end = first + count;
+        if count >= capacity {
+            self.tree.propagate(0..capacity, false);
+        } else if end <= capacity {
+            self.tree.propagate(first..end, false);
+        } else {
+            self.tree
+                .propagate((0..end - capacity).chain(first..capacity), false);
+        }
+    }
+}
