@@ -334,7 +334,8 @@ def missing(key: str) -> str | None:
     """Why ``key`` cannot run here, or None (like ``contenders.missing``, plus shmreplay's API)."""
     for mod in ADAPTERS[key].needs:
         if importlib.util.find_spec(mod) is None:
-            return f"not installed (no module {mod!r}; see benches/requirements.txt)"
+            where = "build it with `make dev`" if mod == "shmreplay" else "see benches/requirements.txt"
+            return f"not installed (no module {mod!r}; {where})"
     if key == "shmreplay":
         try:
             import shmreplay
@@ -697,7 +698,8 @@ def run_job(job: dict, prefix: str) -> dict:
     finally:
         proc.join(10)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if proc.pid is not None:  # never 0: that would be our own group
+                os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         if proc.is_alive():
@@ -759,14 +761,15 @@ def summarise(doc: dict) -> None:
                             "all_rows_per_s": xs})
     rows_conc = []
     for (cap, learners, k), d in conc.items():
-        total = _median(d["rows_per_s"])
+        total = _median(d["rows_per_s"]) or 0.0
         cp = conc.get((cap, 1, "cpprb"))
+        cp_total = _median(cp["rows_per_s"]) if cp else None
         rows_conc.append({
             "capacity": cap, "learners": learners, "contender": k, "reps": len(d["rows_per_s"]),
             "inserts_per_s": _median(d["inserts_per_s"]), "sampled_per_s": _median(d["sampled_per_s"]),
             "rows_per_s": total, "gb_per_s": total * WORKLOADS["atari"].row_bytes / 1e9,
             "updates_per_s": _median(d["updates_per_s"]), "applied_fraction": _median(d["applied_fraction"]),
-            "vs_cpprb_1_learner": _ratio(total, cp and _median(cp["rows_per_s"])),
+            "vs_cpprb_1_learner": _ratio(total, cp_total),
             "torn_rows": sum(d["torn"]), "checked_rows": sum(d["checked"]),
             "first_torn": d["first_torn"][0] if d["first_torn"] else "", "all_rows_per_s": d["rows_per_s"],
         })
@@ -839,7 +842,7 @@ def table(doc: dict) -> str:
     if m["single"]:
         caps = sorted({r["capacity"] for r in m["single"]})
         for cap in caps:
-            rows = {}
+            rows: dict[str, dict[str, dict]] = {}
             for r in m["single"]:
                 if r["capacity"] == cap:
                     rows.setdefault(r["contender"], {})[r["figure"]] = r
@@ -848,7 +851,7 @@ def table(doc: dict) -> str:
             out.append(f"\nfigures 1-2: control, {cap:,} slots, full, random priorities (alpha {ALPHA}, beta {BETA}): "
                        f"rows/s, us per call, (ratio to cpprb); medians of {reps} repetition(s)")
             body = []
-            for k in sorted(rows, key=order.get):
+            for k in sorted(rows, key=lambda k: order[k]):
                 cells = []
                 for f in figs:
                     r = rows[k].get(f)

@@ -148,13 +148,13 @@ def _priorities(value: Any, rows: int | None) -> np.ndarray | None:
         raise TypeError(f"priority must be a number or an array of numbers ({e})") from None
     if array.dtype.kind not in "iuf":
         raise TypeError(f"priority must be a number or an array of numbers, got dtype {array.dtype}")
-    array = np.ascontiguousarray(array, dtype=np.float64)
+    array = np.asarray(array, dtype=np.float64)
     if array.ndim > 1 or (array.ndim == 1 and (rows is None or array.shape[0] != rows)):
         want = "a number" if rows is None else f"a number or {rows} values"
         raise ValueError(f"priority must be {want}, got shape {array.shape}")
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         raise ValueError("priorities must be finite and >= 0")
-    return array.reshape(-1)
+    return np.ascontiguousarray(array.reshape(-1))
 
 
 def _keys(keys: Any) -> np.ndarray:

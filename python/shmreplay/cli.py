@@ -85,13 +85,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
             _fill(b["size"], b["capacity"]),
             format_bytes(b["bytes"]),
             str(b["attached"]),
+            _sampler_name(b["sampler"]),
             "stale" if b["stale"] else "live",
         ]
         for b in buffers
     ]
-    rows += [[printable(u["name"]), "", "", "", "", f"corrupt: {printable(u['reason'])}"] for u in unreadable]
-    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "STATUS"]
-    for text in _table(headers, rows, [False, True, True, True, True, False]):
+    rows += [[printable(u["name"]), "", "", "", "", "", f"corrupt: {printable(u['reason'])}"] for u in unreadable]
+    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "STATUS"]
+    for text in _table(headers, rows, [False, True, True, True, True, False, False]):
         print(text)
     total = sum(b["bytes"] for b in buffers)
     stale = sum(1 for b in buffers if b["stale"])
@@ -102,6 +103,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         footer += f"; {len(unreadable)} corrupt file(s): inspect, then `{PROG} rm NAME`"
     print(footer)
     return 0
+
+
+def _sampler_name(sampler: Any) -> str:
+    """``uniform`` or ``prioritized(alpha, eps)`` of the core's ``(alpha, eps, stratified)``."""
+    if sampler is None:
+        return "uniform"
+    alpha, eps, stratified = sampler
+    return f"prioritized(alpha={alpha:g}, eps={eps:g}{'' if stratified else ', iid'})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,6 +157,17 @@ def _describe(buf: Any) -> dict[str, Any]:
             {"name": field, "dtype": dt.name, "shape": list(shape), "bytes": dt.itemsize * math.prod(shape)}
         )
     stats = dict(buf.stats())
+    sampler = buf.sampler
+    described: dict[str, Any] = {"kind": type(sampler).__name__.lower()}
+    if buf.priority_range is not None:
+        v_max, resolution = buf.priority_range
+        described.update(
+            alpha=sampler.alpha,
+            eps=sampler.eps,
+            stratified=sampler.stratified,
+            max_value=v_max,
+            resolution=resolution,
+        )
     return {
         "name": buf.name,
         "path": buf.path,
@@ -156,6 +176,7 @@ def _describe(buf: Any) -> dict[str, Any]:
         "record_bytes": buf.record_bytes,
         "segment_bytes": buf.nbytes,
         "fields": fields,
+        "sampler": described,
         "stats": stats,
         "processes": buf.processes(),
     }
@@ -176,6 +197,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"fill          {_fill(info['size'], info['capacity'])}")
     print(f"record bytes  {info['record_bytes']:,}")
     print(f"segment       {format_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
+    sampler = info["sampler"]
+    if sampler["kind"] == "prioritized":
+        print(
+            f"sampler       prioritized: alpha {sampler['alpha']:g}, eps {sampler['eps']:g}, "
+            f"{'stratified' if sampler['stratified'] else 'i.i.d.'}; v = (p + eps)^alpha held "
+            f"up to {sampler['max_value']:,.0f} in steps of {sampler['resolution']:.3g}"
+        )
+    else:
+        print("sampler       uniform")
     print()
     rows = [
         [printable(f["name"]), printable(f["dtype"]), str(tuple(f["shape"])), f"{f['bytes']:,}"]
@@ -187,7 +217,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("counters")
     width = max(len(k) for k in info["stats"])
     for key, value in info["stats"].items():
-        print(f"  {key:<{width}}  {value:,}")
+        print(f"  {key:<{width}}  {value:,.6g}" if isinstance(value, float) else f"  {key:<{width}}  {value:,}")
     print()
     pids = info["processes"]
     if pids:
