@@ -37,6 +37,7 @@ A segfault or SIGBUS would kill pytest, so merely finishing is part of the asser
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -44,6 +45,8 @@ import stat
 import struct
 import subprocess
 import sys
+from decimal import Decimal
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -60,7 +63,8 @@ MAGIC = int.from_bytes(b"SHMRPLY\0", "little")
 LAYOUT_VERSION = 3
 READY = 1
 KIND_RING = 1
-KNOWN_FEATURES = 0
+FEATURE_PRIORITIZED = 1  # the buffer samples by priority and has a "priority" section
+KNOWN_FEATURES = FEATURE_PRIORITIZED
 # Header words (layout/mod.rs). The checksum covers bytes CHECKED..HEADER_END and the schema text.
 H_MAGIC, H_VERSION, H_READY, H_CHECKSUM = 0, 8, 16, 24
 H_KIND, H_FEATURES, H_CAPACITY, H_RECORD_BYTES = 32, 40, 48, 56
@@ -69,20 +73,29 @@ H_TOTAL, H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED = 96, 104, 112, 120
 H_SECTION_COUNT = 128
 CHECKED = H_KIND
 SECTION_DIRECTORY, MAX_SECTIONS, SECTION_ENTRY_BYTES = 136, 8, 32
+DIRECTORY_END = SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES  # 392
+# The sampler: kind (0 uniform, 1 prioritized), alpha and eps (f64 bits), stratified (0 or 1).
+# All four are 0 in a uniform buffer, whose attach reads only the kind.
+H_SAMPLER, H_ALPHA, H_EPS, H_STRATIFIED = 392, 400, 408, 416
+SAMPLER_UNIFORM, SAMPLER_PRIORITIZED = 0, 1
+RESERVED = H_STRATIFIED + 8  # ..HEADER_END: words nobody writes or reads (checksum only)
 HEADER_END = SCHEMA_TEXT = 512
 # Sections, in directory order: (tag, offset, length, version) each.
 CONTROL, HANDLES, SLOTS = b"control\0", b"handles\0", b"slots\0\0\0"
-SECTION_TAGS = (CONTROL, HANDLES, SLOTS)
+PRIORITY = b"priority"  # prioritized buffers only (8 bytes, no NUL)
+SECTION_TAGS = (CONTROL, HANDLES, SLOTS)  # every buffer's; a prioritized one adds PRIORITY
 SECTION_VERSION = 1
-UNUSED_DIRECTORY = SECTION_DIRECTORY + len(SECTION_TAGS) * SECTION_ENTRY_BYTES  # ..HEADER_END
 CONTROL_BYTES = 256
 C_CURSOR, C_ENTRIES_USED = 0, 128
 # Handle table (protocol/handles.rs): MAX_HANDLES entries of ENTRY_BYTES.
 ENTRY_BYTES = 128
 MAX_HANDLES = 1024
 E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS = 0, 8, 16, 24
-COUNTERS = ("inserts", "samples", "retries", "recovered", "superseded", "lost")
+COUNTERS = ("inserts", "samples", "retries", "recovered", "superseded", "lost", "stale_updates")
 E_COUNTER = {name: 32 + 8 * i for i, name in enumerate(COUNTERS)}
+# The priority-tree leaves the entry's process is changing: first slot + 1 (0: none), last slot.
+E_TREE_FIRST, E_TREE_LAST = 88, 96
+E_UNUSED = range(104, ENTRY_BYTES, 8)
 SNAPSHOT_MASK = 0xFFF  # an intent word is (ticket + 1) << 12 | (firsts & 0xfff)
 # Slot version word (protocol/slot.rs): ticket + 1 in bits 63..12, FIRST, owner entry, busy.
 BUSY, OWNER_SHIFT, OWNER_MASK, FIRST, TICKET_SHIFT = 1, 1, 0x3FF, 1 << 11, 12
@@ -93,6 +106,13 @@ MAX_SCHEMA_TEXT = 32 * 1024
 MAX_FIELDS, MAX_FIELD_NAME, MAX_NDIM = 256, 64, 8
 MAX_RECORD_BYTES = 1 << 32
 U64 = 2**64 - 1
+I64_MAX = 2**63 - 1
+# The priority section (protocol/priority.rs): a head (the largest raw priority ever set, f64
+# bits, 0 meaning 1.0), then one 16-byte leaf per slot (tag << q_bits | q, raw priority bits),
+# then each level of 16-ary nodes up to the root: sums, then minima, one word per node. Leaves
+# and node arrays are padded to whole nodes of FANOUT.
+FANOUT, TREE_HEAD_BYTES, LEAF_BYTES, MAX_RAW = 16, 128, 16, 0
+V_BITS, MAX_Q_BITS, SUM_BITS = 20, 40, 62
 CODES = {"b1": 1, "u1": 1, "u2": 2, "u4": 4, "u8": 8, "i1": 1, "i2": 2, "i4": 4, "i8": 8, "f2": 2, "f4": 4, "f8": 8}
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 DIM_RE = re.compile(r"[1-9][0-9]*\Z")
@@ -146,9 +166,106 @@ def ticket_of(version_word: int) -> int:
     return (version_word >> TICKET_SHIFT) - 1
 
 
-def layout(capacity: int, record_bytes: int, schema_len: int) -> dict | None:
+class Prioritized(NamedTuple):
+    """The parameters of a prioritized sampler as the header holds them (a uniform sampler is
+    ``None`` in this model)."""
+
+    alpha: float
+    eps: float
+    stratified: bool
+
+
+def f64(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<Q", bits & U64))[0]
+
+
+def bits_of(x: float) -> int:
+    return struct.unpack("<Q", struct.pack("<d", x))[0]
+
+
+def rust_float(x: float) -> str:
+    """An f64 as Rust's ``Display`` writes it (shortest round trip, never an exponent)."""
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    text = format(Decimal(repr(x)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def sampler_error(sampler: Prioritized | None) -> str | None:
+    """Mirror of ``Sampler::validate`` (the first check of ``Layout::new``)."""
+    if sampler is not None:
+        for name, value in (("alpha", sampler.alpha), ("eps", sampler.eps)):
+            if not (math.isfinite(value) and value >= 0.0):
+                return f"Prioritized: {name} must be a finite number >= 0, got {rust_float(value)}"
+    return None
+
+
+def header_sampler(data: bytes | bytearray) -> tuple[str | None, Prioritized | None]:
+    """Mirror of how ``read_header`` derives the sampler from the sampler kind word and the
+    feature bit: ``(reason it is corrupt, None)`` or ``(None, sampler)``. alpha and eps are not
+    validated here (``Layout::new`` does that)."""
+    kind, features = word(data, H_SAMPLER), word(data, H_FEATURES)
+    prioritized = bool(features & FEATURE_PRIORITIZED)
+    if (kind, prioritized) == (SAMPLER_UNIFORM, False):
+        return None, None
+    if (kind, prioritized) == (SAMPLER_PRIORITIZED, True):
+        flag = word(data, H_STRATIFIED)
+        if flag not in (0, 1):
+            return f"sampler flag {flag} is not 0 or 1", None
+        return None, Prioritized(f64(word(data, H_ALPHA)), f64(word(data, H_EPS)), bool(flag))
+    return f"sampler kind {kind} does not match the feature bits {features:#x}", None
+
+
+def sampler_words(sampler: Prioritized | None) -> list[tuple[int, int]]:
+    """``(offset, value)`` of the feature bits and sampler words ``write_header`` writes."""
+    if sampler is None:
+        return [(H_FEATURES, 0), (H_SAMPLER, SAMPLER_UNIFORM), (H_ALPHA, 0), (H_EPS, 0), (H_STRATIFIED, 0)]
+    return [(H_FEATURES, FEATURE_PRIORITIZED), (H_SAMPLER, SAMPLER_PRIORITIZED), (H_ALPHA, bits_of(sampler.alpha)),
+            (H_EPS, bits_of(sampler.eps)), (H_STRATIFIED, int(sampler.stratified))]
+
+
+def quantize(v: float, fraction_bits: int) -> int:
+    """Mirror of ``Scale::quantize`` for a finite ``v >= 0`` (without its upper bound): ``v`` in
+    fixed point, rounded (halves away from zero), at least 1 if ``v > 0``."""
+    x = v * 2.0**fraction_bits
+    q = math.floor(x) + (x - math.floor(x) >= 0.5)
+    return max(q, 1) if v > 0 else 0
+
+
+def scale(capacity: int) -> tuple[int, int]:
+    """Mirror of ``Scale::for_capacity``: ``(q_bits, fraction_bits)`` of the tree's fixed point."""
+    log2 = (max(capacity, 1) - 1).bit_length()
+    q_bits = max(min(MAX_Q_BITS, max(SUM_BITS - log2, 0)), V_BITS)
+    return q_bits, q_bits - V_BITS
+
+
+def geometry(capacity: int) -> dict:
+    """Mirror of ``Geometry::new``: where the leaves and each level of nodes (level 1, the
+    leaves' parents, first; the root's last) are in the priority section, and its size."""
+    def whole(n: int) -> int:
+        return roundup(n, FANOUT)
+
+    at = TREE_HEAD_BYTES + whole(capacity) * LEAF_BYTES
+    levels, below = [], capacity
+    while True:
+        nodes = -(-below // FANOUT)
+        words = whole(nodes) * 8
+        levels.append({"nodes": nodes, "sums": at, "mins": at + words})
+        at += 2 * words
+        below = nodes
+        if nodes <= 1:
+            break
+    q_bits, fraction_bits = scale(capacity)
+    return {"leaves": TREE_HEAD_BYTES, "levels": levels, "bytes": at, "q_bits": q_bits, "fraction_bits": fraction_bits}
+
+
+def layout(capacity: int, record_bytes: int, schema_len: int, sampler: Prioritized | None = None) -> dict | None:
     """Mirror of ``Layout::new``: what the header and its directory must hold, or None if
-    impossible."""
+    impossible (including a sampler whose alpha or eps is refused)."""
+    if sampler_error(sampler) is not None:
+        return None
     if not 1 <= capacity <= MAX_CAPACITY or schema_len > MAX_SCHEMA_TEXT:
         return None
     record_in_slot = 64 if record_bytes >= ALIGNED_RECORD_BYTES else 8
@@ -156,17 +273,30 @@ def layout(capacity: int, record_bytes: int, schema_len: int) -> dict | None:
     control = roundup(SCHEMA_TEXT + schema_len, 128)
     handles = control + CONTROL_BYTES
     slots = roundup(handles + MAX_HANDLES * ENTRY_BYTES, 4096)
-    total = slots + capacity * slot
-    if total > 2**63 - 1:
+    slots_end = slots + capacity * slot
+    if slots_end > U64:  # checked_mul / checked_add in usize
         return None
     sections = [
         (CONTROL, control, CONTROL_BYTES, SECTION_VERSION),
         (HANDLES, handles, MAX_HANDLES * ENTRY_BYTES, SECTION_VERSION),
         (SLOTS, slots, capacity * slot, SECTION_VERSION),
     ]
+    priority = None
+    if sampler is None:
+        total = slots_end
+    else:
+        # The tree starts on the page after the slots. (Exact arithmetic: an offset past 2**64
+        # makes the layout impossible, it must not wrap around to the start of the file.)
+        priority = roundup(slots_end, 4096)
+        tree = geometry(capacity)["bytes"]
+        total = priority + tree
+        sections.append((PRIORITY, priority, tree, SECTION_VERSION))
+    if total > I64_MAX:
+        return None
     return {
         "record_bytes": record_bytes, "slot": slot, "record_in_slot": record_in_slot, "total": total,
-        "control": control, "handles": handles, "slots": slots, "sections": sections,
+        "control": control, "handles": handles, "slots": slots, "priority": priority, "sections": sections,
+        "sampler": sampler,
     }
 
 
@@ -184,6 +314,11 @@ def header_words(lay: dict) -> list[tuple[int, int]]:
         at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES
         words += [(at, tag_word(tag)), (at + 8, offset), (at + 16, length), (at + 24, version)]
     return words
+
+
+def unused_directory(sections: int) -> range:
+    """Byte offsets of the directory entries a buffer of ``sections`` sections does not use."""
+    return range(SECTION_DIRECTORY + sections * SECTION_ENTRY_BYTES, DIRECTORY_END)
 
 
 def parse_schema(text: bytes) -> list[tuple[str, str, tuple[int, ...]]] | None:
@@ -281,7 +416,13 @@ def model_check(data: bytes) -> str | None:
         return ""  # Schema::decode's own reason
     if fnv1a(text) != word(data, H_SCHEMA_HASH):
         return "schema hash mismatch"
-    lay = layout(word(data, H_CAPACITY), record_bytes_of(fields), schema_len)
+    reason, sampler = header_sampler(data)
+    if reason is not None:
+        return reason
+    reason = sampler_error(sampler)
+    if reason is not None:
+        return reason
+    lay = layout(word(data, H_CAPACITY), record_bytes_of(fields), schema_len, sampler)
     if lay is None:
         return "capacity"
     for offset, expected in header_words(lay)[:5]:
@@ -313,11 +454,13 @@ def reseal(data: bytearray) -> bytearray:
     return data
 
 
-def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None, size_delta: int = 0,
-          max_size: int = 8 << 20) -> bytes:
-    """A header (and section directory) made consistent by hand for another capacity and/or
-    schema text, sealed, and a file of the size it states plus ``size_delta`` (bytes kept from
-    ``base`` where they fit; the sections' contents are not moved)."""
+def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None, sampler=False,
+          size_delta: int = 0, max_size: int = 8 << 20) -> bytes:
+    """A header (and section directory) made consistent by hand for another capacity, schema
+    text and/or sampler (``None``: uniform, a ``Prioritized``; ``False``: the header's own,
+    whatever its words say), sealed, and a file of the size it states plus ``size_delta`` (bytes
+    kept from ``base`` where they fit; the sections' contents are not moved). A header whose
+    sampler words are refused keeps its directory and size."""
     data = bytearray(base)
     old_len = word(data, H_SCHEMA_LEN)
     if text is not None:
@@ -328,13 +471,21 @@ def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None
         put(data, H_SCHEMA_LEN, len(text))
     cap = word(data, H_CAPACITY) if capacity is None else capacity
     put(data, H_CAPACITY, cap)
+    if sampler is not False:
+        for offset, value in sampler_words(sampler):
+            put(data, offset, value)
     fields = parse_schema(bytes(data[SCHEMA_TEXT : SCHEMA_TEXT + word(data, H_SCHEMA_LEN)]))
     rb = record_bytes_of(fields) if fields is not None else word(data, H_RECORD_BYTES)
-    lay = layout(cap, rb, word(data, H_SCHEMA_LEN))
+    reason, header = header_sampler(data)
+    lay = None if reason is not None else layout(cap, rb, word(data, H_SCHEMA_LEN), header)
     size = len(data)
     if lay is not None:
+        old_sections = word(data, H_SECTION_COUNT)
         for offset, value in header_words(lay):
             put(data, offset, value)
+        for i in range(len(lay["sections"]), min(old_sections, MAX_SECTIONS)):  # entries no longer used
+            at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES
+            data[at : at + SECTION_ENTRY_BYTES] = bytes(SECTION_ENTRY_BYTES)
         if lay["total"] <= max_size:
             size = lay["total"]
     size = max(SCHEMA_TEXT + 8, size + size_delta)
@@ -384,6 +535,11 @@ class View:
         self.control, self.handles, self.slots = (
             word(data, SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES + 8) for i in range(3)
         )
+        self.sampler = header_sampler(data)[1]
+        self.tree = None
+        if self.sampler is not None:
+            at = SECTION_DIRECTORY + 3 * SECTION_ENTRY_BYTES
+            self.tree = TreeView(data, word(data, at + 8), word(data, at + 16), self.capacity)
 
     def cursor(self) -> int:
         return word(self.data, self.control + C_CURSOR)
@@ -422,6 +578,135 @@ class View:
         claimed = min(self.cursor(), self.capacity)
         return {i: ticket_of(s) for i in range(claimed) if readable(s := self.seq(i))}
 
+    def drawable(self) -> dict[int, int]:
+        """Prioritized buffers: ``{slot: ticket}`` of the slots ``sample`` may return when the
+        tree draws them: readable, and their leaf holds a value (q > 0) under the tag of the
+        ticket their version word names."""
+        tree = self.tree
+        return {
+            i: ticket_of(s) for i in range(self.capacity)
+            if readable(s := self.seq(i)) and (leaf := tree.leaf(i))[1] > 0 and leaf[0] == tree.tag(ticket_of(s))
+        }
+
+    def holds_key(self, key: int) -> bool:
+        """Prioritized buffers: whether ``update_priorities`` and ``priorities`` find the
+        record ``key``: slot ``key % capacity`` holds it and its leaf carries its tag."""
+        index = key % self.capacity
+        seq = self.seq(index)
+        return readable(seq) and ticket_of(seq) == key and self.tree.leaf(index)[0] == self.tree.tag(key)
+
+    def priority(self, key: int) -> float:
+        """``priorities([key])``: the raw priority of the record ``key``'s leaf, else NaN."""
+        return f64(self.tree.leaf(key % self.capacity)[2]) if self.holds_key(key) else math.nan
+
+    def quantize_default(self) -> int | None:
+        """The ``q`` of an ``add`` without a priority (the largest raw priority ever set, then
+        ``(p + eps) ** alpha`` in the tree's fixed point), or None if it is refused."""
+        raw = self.tree.max_raw()
+        if not (math.isfinite(raw) and raw >= 0.0):
+            return None
+        try:
+            v = math.pow(raw + self.sampler.eps, self.sampler.alpha)
+        except OverflowError:
+            return None
+        if not math.isfinite(v):
+            return None
+        q = quantize(v, self.tree.fraction_bits)
+        return None if q > self.tree.q_max else q
+
+
+class TreeView:
+    """The priority section of a valid prioritized segment, read as the core reads it
+    (``protocol/priority.rs``), however wrong its words are."""
+
+    def __init__(self, data: bytes, base: int, length: int, capacity: int) -> None:
+        self.data, self.base, self.length, self.capacity = data, base, length, capacity
+        g = geometry(capacity)
+        assert g["bytes"] == length
+        self.levels = g["levels"]
+        self.q_bits, self.fraction_bits = g["q_bits"], g["fraction_bits"]
+        self.q_max = (1 << self.q_bits) - 1
+        # Set when the descent would read past the section (only scribbled nodes lead there).
+        self.strays: set[int] = set()
+
+    def word(self, offset: int) -> int:
+        if offset + 8 > self.length:
+            self.strays.add(offset)
+            return word(self.data, self.base + offset) if self.base + offset + 8 <= len(self.data) else 0
+        return word(self.data, self.base + offset)
+
+    def leaf(self, index: int) -> tuple[int, int, int]:
+        """``(tag, q, raw priority bits)`` of leaf ``index``."""
+        low = self.word(TREE_HEAD_BYTES + LEAF_BYTES * index)
+        raw = self.word(TREE_HEAD_BYTES + LEAF_BYTES * index + 8)
+        return low >> self.q_bits, low & self.q_max, raw
+
+    def tag(self, ticket: int) -> int:
+        """The leaf tag of the record of ``ticket``: its lap plus one, in the bits above q."""
+        return (ticket // self.capacity + 1) & (U64 >> self.q_bits)
+
+    def total(self) -> int:
+        """The root's sum (what sampling draws targets below)."""
+        return self.word(self.levels[-1]["sums"])
+
+    def minimum(self) -> int:
+        return self.word(self.levels[-1]["mins"])
+
+    def max_raw(self) -> float:
+        bits = self.word(MAX_RAW)
+        return 1.0 if bits == 0 else f64(bits)
+
+    def children(self, level: int, node: int) -> list[int]:
+        """What the descent compares at node ``node`` of level ``level``: its children's sums
+        (the leaves' q at level 1)."""
+        first = node * FANOUT
+        if level == 1:
+            return [self.leaf(first + k)[1] for k in range(FANOUT)]
+        below = self.levels[level - 2]["sums"]
+        return [self.word(below + 8 * (first + k)) for k in range(FANOUT)]
+
+    def reachable(self, lo: int, hi: int) -> set[int]:
+        """The leaves the descent from the root can end at for a target in ``lo..=hi``: at each
+        node the target is taken modulo the children's total (0: nothing) and goes to the child
+        whose cumulative range holds it; a leaf past the capacity is nothing."""
+        found: set[int] = set()
+        stack = [(len(self.levels), 0, [(lo, hi)])]
+        while stack:
+            level, node, targets = stack.pop()
+            values = self.children(level, node)
+            total = sum(values)
+            if total == 0:
+                continue
+            residues: list[tuple[int, int]] = []
+            for a, b in targets:
+                if b - a + 1 >= total:
+                    residues = [(0, total - 1)]
+                    break
+                ra, rb = a % total, b % total
+                residues += [(ra, rb)] if ra <= rb else [(ra, total - 1), (0, rb)]
+            start = 0
+            for k, v in enumerate(values):
+                end = start + v - 1
+                inside = [(max(a, start) - start, min(b, end) - start) for a, b in residues if v and a <= end and b >= start]
+                if inside:
+                    child = node * FANOUT + k
+                    if level > 1:
+                        stack.append((level - 1, child, inside))
+                    elif child < self.capacity:
+                        found.add(child)
+                start += v
+        return found
+
+    def strata(self, rows: int, stratified: bool) -> list[set[int]]:
+        """For each row of a batch, the leaves it can be drawn from: row ``k`` of a stratified
+        batch takes its targets in ``[k·T/rows, (k+1)·T/rows)`` of the root's total ``T``, an
+        i.i.d. row anywhere in ``[0, T)``."""
+        t = self.total()
+        if not stratified:
+            everywhere = self.reachable(0, t - 1)
+            return [everywhere] * rows
+        return [self.reachable(k * t // rows, (k * t + t - 1) // rows) for k in range(rows)]
+
 
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
@@ -442,6 +727,9 @@ class Pristine:
         self.control, self.handles, self.slots = view.control, view.handles, view.slots
         self.slot_bytes = view.slot_bytes
         self.cursor = view.cursor()
+        self.sampler = view.sampler  # None (uniform) or the Prioritized parameters
+        self.sections = word(data, H_SECTION_COUNT)
+        self.priority = view.tree.base if view.tree else None  # the tree's section
 
     def entry(self, e: int, offset: int = 0) -> int:
         """Byte offset of word ``offset`` of handle-table entry ``e``."""
@@ -452,10 +740,24 @@ class Pristine:
         return self.slots + index * self.slot_bytes
 
 
-def _build(directory: str, name: str, batches, cursor: int | None = None) -> Pristine:
-    buf = ReplayBuffer.create(name, capacity=CAP, fields=FIELDS, path=directory)
+# The prioritized rings: parameters that are not the defaults, and priorities (some 0, some
+# above 1.0, so that the largest raw priority is recorded in the tree's head).
+PRIORITIZED = shmreplay.Prioritized(alpha=0.7, eps=0.01, stratified=True)
+SAMPLERS = {"uniform": shmreplay.Uniform(), "prioritized": PRIORITIZED}
+
+
+def priority_of(key: int) -> float:
+    """The raw priority the prioritized rings give the record of insert ticket ``key``."""
+    return (key % 5) * 0.75
+
+
+def _build(directory: str, name: str, sampler, batches, cursor: int | None = None) -> Pristine:
+    buf = ReplayBuffer.create(name, capacity=CAP, fields=FIELDS, path=directory, sampler=sampler)
     for keys in batches:
-        buf.extend(rows_for_keys(FIELDS, keys))
+        if isinstance(sampler, shmreplay.Prioritized):
+            buf.extend(rows_for_keys(FIELDS, keys), priority=[priority_of(k) for k in keys])
+        else:
+            buf.extend(rows_for_keys(FIELDS, keys))
     path = buf.path
     buf.close()  # releases its handle entry: no live owner in the copy
     data = bytearray(read_file(path))
@@ -465,17 +767,19 @@ def _build(directory: str, name: str, batches, cursor: int | None = None) -> Pri
     return Pristine(bytes(data), directory)
 
 
-@pytest.fixture(scope="module")
-def rings(tmp_path_factory) -> dict[str, Pristine]:
-    """Real segments in several states, all written as the victim of the same directory."""
+@pytest.fixture(scope="module", params=sorted(SAMPLERS))
+def rings(request, tmp_path_factory) -> dict[str, Pristine]:
+    """Real segments in several states, all written as the victim of the same directory; every
+    test that uses them runs for a uniform and for a prioritized buffer."""
     d = str(tmp_path_factory.mktemp("corrupt"))
+    sampler = SAMPLERS[request.param]
     return {
-        "full": _build(d, "full", [range(CAP), range(CAP, CAP + 3)]),  # wrapped: every slot committed
-        "partial": _build(d, "partial", [range(3)]),
+        "full": _build(d, "full", sampler, [range(CAP), range(CAP, CAP + 3)]),  # wrapped: every slot committed
+        "partial": _build(d, "partial", sampler, [range(3)]),
         # a writer took a chunk of 64 tickets and died before claiming its first slot
-        "holes": _build(d, "holes", [range(3)], cursor=3 + 64),
-        "empty": _build(d, "empty", []),
-        "taken": _build(d, "taken", [], cursor=64),  # the same before any slot was claimed
+        "holes": _build(d, "holes", sampler, [range(3)], cursor=3 + 64),
+        "empty": _build(d, "empty", sampler, []),
+        "taken": _build(d, "taken", sampler, [], cursor=64),  # the same before any slot was claimed
     }
 
 
@@ -485,6 +789,10 @@ def pristine(rings) -> Pristine:
     view = View(p.data)
     assert view.cursor() == CAP + 3 and view.entries_used() == 1, "control words expected"
     assert view.entry(0, E_FIRSTS) == CAP and view.counter("inserts") == CAP + 3, "counters expected"
+    if p.sampler is not None:
+        assert p.sampler == (PRIORITIZED.alpha, PRIORITIZED.eps, PRIORITIZED.stratified), "sampler expected"
+        assert view.tree.max_raw() == max(priority_of(k) for k in range(CAP + 3)), "head expected"
+        assert view.entry(0, E_TREE_FIRST) == 0, "no tree change in flight"
     return p
 
 
@@ -503,8 +811,20 @@ def write_victim(p: Pristine, data: bytes) -> None:
         os.close(fd)
 
 
+def note(what: str) -> None:
+    """A hypothesis event (the statistics show how often each case came up), outside of a
+    hypothesis test nothing."""
+    if currently_in_test_context():
+        event(what)
+
+
+def same_float(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+
+
 def _check_counts(buf: ReplayBuffer, registered: bool) -> int:
-    """``len`` and ``stats`` report what the shared words say right now (see ``View``)."""
+    """``len`` and ``stats`` report what the shared words say right now (see ``View``), and
+    so does the sampler (and for a prioritized buffer the priority total and maximum)."""
     view = View(read_file(buf.path))
     n = len(buf)
     assert 0 <= n <= buf.capacity, n
@@ -513,7 +833,80 @@ def _check_counts(buf: ReplayBuffer, registered: bool) -> int:
     assert st_["capacity"] == buf.capacity and st_["size"] == n
     assert {c: st_[c] for c in COUNTERS} == {c: view.counter(c) for c in COUNTERS}
     assert st_["attached"] == int(registered)
+    if view.tree is None:
+        assert buf.sampler == shmreplay.Uniform() and "priority_total" not in st_
+    else:
+        sampler = buf.sampler
+        assert isinstance(sampler, shmreplay.Prioritized)
+        assert (bits_of(sampler.alpha), bits_of(sampler.eps), sampler.stratified) == (
+            bits_of(view.sampler.alpha), bits_of(view.sampler.eps), view.sampler.stratified)
+        assert st_["priority_total"] == view.tree.total() / 2.0**view.tree.fraction_bits, (st_, view.tree.total())
+        assert same_float(st_["max_priority"], view.tree.max_raw()), (st_, view.tree.max_raw())
     return n
+
+
+def _sample_uniformly(buf: ReplayBuffer, view: View, n: int, prioritized: bool) -> None:
+    """``sample`` over the committed slots, as a uniform buffer (or a prioritized one whose
+    priority total is 0) draws."""
+    tickets = view.claimed_readable()
+    if n and not tickets and view.cursor():
+        # A forged size over claimed slots that hold nothing: sample spins for 10 s, see
+        # test_sample_with_forged_size_and_no_record_does_not_spin.
+        note("sample skipped: nonzero size, no readable slot")
+        return
+    try:
+        batch, info = buf.sample(4, return_info=True)
+    except EmptyBufferError:
+        assert not n or not tickets, "EmptyBufferError with readable slots and a nonzero size"
+        return
+    assert tickets, "sampled a ring without a readable slot"
+    assert all(batch[f].shape == (4,) + shape for f, (shape, _) in buf.fields.items())
+    for i, key in zip(info["index"].tolist(), info["key"].tolist()):
+        assert tickets.get(i) == key, (i, key, tickets)
+    if prioritized:  # every priority is 0: probability 1/len, weight 1, the leaf's own priority
+        note("sample: uniform fallback of a prioritized buffer")
+        assert info["probability"].tolist() == [1.0 / max(len(buf), 1)] * 4 and info["weight"].tolist() == [1.0] * 4
+        for i, key, p in zip(info["index"].tolist(), info["key"].tolist(), info["priority"].tolist()):
+            tag, _, raw = view.tree.leaf(i)
+            assert same_float(p, f64(raw) if tag == view.tree.tag(key) else 0.0), (i, key, p)
+
+
+def _sample_by_priority(buf: ReplayBuffer, view: View) -> None:
+    """``sample`` of a prioritized buffer whose root holds a total: each row descends the tree
+    (within its stratum) to a leaf and returns that slot's record if the slot is readable and
+    the leaf holds a value under the record's tag, else draws again; then updates and reads
+    back priorities."""
+    tree = view.tree
+    strata = tree.strata(4, view.sampler.stratified)
+    drawable = view.drawable()
+    if tree.strays:
+        # The descent would read past the section: test_descent_stays_in_the_priority_section.
+        note("sample skipped: scribbled nodes lead past the priority section")
+        return
+    if not all(stratum & drawable.keys() for stratum in strata):
+        # Every leaf a row can reach is stale (its slot is busy or holds another record): the
+        # row draws again and again until sample gives up after 10 s (ContendedError).
+        note("sample skipped: a row can reach no drawable record")
+        return
+    note("sample: by priority")
+    batch, info = buf.sample(4, return_info=True)
+    assert all(batch[f].shape == (4,) + shape for f, (shape, _) in buf.fields.items())
+    values = []
+    for row, (i, key) in enumerate(zip(info["index"].tolist(), info["key"].tolist())):
+        assert i in strata[row] and drawable.get(i) == key, (row, i, key, strata[row], drawable)
+        _, q, raw = tree.leaf(i)
+        values.append(q)
+        assert same_float(info["priority"][row], f64(raw))
+        assert info["probability"][row] == q / tree.total()
+    v_min = min(values) if tree.minimum() == 0 else min(tree.minimum(), *values)
+    expected = np.array([(q / v_min) ** -0.4 for q in values], dtype=np.float32)  # beta 0.4
+    assert np.allclose(info["weight"], expected, rtol=1e-6) and np.all(info["weight"] <= 1), info
+    # (a drawn slot may hold a record of another slot: its key addresses that other slot)
+    keys = info["key"]
+    assert all(same_float(a, view.priority(k)) for a, k in zip(buf.priorities(keys).tolist(), keys.tolist()))
+    assert buf.update_priorities(keys, np.full(4, 0.5)) == len({k for k in keys.tolist() if view.holds_key(k)})
+    got = buf.priorities(keys).tolist()
+    assert all(same_float(a, 0.5 if view.holds_key(k) else math.nan) for a, k in zip(got, keys.tolist())), got
 
 
 def exercise(buf: ReplayBuffer, full: bool) -> None:
@@ -532,28 +925,29 @@ def exercise(buf: ReplayBuffer, full: bool) -> None:
             continue
         assert readable(seq), f"slot {i} has no record (version word {seq:#x}) but was read"
         assert set(row) == set(buf.fields)
+    if view.tree is not None:
+        readable_keys = [ticket_of(view.seq(i)) for i in range(buf.capacity) if readable(view.seq(i))]
+        got = buf.priorities(np.array(readable_keys, dtype=np.uint64)).tolist()
+        assert all(same_float(a, view.priority(k)) for a, k in zip(got, readable_keys)), (got, readable_keys)
     if not full:
         return
-    tickets = view.claimed_readable()
-    if n and not tickets and view.cursor():
-        # A forged size over claimed slots that hold nothing: sample spins for 10 s, see
-        # test_sample_with_forged_size_and_no_record_does_not_spin.
-        event("sample skipped: nonzero size, no readable slot")
+    if view.tree is not None and view.tree.total():
+        _sample_by_priority(buf, view)
     else:
-        try:
-            batch, info = buf.sample(4, return_info=True)
-        except EmptyBufferError:
-            assert not n or not tickets, "EmptyBufferError with readable slots and a nonzero size"
-        else:
-            assert tickets, "sampled a ring without a readable slot"
-            assert all(batch[f].shape == (4,) + shape for f, (shape, _) in buf.fields.items())
-            for i, key in zip(info["index"].tolist(), info["key"].tolist()):
-                assert tickets.get(i) == key, (i, key, tickets)
+        _sample_uniformly(buf, view, n, prioritized=view.tree is not None)
     row = {f: np.zeros(shape, dtype) for f, (shape, dtype) in buf.fields.items()}
+    view = View(read_file(buf.path))
     try:
         buf.add(**row)
     except ValueError as e:  # a forged insert counter can be exhausted
-        assert "exhausted" in str(e), e
+        if view.tree is not None and view.quantize_default() is None:
+            # the largest raw priority (the tree's head) or the sampler's words make the default
+            # priority of a new record one the tree cannot hold
+            assert "priorit" in str(e), e
+        else:
+            assert "exhausted" in str(e), e
+    else:
+        assert view.tree is None or view.quantize_default() is not None, "add took a priority the tree cannot hold"
     _check_counts(buf, registered=True)
 
 
@@ -564,8 +958,7 @@ def attach_outcome(p: Pristine, data: bytes) -> str:
     write_victim(p, data)
     reason = model_check(data)
     expected = "ok" if reason is None else "corrupt"
-    if currently_in_test_context():
-        event(f"outcome: {expected}")
+    note(f"outcome: {expected}")
     outcomes = []
     # (not `open_ is ReplayBuffer.attach`: each access to a classmethod makes a new bound method)
     for full, open_ in ((False, ReplayBuffer.inspect), (True, ReplayBuffer.attach)):
@@ -602,10 +995,27 @@ def fast(examples: int) -> settings:
 # --------------------------------------------------------------------------- sanity of the model
 
 
+MODEL_SAMPLERS = [
+    shmreplay.Uniform(),
+    shmreplay.Prioritized(),
+    shmreplay.Prioritized(alpha=1.0, eps=0.0, stratified=False),
+    shmreplay.Prioritized(alpha=0.0, eps=2.5, stratified=True),
+]
+
+
+def _model_sampler(sampler) -> Prioritized | None:
+    if isinstance(sampler, shmreplay.Prioritized):
+        return Prioritized(sampler.alpha, sampler.eps, sampler.stratified)
+    return None
+
+
 def test_model_matches_real_segments(tmp_path):
-    """The Python model accepts what the library writes, for several schemas and capacities,
-    and reproduces every header word and directory entry; a first commit's version word keeps
-    FIRST and its owner entry; the size and counters read as ``View`` says."""
+    """The Python model accepts what the library writes, for several schemas, capacities and
+    samplers, and reproduces every header word, sampler word and directory entry (and leaves
+    the unused entries and reserved words 0); a first commit's version word keeps FIRST and its
+    owner entry; the size and counters read as ``View`` says; in a prioritized buffer the
+    leaves hold the records' tags and priorities where ``geometry`` puts them, and every level
+    of nodes up to the root holds their sums and minima."""
     schemas = [
         FIELDS,
         {"x": ((), "bool")},
@@ -613,30 +1023,78 @@ def test_model_matches_real_segments(tmp_path):
         {f"f{i}": ((i + 1,), "float64") for i in range(20)},
     ]
     for i, fields in enumerate(schemas):
-        for cap in (1, 7, 513):
-            with ReplayBuffer.create(f"m{i}-{cap}", capacity=cap, fields=fields, path=tmp_path) as buf:
-                buf.add(**{f: np.ones(s, d) for f, (s, d) in buf.fields.items()})
-                data = read_file(buf.path)
-                assert model_check(data) is None
-                text = data[SCHEMA_TEXT : SCHEMA_TEXT + word(data, H_SCHEMA_LEN)]
-                parsed = parse_schema(text)
-                assert [n for n, _, _ in parsed] == list(buf.fields)
-                assert record_bytes_of(parsed) == buf.record_bytes
-                lay = layout(cap, buf.record_bytes, len(text))
-                assert lay["total"] == buf.nbytes == len(data)
-                for offset, value in header_words(lay):
-                    assert word(data, offset) == value, (offset, word(data, offset), value)
-                assert (word(data, H_KIND), word(data, H_FEATURES), word(data, H_CAPACITY)) == (KIND_RING, 0, cap)
-                assert word(data, H_CREATOR) & 0xFFFFFFFF == os.getpid()
-                assert data[UNUSED_DIRECTORY:HEADER_END] == bytes(HEADER_END - UNUSED_DIRECTORY)
-                assert forge(data) == data, "re-forging a valid header must change nothing"
-                view = View(data)
-                assert view.cursor() == 1 and view.entries_used() == 1
-                assert view.seq(0) == committed_first(0, 0)
-                assert all(view.seq(s) == 0 for s in range(1, cap))
-                assert view.entry(0, E_OWNER) & 0xFFFFFFFF == os.getpid()
-                assert (view.entry(0, E_INTENT), view.entry(0, E_FIRSTS)) == (0, 1)
-                assert view.size() == len(buf) == 1 and view.counter("inserts") == buf.stats()["inserts"] == 1
+        for cap in (1, 7, 17, 513):
+            for j, sampler in enumerate(MODEL_SAMPLERS):
+                if j and i == 2 and cap == 513:
+                    continue  # 14 MB each: the uniform one is enough
+                _check_model_of(tmp_path, f"m{i}-{cap}-{j}", cap, fields, sampler)
+
+
+def _check_model_of(tmp_path, name: str, cap: int, fields, sampler) -> None:
+    model = _model_sampler(sampler)
+    with ReplayBuffer.create(name, capacity=cap, fields=fields, path=tmp_path, sampler=sampler) as buf:
+        row = {f: np.ones(s, d) for f, (s, d) in buf.fields.items()}
+        buf.add(**row, **({"priority": 2.5} if model else {}))
+        data = read_file(buf.path)
+        assert model_check(data) is None
+        text = data[SCHEMA_TEXT : SCHEMA_TEXT + word(data, H_SCHEMA_LEN)]
+        parsed = parse_schema(text)
+        assert [n for n, _, _ in parsed] == list(buf.fields)
+        assert record_bytes_of(parsed) == buf.record_bytes
+        lay = layout(cap, buf.record_bytes, len(text), model)
+        assert lay["total"] == buf.nbytes == len(data)
+        for offset, value in header_words(lay):
+            assert word(data, offset) == value, (offset, word(data, offset), value)
+        for offset, value in sampler_words(model):
+            assert word(data, offset) == value, (offset, word(data, offset), value)
+        assert header_sampler(data) == (None, model)
+        assert (word(data, H_KIND), word(data, H_CAPACITY)) == (KIND_RING, cap)
+        assert len(lay["sections"]) == (3 if model is None else 4)
+        assert word(data, H_CREATOR) & 0xFFFFFFFF == os.getpid()
+        for unused in (unused_directory(len(lay["sections"])), range(RESERVED, HEADER_END)):
+            assert data[unused.start : unused.stop] == bytes(len(unused))
+        assert forge(data) == data, "re-forging a valid header must change nothing"
+        view = View(data)
+        assert view.cursor() == 1 and view.entries_used() == 1
+        assert view.seq(0) == committed_first(0, 0)
+        assert all(view.seq(s) == 0 for s in range(1, cap))
+        assert view.entry(0, E_OWNER) & 0xFFFFFFFF == os.getpid()
+        assert (view.entry(0, E_INTENT), view.entry(0, E_FIRSTS)) == (0, 1)
+        assert view.entry(0, E_TREE_FIRST) == 0 and all(view.entry(0, w) == 0 for w in E_UNUSED)
+        assert view.size() == len(buf) == 1 and view.counter("inserts") == buf.stats()["inserts"] == 1
+        if model is None:
+            assert view.tree is None and lay["priority"] is None
+            return
+        tree = view.tree
+        assert tree.base == lay["priority"] == roundup(lay["slots"] + cap * lay["slot"], 4096)
+        q_bits, fraction_bits = scale(cap)
+        assert buf.priority_range == ((2**q_bits - 1) / 2**fraction_bits, 2.0**-fraction_bits)
+        assert buf.stats()["max_priority"] == tree.max_raw() == 2.5
+        q = quantize(math.pow(2.5 + model.eps, model.alpha), fraction_bits)
+        assert q == view.quantize_default()
+        assert tree.leaf(0) == (tree.tag(0), q, bits_of(2.5)) and tree.tag(0) == 1
+        assert all(tree.leaf(s) == (0, 0, 0) for s in range(1, roundup(cap, FANOUT)))
+        # every node of every level: leaf 0's value on the path from leaf 0 to the root, 0 elsewhere
+        for level in tree.levels:
+            assert [word(data, tree.base + level["sums"] + 8 * k) for k in range(roundup(level["nodes"], FANOUT))] == (
+                [q] + [0] * (roundup(level["nodes"], FANOUT) - 1))
+            assert [word(data, tree.base + level["mins"] + 8 * k) for k in range(roundup(level["nodes"], FANOUT))] == (
+                [q] + [0] * (roundup(level["nodes"], FANOUT) - 1))
+        assert tree.total() == tree.minimum() == q and tree.levels[-1]["nodes"] == 1
+        assert buf.stats()["priority_total"] == q / 2**fraction_bits
+        # the next record goes into leaf 1 with the largest raw priority so far; its tag is its
+        # lap, so after a wrap the leaf of slot 0 carries tag 2
+        buf.add(**row)
+        buf.extend({f: np.stack([a] * cap) for f, a in row.items()}, priority=0.0)
+        view = View(read_file(buf.path))
+        zero = quantize(math.pow(model.eps, model.alpha), fraction_bits)
+        tickets = [max(t for t in range(cap + 2) if t % cap == s) for s in range(cap)]
+        for s, ticket in enumerate(tickets):
+            assert view.tree.leaf(s) == (ticket // cap + 1, zero, 0), (s, view.tree.leaf(s))
+            assert view.priority(ticket) == 0.0 and math.isnan(view.priority(ticket + cap))
+        got = buf.priorities(np.array(tickets + [t + cap for t in tickets], dtype=np.uint64)).tolist()
+        assert got[:cap] == [0.0] * cap and all(math.isnan(p) for p in got[cap:])
+        assert view.tree.total() == cap * zero and view.tree.minimum() == zero
 
 
 def test_pristine_copy_attaches(pristine):
@@ -652,6 +1110,18 @@ def test_pristine_copy_attaches(pristine):
         assert len(buf) == CAP and buf.stats()["inserts"] == CAP + 3
         _, info = buf.sample(64, return_info=True)
         assert set(info["key"].tolist()) <= set(range(3, CAP + 3))
+        if pristine.sampler is None:
+            return
+        # the leaves hold each record's priority under its tag, and the root their sum
+        tree = view.tree
+        q = {k: quantize(math.pow(priority_of(k) + PRIORITIZED.eps, PRIORITIZED.alpha), tree.fraction_bits)
+             for k in range(3, CAP + 3)}
+        assert [tree.leaf(k % CAP) for k in range(3, CAP + 3)] == [(tree.tag(k), q[k], bits_of(priority_of(k))) for k in range(3, CAP + 3)]
+        assert tree.total() == sum(q.values()) and tree.minimum() == min(q.values())
+        assert info["priority"].tolist() == [priority_of(k) for k in info["key"].tolist()]
+        assert info["probability"].tolist() == [q[k] / tree.total() for k in info["key"].tolist()]
+        assert buf.priorities(np.arange(CAP + 3, dtype=np.uint64)).tolist()[3:] == [priority_of(k) for k in range(3, CAP + 3)]
+        assert all(math.isnan(x) for x in buf.priorities(np.arange(3, dtype=np.uint64)).tolist())
     finally:
         buf.close()
 
@@ -666,8 +1136,9 @@ def test_other_rings_attach(rings, state):
 
 def test_truncated_at_boundaries_is_corrupt(pristine):
     p = pristine
+    tree = [] if p.priority is None else [p.slots + CAP * p.slot_bytes, p.priority, p.priority + 8]
     for n in [0, 1, 7, 8, 100, 511, 512, 513, 520, 4096, p.control, p.handles, p.entry(1), p.slots, p.slots + 8,
-              p.size - 8, p.size - 1]:
+              *tree, p.size - 8, p.size - 1]:
         assert attach_outcome(p, p.data[:n]) == "corrupt", n
 
 
@@ -775,12 +1246,32 @@ def test_busy_version_word_without_ticket_does_not_stall_reads(pristine):
 
 _BOUNDARY = st.sampled_from([0, 1, 2, 7, 8, 9, 63, 64, 511, 512, 4095, 4096, 2**31, 2**32, 2**40, 2**40 + 1, 2**63 - 1, 2**63, U64 - 1, U64])
 # Header words that no check looks at once the checksum is recomputed: the checksum and schema
-# hash themselves (recomputed), the creator's identity and time, the unused directory entries.
-SEALED_FREE = {H_CHECKSUM, H_SCHEMA_HASH, H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED, *range(UNUSED_DIRECTORY, HEADER_END, 8)}
+# hash themselves (recomputed), the creator's identity and time, the reserved words after the
+# sampler's (and, see sealed_free, the unused directory entries and some sampler words).
+SEALED_FREE = {H_CHECKSUM, H_SCHEMA_HASH, H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED, *range(RESERVED, HEADER_END, 8)}
+
+
+def sealed_free(p: Pristine, offset: int, value: int) -> bool:
+    """Whether ``p`` still opens with header word ``offset`` set to ``value`` and the checksum
+    recomputed: the words of SEALED_FREE, the directory entries it does not use, and the sampler's
+    parameters -- in a uniform buffer whatever they hold (only the kind word is read), in a
+    prioritized one an alpha or eps that is a finite number >= 0 (-0.0 included) and a
+    stratified flag of 0 or 1 (the buffer then samples with those)."""
+    if offset in SEALED_FREE or offset in unused_directory(p.sections):
+        return True
+    if offset in (H_ALPHA, H_EPS, H_STRATIFIED):
+        if p.sampler is None:
+            return True
+        if offset == H_STRATIFIED:
+            return value in (0, 1)
+        return math.isfinite(f64(value)) and f64(value) >= 0.0
+    return False
+
 
 _WORDS = st.one_of(
     st.tuples(st.just("header"), st.integers(0, SECTION_DIRECTORY // 8)),
     st.tuples(st.just("header"), st.integers(0, HEADER_END // 8 - 1)),
+    st.tuples(st.just("header"), st.integers(H_FEATURES // 8, H_FEATURES // 8) | st.integers(H_SAMPLER // 8, RESERVED // 8)),
     st.tuples(st.just("control"), st.sampled_from([C_CURSOR, C_ENTRIES_USED, 8, 120, 136, CONTROL_BYTES - 8])),
     st.tuples(st.just("entry"), st.sampled_from([0, 1, 2, MAX_HANDLES - 1]), st.integers(0, ENTRY_BYTES // 8 - 1)),
 )
@@ -802,11 +1293,19 @@ def _word_offset(p: Pristine, where) -> int:
     relative=st.booleans(),
     sealed=st.booleans(),
 )
+@example(where=("header", H_ALPHA // 8), value=2**63, delta=0, relative=False, sealed=True)  # -0.0
+@example(where=("header", H_EPS // 8), value=bits_of(-1.0), delta=0, relative=False, sealed=True)
+@example(where=("header", H_STRATIFIED // 8), value=2, delta=0, relative=False, sealed=True)
+@example(where=("header", H_STRATIFIED // 8), value=0, delta=0, relative=False, sealed=True)
+@example(where=("header", H_SAMPLER // 8), value=0, delta=1, relative=True, sealed=True)
+@example(where=("header", H_FEATURES // 8), value=0, delta=1, relative=True, sealed=True)
+@example(where=("header", H_FEATURES // 8), value=0, delta=-1, relative=True, sealed=True)
 def test_header_and_counter_words(pristine, where, value, delta, relative, sealed):
-    """Any header, directory, control or handle-table word set to a random, boundary or nearby
-    value, with the checksum left stale or recomputed (so that the layout checks themselves are
-    exercised): a header word is refused unless it is one that only the checksum covers and the
-    checksum was recomputed; control and handle-table words are never refused."""
+    """Any header, directory, sampler, control or handle-table word set to a random, boundary or
+    nearby value, with the checksum left stale or recomputed (so that the layout checks
+    themselves are exercised): a header word is refused unless the checksum was recomputed and
+    it is one that only the checksum covers or a sampler parameter the buffer accepts
+    (``sealed_free``); control and handle-table words are never refused."""
     offset = _word_offset(pristine, where)
     buf = bytearray(pristine.data)
     new = (word(buf, offset) + delta) & U64 if relative else value
@@ -817,7 +1316,7 @@ def test_header_and_counter_words(pristine, where, value, delta, relative, seale
     if bytes(buf) == pristine.data:
         assert outcome == "ok"
     else:
-        refused = offset < HEADER_END and not (sealed and offset in SEALED_FREE)
+        refused = offset < HEADER_END and not (sealed and sealed_free(pristine, offset, new))
         assert outcome == ("corrupt" if refused else "ok")
 
 
@@ -833,12 +1332,17 @@ def test_forged_consistent_layout(pristine, capacity, size_delta):
     of the file."""
     data = forge(pristine.data, capacity=capacity, size_delta=size_delta)
     outcome = attach_outcome(pristine, data)
-    lay = layout(capacity, word(data, H_RECORD_BYTES), pristine.schema_len)
+    lay = layout(capacity, word(data, H_RECORD_BYTES), pristine.schema_len, pristine.sampler)
     fits = lay is not None and lay["total"] == len(data)
     assert outcome == ("ok" if fits else "corrupt")
     if fits:
         with ReplayBuffer.inspect(VICTIM, path=pristine.dir) as buf:
             assert buf.capacity == capacity and buf.nbytes == len(data)
+            if pristine.sampler is None:
+                assert buf.priority_range is None
+            else:  # the tree's fixed point follows the capacity
+                q_bits, fraction_bits = scale(capacity)
+                assert buf.priority_range == ((2**q_bits - 1) / 2**fraction_bits, 2.0**-fraction_bits)
 
 
 _NAMES = st.one_of(
@@ -941,7 +1445,8 @@ def test_foreign_files(pristine, body, size, prefix, version):
 _DIRECTORY_VALUES = st.one_of(
     st.tuples(st.just("value"), st.one_of(st.integers(0, U64), _BOUNDARY)),
     st.tuples(st.just("tag"), st.sampled_from(
-        [tag_word(t) for t in (*SECTION_TAGS, b"prio\0\0\0\0", b"CONTROL\0", b"control\x01", b"control ", b"slots\0\0\x01", bytes(8))])),
+        [tag_word(t) for t in (*SECTION_TAGS, PRIORITY, b"prio\0\0\0\0", b"priorit\0", b"Priority", b"CONTROL\0",
+                               b"control\x01", b"control ", b"slots\0\0\x01", bytes(8))])),
     st.tuples(st.just("delta"), st.sampled_from([1, -1, 8, -8, 64, -64, 128, -128, 4096, -4096, 1 << 32])),
     st.tuples(st.just("from-entry"), st.integers(0, MAX_SECTIONS - 1)),  # the same word of another entry
 )
@@ -956,9 +1461,9 @@ _DIRECTORY_VALUES = st.one_of(
 )
 def test_forged_section_directory(pristine, entry, field, change, sealed):
     """A directory entry's tag, offset, length or version set to another value (random, another
-    section's, a near miss), with the checksum recomputed: any change to one of the three
-    sections' entries is refused with a reason naming that section; the unused entries are
-    covered by the checksum only."""
+    section's, a near miss), with the checksum recomputed: any change to one of the buffer's
+    sections' entries (three, four with a priority tree) is refused with a reason naming that
+    section; the unused entries are covered by the checksum only."""
     buf = bytearray(pristine.data)
     at = SECTION_DIRECTORY + entry * SECTION_ENTRY_BYTES + 8 * field
     how, value = change
@@ -973,11 +1478,13 @@ def test_forged_section_directory(pristine, entry, field, change, sealed):
         reseal(buf)
     assume(bytes(buf) != pristine.data)
     outcome = attach_outcome(pristine, bytes(buf))
+    tags = SECTION_TAGS if pristine.sampler is None else (*SECTION_TAGS, PRIORITY)
+    assert pristine.sections == len(tags)
     if not sealed:
         assert outcome == "corrupt"
-    elif entry < len(SECTION_TAGS):
+    elif entry < len(tags):
         assert outcome == "corrupt"
-        name = section_name(SECTION_TAGS[entry])
+        name = section_name(tags[entry])
         assert (f"section {entry} is " if field == 0 else f'section "{name}" is at') in model_check(bytes(buf))
     else:
         assert outcome == "ok"
@@ -995,31 +1502,68 @@ def _directory_forgeries(p: Pristine) -> dict[str, tuple[bytearray, bool]]:
         cases[name] = (data, ok)
         return data
 
-    for i, j in ((0, 1), (1, 2), (0, 2)):
+    n = p.sections
+    pairs = ((0, 1), (1, 2), (0, 2)) if n == 3 else ((0, 1), (1, 2), (0, 2), (2, 3), (0, 3))
+    for i, j in pairs:
         d = case(f"entries {i} and {j} swapped")
         d[entry(i, 0) : entry(i + 1, 0)], d[entry(j, 0) : entry(j + 1, 0)] = d[entry(j, 0) : entry(j + 1, 0)], d[entry(i, 0) : entry(i + 1, 0)]
+    slots_end = p.slots + CAP * p.slot_bytes
     put(case("slots one page later, shorter, same end"), entry(2, 1), p.slots + 4096)
-    put(cases["slots one page later, shorter, same end"][0], entry(2, 2), p.size - p.slots - 4096)
+    put(cases["slots one page later, shorter, same end"][0], entry(2, 2), slots_end - p.slots - 4096)
     put(case("handles over control"), entry(1, 1), p.control)
     put(case("control over the header"), entry(0, 1), 0)
     put(case("slots past the end"), entry(2, 1), p.size)
     put(case("slots length for one more slot"), entry(2, 2), (CAP + 1) * p.slot_bytes)
     put(case("section version 2"), entry(1, 3), 2)
     put(case("section version 0"), entry(2, 3), 0)
-    d = case("a fourth section counted")
-    d[entry(3, 0) : entry(4, 0)] = d[entry(2, 0) : entry(3, 0)]
-    put(d, entry(3, 0), tag_word(b"prio\0\0\0\0"))
-    put(d, H_SECTION_COUNT, 4)
-    d = case("a fourth section not counted", ok=True)
-    d[entry(3, 0) : entry(4, 0)] = d[entry(2, 0) : entry(3, 0)]
-    put(d, entry(3, 0), tag_word(b"prio\0\0\0\0"))
+    for tag in (b"prio\0\0\0\0", PRIORITY):
+        # a section more than the sampler implies, counted or not (a tree in a uniform buffer,
+        # a second tree in a prioritized one)
+        d = case(f"one more section ({section_name(tag)}) counted")
+        d[entry(n, 0) : entry(n + 1, 0)] = d[entry(n - 1, 0) : entry(n, 0)]
+        put(d, entry(n, 0), tag_word(tag))
+        put(d, entry(n, 1), p.size)
+        put(d, H_SECTION_COUNT, n + 1)
+        d = case(f"one more section ({section_name(tag)}) not counted", ok=True)
+        d[entry(n, 0) : entry(n + 1, 0)] = d[entry(n - 1, 0) : entry(n, 0)]
+        put(d, entry(n, 0), tag_word(tag))
+        put(d, entry(n, 1), p.size)
     put(case("two sections counted"), H_SECTION_COUNT, 2)
+    put(case("one section fewer counted"), H_SECTION_COUNT, n - 1)
     d = case("no directory")
-    d[H_SECTION_COUNT:HEADER_END] = bytes(HEADER_END - H_SECTION_COUNT)
+    d[H_SECTION_COUNT:DIRECTORY_END] = bytes(DIRECTORY_END - H_SECTION_COUNT)
     put(case("tag in capitals"), entry(0, 0), tag_word(b"CONTROL\0"))
     put(case("tag without its NUL"), entry(1, 0), tag_word(b"handlesX"))
     d = case("garbage in every unused entry", ok=True)
-    d[UNUSED_DIRECTORY:HEADER_END] = bytes(i % 251 + 1 for i in range(HEADER_END - UNUSED_DIRECTORY))
+    unused = unused_directory(n)
+    d[unused.start : unused.stop] = bytes(i % 251 + 1 for i in range(len(unused)))
+    d = case("garbage in the reserved words", ok=True)
+    d[RESERVED:HEADER_END] = bytes(i % 251 + 1 for i in range(HEADER_END - RESERVED))
+    if p.sampler is None:
+        # the tree a prioritized buffer of this capacity would have, listed and counted
+        d = case("a priority section where a prioritized buffer has it")
+        for field, value in enumerate((tag_word(PRIORITY), roundup(slots_end, 4096), geometry(CAP)["bytes"], 1)):
+            put(d, entry(3, field), value)
+        put(d, H_SECTION_COUNT, 4)
+        return {name: (bytes(reseal(data)), ok) for name, (data, ok) in cases.items()}
+    tree, tree_bytes = p.priority, p.size - p.priority
+    assert tree == roundup(slots_end, 4096) and tree_bytes == geometry(CAP)["bytes"]
+    put(case("priority entry cleared, three sections counted"), H_SECTION_COUNT, 3)
+    d = cases["priority entry cleared, three sections counted"][0]
+    d[entry(3, 0) : entry(4, 0)] = bytes(SECTION_ENTRY_BYTES)
+    d = case("priority entry cleared")
+    d[entry(3, 0) : entry(4, 0)] = bytes(SECTION_ENTRY_BYTES)
+    put(case("priority right after the slots"), entry(3, 1), slots_end)
+    put(case("priority one page later"), entry(3, 1), tree + 4096)
+    put(case("priority over the slots"), entry(3, 1), p.slots)
+    put(case("priority over the header"), entry(3, 1), 0)
+    put(case("priority past the end"), entry(3, 1), p.size)
+    put(case("priority 16 bytes shorter"), entry(3, 2), tree_bytes - 16)
+    put(case("priority with a leaf group more"), entry(3, 2), tree_bytes + FANOUT * LEAF_BYTES)
+    put(case("priority without its levels"), entry(3, 2), TREE_HEAD_BYTES + roundup(CAP, FANOUT) * LEAF_BYTES)
+    put(case("priority version 2"), entry(3, 3), 2)
+    put(case("priority tag with a NUL"), entry(3, 0), tag_word(b"priorit\0"))
+    put(case("priority tag in capitals"), entry(3, 0), tag_word(b"PRIORITY"))
     return {name: (bytes(reseal(data)), ok) for name, (data, ok) in cases.items()}
 
 
@@ -1031,14 +1575,15 @@ def test_forged_section_directories(pristine):
 @fast(120)
 @given(features=st.one_of(st.integers(0, 63).map(lambda bit: 1 << bit), st.integers(1, U64)), sealed=st.booleans())
 def test_unknown_feature_bits(pristine, features, sealed):
-    """A segment using feature bits this version does not know (it knows none) is refused,
-    with the bits in the reason once the checksum is right."""
+    """A segment using feature bits this version does not know (it knows bit 0, prioritized
+    sampling) is refused, with the unknown bits in the reason once the checksum is right."""
+    assume(features & ~KNOWN_FEATURES)
     buf = bytearray(pristine.data)
     put(buf, H_FEATURES, features)
     if sealed:
         reseal(buf)
     assert attach_outcome(pristine, bytes(buf)) == "corrupt"
-    assert (f"bits {features:#x}" in model_check(bytes(buf))) == sealed
+    assert (f"bits {features & ~KNOWN_FEATURES:#x})" in model_check(bytes(buf))) == sealed
 
 
 @fast(120)
@@ -1081,7 +1626,7 @@ def test_layout_version_2_file(pristine, capacity):
 # --------------------------------------------------------------------------- handle-table words
 
 
-_ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), 80, 120]
+_ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), E_TREE_FIRST, E_TREE_LAST, 104, 120]
 _ENTRY_VALUES = st.one_of(
     st.integers(0, U64), _BOUNDARY, st.integers(0, 2 * CAP), st.integers(U64 - 2 * CAP, U64),
     st.integers(2**63 - CAP, 2**63 + CAP), st.integers(MAX_TICKET - CAP, MAX_TICKET + CAP),
@@ -1214,20 +1759,48 @@ def test_messages_say_what_is_wrong(pristine):
         (H_CHECKSUM, 1, False, "checksum"),
         (H_KIND, 2, True, "buffer kind 2 "),
         (H_FEATURES, 1 << 5, True, "bits 0x20"),
-        (H_CAPACITY, CAP + 1, True, f"header word at byte {H_TOTAL} is {p.size}"),
+        # (in a prioritized buffer one more slot fits before the tree's page: only the slots move)
+        (H_CAPACITY, CAP + 1, True, f"header word at byte {H_TOTAL} is {p.size}" if p.sampler is None
+         else f'section "slots" is at {p.slots}..+{CAP * p.slot_bytes} version 1, the schema and capacity imply '
+              f'{p.slots}..+{(CAP + 1) * p.slot_bytes}'),
+        (H_CAPACITY, 4 * CAP, True, f"header word at byte {H_TOTAL} is {p.size}"),
         (SECTION_DIRECTORY + 8, p.control + 128, True, f'section "control" is at {p.control + 128}..+'),
         (SECTION_DIRECTORY + SECTION_ENTRY_BYTES, tag_word(b"prio\0\0\0\0"), True, 'section 1 is "prio", expected "handles"'),
+        (H_SAMPLER, 2, True, f"sampler kind 2 does not match the feature bits {word(p.data, H_FEATURES):#x}"),
     ]
+    if p.sampler is None:
+        cases += [
+            (H_FEATURES, FEATURE_PRIORITIZED, True, "sampler kind 0 does not match the feature bits 0x1"),
+            (H_SAMPLER, SAMPLER_PRIORITIZED, True, "sampler kind 1 does not match the feature bits 0x0"),
+            (H_SECTION_COUNT, 4, True, f"header word at byte {H_SECTION_COUNT} is 4, the schema and capacity imply 3"),
+        ]
+    else:
+        cases += [
+            (H_FEATURES, 0, True, "sampler kind 1 does not match the feature bits 0x0"),
+            (H_SAMPLER, SAMPLER_UNIFORM, True, "sampler kind 0 does not match the feature bits 0x1"),
+            (H_STRATIFIED, 2, True, "sampler flag 2 is not 0 or 1"),
+            (H_STRATIFIED, U64, True, f"sampler flag {U64} is not 0 or 1"),
+            (H_ALPHA, bits_of(math.nan), True, "Prioritized: alpha must be a finite number >= 0, got NaN"),
+            (H_ALPHA, bits_of(-math.inf), True, "Prioritized: alpha must be a finite number >= 0, got -inf"),
+            (H_EPS, bits_of(math.inf), True, "Prioritized: eps must be a finite number >= 0, got inf"),
+            (H_EPS, bits_of(-1.0), True, "Prioritized: eps must be a finite number >= 0, got -1"),
+            (H_EPS, bits_of(-0.25), True, "Prioritized: eps must be a finite number >= 0, got -0.25"),
+            (H_EPS, bits_of(-1e20), True, "Prioritized: eps must be a finite number >= 0, got -100000000000000000000"),
+            (H_SECTION_COUNT, 3, True, f"header word at byte {H_SECTION_COUNT} is 3, the schema and capacity imply 4"),
+            (SECTION_DIRECTORY + 3 * SECTION_ENTRY_BYTES + 16, 1, True, f'section "priority" is at {p.priority}..+1 version 1'),
+            (SECTION_DIRECTORY + 3 * SECTION_ENTRY_BYTES, tag_word(b"priorit\0"), True, 'section 3 is "priorit", expected "priority"'),
+        ]
     for offset, value, sealed, needle in cases:
         buf = bytearray(p.data)
         put(buf, offset, value)
         if sealed:
             reseal(buf)
-        assert model_check(bytes(buf)) is not None
+        reason = model_check(bytes(buf))
+        assert reason is not None
         write_victim(p, bytes(buf))
         with pytest.raises(CorruptSegmentError, match=re.escape(needle)) as exc:
             ReplayBuffer.attach(VICTIM, path=p.dir)
-        assert p.path in str(exc.value)
+        assert p.path in str(exc.value) and reason in str(exc.value)
     write_victim(p, p.data[: p.size // 2])
     with pytest.raises(CorruptSegmentError, match="bytes") as exc:
         ReplayBuffer.attach(VICTIM, path=p.dir)
@@ -1294,8 +1867,10 @@ def _zoo(p: Pristine, directory: str) -> list[str]:
         "magic": b"\0" * 8 + p.data[8:],
         "sealed-bad-capacity": sealed(H_CAPACITY, 9),
         "sealed-bad-section": sealed(SECTION_DIRECTORY + 8, 0),
-        "sealed-feature": sealed(H_FEATURES, 1),
+        "sealed-feature": sealed(H_FEATURES, 2),
         "sealed-kind": sealed(H_KIND, 2),
+        "sealed-sampler": sealed(H_SAMPLER, 2),
+        "sealed-other-sampler": sealed(H_FEATURES, word(p.data, H_FEATURES) ^ FEATURE_PRIORITIZED),
         "v2": v2_segment(CAP, FIELD_CODES, creator=os.getpid()),
         "noise": os.urandom(8192),
         "mode-000": p.data[: p.size // 2],
@@ -1328,7 +1903,7 @@ def test_listing_and_gc_with_corrupt_files(pristine, tmp_path):
     proc = subprocess.run([*cli, "ls", "--path", d], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "good" in proc.stdout
-    for name in ("truncated", "magic", "sealed-bad-capacity", "sealed-bad-section", "v2"):
+    for name in ("truncated", "magic", "sealed-bad-capacity", "sealed-bad-section", "sealed-sampler", "v2"):
         proc = subprocess.run([*cli, "info", name, "--path", d], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1, proc
         assert "Traceback" not in proc.stderr

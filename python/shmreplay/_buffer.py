@@ -534,12 +534,19 @@ class ReplayBuffer:
         on a uniform buffer.
         """
         self._require_prioritized("update_priorities")
+        if type(keys) is np.ndarray and type(priorities) is np.ndarray:
+            # Integer keys and float priorities, as sample() and learners make them: the core
+            # checks them itself (lengths, values) without numpy's per-call overhead.
+            applied = self._raw.update_priorities(keys, priorities)
+            if applied is not None:
+                return applied
         k = _keys(keys)
-        p = _priorities(priorities, k.shape[0])
-        assert p is not None
         if np.ndim(priorities) == 0:
             raise ValueError(f"give one priority per key ({k.shape[0]} keys), got a single number")
-        return self._raw.update_priorities(k, p)
+        p = _priorities(priorities, k.shape[0])
+        applied = self._raw.update_priorities(k, p)
+        assert applied is not None
+        return applied
 
     def priorities(self, keys: Any) -> np.ndarray:
         """The raw priorities (float64) of the records ``keys``; NaN where the slot has been

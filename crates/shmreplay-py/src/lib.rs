@@ -49,6 +49,34 @@ fn sampler_args(sampler: Sampler) -> SamplerArgs {
         .map(|p| (p.alpha, p.eps, p.stratified))
 }
 
+/// The keys of a 1-d uint64 or int64 array (`ValueError` for a negative one); None for
+/// anything else.
+fn key_vector(keys: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u64>>> {
+    if let Ok(keys) = keys.cast::<PyArray1<u64>>() {
+        return Ok(Some(keys.readonly().as_array().to_vec()));
+    }
+    if let Ok(keys) = keys.cast::<PyArray1<i64>>() {
+        let keys = keys.readonly();
+        let keys = keys.as_array();
+        if keys.iter().any(|&k| k < 0) {
+            return Err(PyValueError::new_err("keys must be >= 0"));
+        }
+        return Ok(Some(keys.iter().map(|&k| k as u64).collect()));
+    }
+    Ok(None)
+}
+
+/// The values of a 1-d float64 or float32 array; None for anything else.
+fn float_vector(values: &Bound<'_, PyAny>) -> Option<Vec<f64>> {
+    if let Ok(values) = values.cast::<PyArray1<f64>>() {
+        return Some(values.readonly().as_array().to_vec());
+    }
+    let values = values.cast::<PyArray1<f32>>().ok()?;
+    let values = values.readonly();
+    let values = values.as_array();
+    Some(values.iter().map(|&v| f64::from(v)).collect())
+}
+
 /// A zeroed vector of `n` values, or `MemoryError` if it cannot be allocated.
 fn zeroed<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
     let mut v = Vec::new();
@@ -412,16 +440,21 @@ impl RawBuffer {
         ))
     }
 
-    /// Sets the raw priorities of records `keys`; returns how many distinct keys applied.
+    /// Sets the raw priorities of records `keys` (a 1-d uint64 or int64 array) to
+    /// `priorities` (a 1-d float64 or float32 array); returns how many distinct keys applied,
+    /// or None, doing nothing, for arrays of other kinds (the package converts those).
     fn update_priorities(
         &self,
         py: Python<'_>,
-        keys: PyReadonlyArray1<'_, u64>,
-        priorities: PyReadonlyArray1<'_, f64>,
-    ) -> PyResult<usize> {
+        keys: &Bound<'_, PyAny>,
+        priorities: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<usize>> {
         let buffer = self.get()?;
-        let (keys, priorities) = (keys.to_vec()?, priorities.to_vec()?);
+        let (Some(keys), Some(priorities)) = (key_vector(keys)?, float_vector(priorities)) else {
+            return Ok(None);
+        };
         py.detach(|| buffer.update_priorities(&keys, &priorities, &mut shmreplay_core::NoBlocking))
+            .map(Some)
             .map_err(|e| to_py(py, e))
     }
 

@@ -195,6 +195,16 @@ impl Segment {
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
 
+    /// The `count` 64-bit words from byte `offset` on (one bounds check for all of them).
+    pub(crate) fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+        self.check(offset, count * 8);
+        // SAFETY: as in `word`, for each of the `count` consecutive words (in bounds, checked
+        // above): `AtomicU64` has the size and alignment of `u64`, so they form a slice.
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_mut_ptr().add(offset).cast::<AtomicU64>(), count)
+        }
+    }
+
     /// The 16-byte atomic at byte `offset` (16-aligned): a priority-tree leaf.
     pub(crate) fn cell(&self, offset: usize) -> &portable_atomic::AtomicU128 {
         self.check(offset, 16);

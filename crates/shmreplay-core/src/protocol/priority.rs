@@ -162,14 +162,17 @@ pub struct Level {
 }
 
 /// Where everything of a tree over `capacity` leaves is, relative to the start of its section:
-/// the head, the leaves (16 bytes each), then each level of nodes up to the root (one word of
-/// sums and one of minima per node), every array padded to whole nodes of 16.
+/// the head; the leaves (16 bytes each); level 0, a compact copy of every leaf's `q` (8 bytes
+/// each: the descent reads 16 siblings from two cache lines instead of four); then each level
+/// of nodes up to the root (one word of sums and one of minima per node). Every array is padded
+/// to whole nodes of 16.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Geometry {
     pub capacity: usize,
     pub scale: Scale,
     leaves: usize,
-    /// Level 1 (the leaves' parents) first, the root's level last.
+    values: usize,
+    /// Level 1 (the parents of level 0) first, the root's level last.
     levels: Vec<Level>,
     pub bytes: usize,
 }
@@ -178,7 +181,8 @@ impl Geometry {
     pub fn new(capacity: usize) -> Geometry {
         let whole = |n: usize| n.div_ceil(FANOUT) * FANOUT;
         let leaves = HEAD_BYTES;
-        let mut at = leaves + whole(capacity) * LEAF_BYTES;
+        let values = leaves + whole(capacity) * LEAF_BYTES;
+        let mut at = values + whole(capacity) * 8;
         let mut levels = Vec::new();
         let mut below = capacity;
         loop {
@@ -199,6 +203,7 @@ impl Geometry {
             capacity,
             scale: Scale::for_capacity(capacity),
             leaves,
+            values,
             levels,
             bytes: at,
         }
@@ -212,27 +217,42 @@ impl Geometry {
     fn leaf_offset(&self, index: usize) -> usize {
         self.leaves + index * LEAF_BYTES
     }
+
+    /// Where the sums of the children of node `node` of level `level` start (level 0's values
+    /// for level 1).
+    fn children_offset(&self, level: usize, node: usize) -> usize {
+        let first = node * FANOUT * 8;
+        if level == 1 {
+            self.values + first
+        } else {
+            self.levels[level - 2].sums + first
+        }
+    }
 }
 
 /// The memory a tree lives in: the segment, or plain atomics in the models.
 pub trait TreeMemory {
-    /// The 8-byte word at byte `offset` of the section.
-    fn word(&self, offset: usize) -> &AtomicU64;
+    /// The 8-byte words at byte `offset` of the section and the `count - 1` after it.
+    fn words(&self, offset: usize, count: usize) -> &[AtomicU64];
     /// The 16-byte cell at byte `offset` of the section.
     fn cell(&self, offset: usize) -> &AtomicU128;
-    /// A hint that the line at `offset` will be read soon.
-    fn prefetch(&self, _offset: usize) {}
+    /// A hint that the `len` bytes at `offset` will be read soon.
+    fn prefetch(&self, _offset: usize, _len: usize) {}
+
+    fn word(&self, offset: usize) -> &AtomicU64 {
+        &self.words(offset, 1)[0]
+    }
 }
 
 impl<T: TreeMemory> TreeMemory for &T {
-    fn word(&self, offset: usize) -> &AtomicU64 {
-        (**self).word(offset)
+    fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+        (**self).words(offset, count)
     }
     fn cell(&self, offset: usize) -> &AtomicU128 {
         (**self).cell(offset)
     }
-    fn prefetch(&self, offset: usize) {
-        (**self).prefetch(offset)
+    fn prefetch(&self, offset: usize, len: usize) {
+        (**self).prefetch(offset, len)
     }
 }
 
@@ -240,13 +260,6 @@ impl<T: TreeMemory> TreeMemory for &T {
 pub struct Tree<'a, M: TreeMemory> {
     pub geometry: &'a Geometry,
     pub memory: M,
-}
-
-/// What [`Tree::descend`] found: a leaf index and what the leaf held when it was chosen.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Drawn {
-    pub index: usize,
-    pub leaf: Leaf,
 }
 
 impl<M: TreeMemory> Tree<'_, M> {
@@ -259,14 +272,16 @@ impl<M: TreeMemory> Tree<'_, M> {
         Leaf::decode(cell.load(Ordering::SeqCst), self.scale())
     }
 
-    /// Starts loading leaf `index`'s line.
+    /// Starts loading leaf `index`.
     pub fn prefetch_leaf(&self, index: usize) {
-        self.memory.prefetch(self.geometry.leaf_offset(index));
+        self.memory
+            .prefetch(self.geometry.leaf_offset(index), LEAF_BYTES);
     }
 
     /// The sum over every leaf, as the root says.
     pub fn total(&self) -> u64 {
-        self.node_sum(self.geometry.depth(), 0)
+        let top = self.geometry.levels[self.geometry.depth() - 1];
+        self.memory.word(top.sums).load(Ordering::SeqCst)
     }
 
     /// The smallest positive leaf value, as the root says (0: none).
@@ -321,158 +336,248 @@ impl<M: TreeMemory> Tree<'_, M> {
         }
     }
 
-    fn node_sum(&self, level: usize, node: usize) -> u64 {
-        let l = self.geometry.levels[level - 1];
-        self.memory.word(l.sums + node * 8).load(Ordering::SeqCst)
-    }
-
-    /// The values of node `node` of level `level`'s children (leaves' `q` at level 1).
-    fn children(&self, level: usize, node: usize) -> [u64; FANOUT] {
-        let mut values = [0u64; FANOUT];
-        let first = node * FANOUT;
-        if level == 1 {
-            for (k, v) in values.iter_mut().enumerate() {
-                *v = self.leaf(first + k).q;
-            }
-        } else {
-            let below = self.geometry.levels[level - 2];
-            for (k, v) in values.iter_mut().enumerate() {
-                *v = self
-                    .memory
-                    .word(below.sums + (first + k) * 8)
-                    .load(Ordering::SeqCst);
-            }
-        }
-        values
+    /// The sums of node `node` of level `level`'s children.
+    fn children(&self, level: usize, node: usize) -> &[AtomicU64] {
+        self.memory
+            .words(self.geometry.children_offset(level, node), FANOUT)
     }
 
     /// `(sum, smallest positive)` of node `node` of level `level`'s children.
     fn summary(&self, level: usize, node: usize) -> (u64, u64) {
         let sums = self.children(level, node);
         // Saturating: only scribbled memory can exceed 2^62, and it must not panic.
-        let sum = sums.iter().fold(0u64, |a, &b| a.saturating_add(b));
-        let minimum = if level == 1 {
-            positive_min(sums.iter().copied())
+        let sum = sums
+            .iter()
+            .fold(0u64, |a, b| a.saturating_add(b.load(Ordering::SeqCst)));
+        let minima = if level == 1 {
+            sums
         } else {
             let below = self.geometry.levels[level - 2];
-            let first = node * FANOUT;
-            positive_min((0..FANOUT).map(|k| {
-                self.memory
-                    .word(below.mins + (first + k) * 8)
-                    .load(Ordering::SeqCst)
-            }))
+            self.memory.words(below.mins + node * FANOUT * 8, FANOUT)
         };
-        (sum, minimum)
+        (
+            sum,
+            positive_min(minima.iter().map(|m| m.load(Ordering::SeqCst))),
+        )
     }
 
-    /// Makes node `node` of level `level` match its children (see the module docs); true if
-    /// it stored anything (its caller then recomputes the parent).
-    pub fn recompute(&self, level: usize, node: usize) -> bool {
+    /// What level 0's copy of leaf `index` should hold, and the word holding it.
+    fn value_of(&self, index: usize) -> ([u64; 2], [&AtomicU64; 1]) {
+        let value = self.memory.word(self.geometry.values + index * 8);
+        ([self.leaf(index).q, 0], [value])
+    }
+
+    /// What node `node` of level `level` should hold (its children's sum and smallest positive
+    /// value), and its two words.
+    fn node_of(&self, level: usize, node: usize) -> ([u64; 2], [&AtomicU64; 2]) {
         let l = self.geometry.levels[level - 1];
-        let sum = self.memory.word(l.sums + node * 8);
-        let min = self.memory.word(l.mins + node * 8);
-        let mut stored = false;
-        loop {
-            // Orders the caller's change of a child, or our store below, before the loads of
-            // the children (see the module docs).
-            fence(Ordering::SeqCst);
-            let (s, m) = self.summary(level, node);
-            if sum.load(Ordering::SeqCst) == s && min.load(Ordering::SeqCst) == m {
-                return stored;
-            }
-            sum.store(s, Ordering::SeqCst);
-            min.store(m, Ordering::SeqCst);
-            stored = true;
-        }
+        let words = [
+            self.memory.word(l.sums + node * 8),
+            self.memory.word(l.mins + node * 8),
+        ];
+        let (sum, min) = self.summary(level, node);
+        ([sum, min], words)
     }
 
-    /// Brings the ancestors of the changed leaves `leaves` (sorted) up to date. With `all`,
-    /// every ancestor is recomputed even where a level below was already right (a repair: the
-    /// process that changed them may have died between two levels).
-    pub fn propagate(&self, leaves: impl IntoIterator<Item = usize>, all: bool) {
-        let mut nodes: Vec<usize> = Vec::new();
-        for leaf in leaves {
-            push_unique(&mut nodes, leaf / FANOUT);
-        }
-        for level in 1..=self.geometry.depth() {
-            let mut parents = Vec::with_capacity(nodes.len());
-            for &node in &nodes {
-                if self.recompute(level, node) || all {
-                    push_unique(&mut parents, node / FANOUT);
+    /// Makes the items `items` of one level (level 0's values, or nodes) match what is below
+    /// them (see the module docs): reads what each should hold, stores it where it differs,
+    /// and reads again after its stores until what it stored matches. Returns the items it
+    /// stored to, sorted (their parents must be recomputed in turn). One fence per pass over
+    /// the batch: it orders every store before it (the caller's changes below, and our stores
+    /// of the pass before) before every load after it.
+    fn settle<'w, const W: usize>(
+        &'w self,
+        items: &[usize],
+        target: impl Fn(usize) -> ([u64; 2], [&'w AtomicU64; W]),
+    ) -> Vec<usize> {
+        let mut stored = Vec::new();
+        let mut pending = items.to_vec();
+        while !pending.is_empty() {
+            fence(Ordering::SeqCst);
+            pending.retain(|&item| {
+                let (want, words) = target(item);
+                let differs = words
+                    .iter()
+                    .zip(want)
+                    .any(|(word, want)| word.load(Ordering::SeqCst) != want);
+                if differs {
+                    for (word, want) in words.iter().zip(want) {
+                        word.store(want, Ordering::SeqCst);
+                    }
                 }
+                differs
+            });
+            stored.extend_from_slice(&pending);
+        }
+        stored.sort_unstable();
+        stored.dedup();
+        stored
+    }
+
+    /// Brings level 0 and the ancestors of the changed leaves `leaves` (sorted) up to date.
+    /// With `all`, every ancestor is recomputed even where a level below was already right (a
+    /// repair: the process that changed them may have died between two levels).
+    pub fn propagate(&self, leaves: impl IntoIterator<Item = usize>, all: bool) {
+        let leaves: Vec<usize> = leaves.into_iter().collect();
+        let stored = self.settle(&leaves, |i| self.value_of(i));
+        let mut changed = if all { leaves } else { stored };
+        for level in 1..=self.geometry.depth() {
+            let mut nodes: Vec<usize> = Vec::with_capacity(changed.len());
+            for &child in &changed {
+                push_unique(&mut nodes, child / FANOUT);
             }
-            if parents.is_empty() {
+            if nodes.is_empty() {
                 return;
             }
-            nodes = parents;
+            let stored = self.settle(&nodes, |n| self.node_of(level, n));
+            changed = if all { nodes } else { stored };
         }
     }
 
-    /// Recomputes every ancestor of leaves `first..=last` (wrapping past the end of the ring
-    /// when `last < first`), bottom up: undoes whatever a process killed while changing those
-    /// leaves left behind. Safe while other processes update (it is only recomputation).
-    pub fn repair(&self, first: usize, last: usize) {
+    /// Recomputes level 0 and every ancestor of leaves `first..=last` (wrapping past the end of
+    /// the ring when `last < first`), bottom up: undoes whatever a process killed while
+    /// changing those leaves left behind. Safe while other processes update (it is only
+    /// recomputation).
+    ///
+    /// First, `abandoned(index)` is asked about every leaf of the range that holds a value: if
+    /// it names the tag of a record the dead process was writing (claimed, never committed),
+    /// that leaf is zeroed unless it changed meanwhile (a writer taking the slot over retags it).
+    pub fn repair(&self, first: usize, last: usize, abandoned: impl Fn(usize) -> Option<u64>) {
         let capacity = self.geometry.capacity;
         let (first, last) = (first.min(capacity - 1), last.min(capacity - 1));
-        let ranges = if first <= last {
-            vec![(first, last)]
+        let leaves: Vec<usize> = if first <= last {
+            (first..=last).collect()
         } else {
-            vec![(0, last), (first, capacity - 1)]
+            (0..=last).chain(first..capacity).collect()
         };
-        for level in 1..=self.geometry.depth() {
-            let shift = FANOUT.pow(level as u32);
-            for &(a, b) in &ranges {
-                for node in a / shift..=b / shift {
-                    self.recompute(level, node);
+        for &index in &leaves {
+            let cell = self.memory.cell(self.geometry.leaf_offset(index));
+            let current = cell.load(Ordering::SeqCst);
+            if Leaf::decode(current, self.scale()).q > 0 {
+                if let Some(tag) = abandoned(index) {
+                    let empty = Leaf { tag, q: 0, raw: 0 }.encode(self.scale());
+                    let _ =
+                        cell.compare_exchange(current, empty, Ordering::SeqCst, Ordering::SeqCst);
                 }
             }
         }
+        self.propagate(leaves, true);
+    }
+
+    /// Where the ranges of node `node` of level `level`'s children end, cumulatively (the last
+    /// is the children's total). Plain adds: each child is below 2^62, so 16 of them overflow
+    /// only in scribbled memory, where [`pick`] still stays inside the node.
+    fn ends(&self, level: usize, node: usize) -> [u64; FANOUT] {
+        let mut ends = [0u64; FANOUT];
+        let mut total = 0u64;
+        for (end, child) in ends.iter_mut().zip(self.children(level, node)) {
+            total = total.wrapping_add(child.load(Ordering::Relaxed));
+            *end = total;
+        }
+        ends
+    }
+
+    /// One step down from node `node` of level `level` (above 0): the child whose cumulative
+    /// range holds `target`, and the target within that child. `None` if every child is 0.
+    /// Never a child whose sum is 0. A node a little ahead of its children (an update in
+    /// flight): the target is wrapped into what the children hold.
+    fn step(&self, level: usize, node: usize, target: u64) -> Option<(usize, u64)> {
+        pick(&self.ends(level, node), target).map(|(child, rest)| (node * FANOUT + child, rest))
     }
 
     /// The leaf whose cumulative range holds `target` (below the total the caller read), or
-    /// `None` if the tree holds nothing drawable right now. Never a leaf whose value is 0.
-    pub fn descend(&self, mut target: u64) -> Option<Drawn> {
-        let mut node = 0usize;
+    /// `None` if the tree holds nothing drawable right now. Never a leaf whose value is 0 (in
+    /// level 0; the caller checks the leaf itself).
+    pub fn descend(&self, target: u64) -> Option<usize> {
+        let (mut node, mut target) = (0usize, target);
         for level in (1..=self.geometry.depth()).rev() {
-            let values = self.children(level, node);
-            let total: u128 = values.iter().map(|&v| u128::from(v)).sum();
-            if total == 0 {
-                return None;
-            }
-            // A node a little ahead of its children: wrap the target into what they hold.
-            let mut rest = u128::from(target) % total;
-            let mut child = 0;
-            for (k, &v) in values.iter().enumerate() {
-                if rest < u128::from(v) {
-                    child = k;
-                    break;
-                }
-                rest -= u128::from(v);
-            }
-            target = rest as u64;
-            node = node * FANOUT + child;
+            (node, target) = self.step(level, node, target)?;
         }
-        if node >= self.geometry.capacity {
-            return None; // only scribbled memory puts value in the padding
-        }
-        let leaf = self.leaf(node);
-        (leaf.q > 0).then_some(Drawn { index: node, leaf })
+        (node < self.geometry.capacity).then_some(node)
     }
 
-    /// Every node equals its children's summary (for tests and checks; only meaningful when
-    /// no update is in flight).
-    pub fn is_consistent(&self) -> bool {
-        (1..=self.geometry.depth()).all(|level| {
-            let l = self.geometry.levels[level - 1];
-            (0..l.nodes).all(|node| {
-                self.summary(level, node)
-                    == (
-                        self.memory.word(l.sums + node * 8).load(Ordering::SeqCst),
-                        self.memory.word(l.mins + node * 8).load(Ordering::SeqCst),
-                    )
-            })
-        })
+    /// [`descend`](Self::descend) for many targets at once, level by level: while one row's
+    /// step runs, the nodes the other rows go to next are being loaded (prefetched), so their
+    /// cache misses overlap. `targets[i]` becomes leaf `Some(index)` of row `i`; `None` where
+    /// nothing was drawable.
+    pub fn descend_many(&self, targets: &[u64], leaves: &mut [Option<usize>]) {
+        let mut at: Vec<(usize, u64)> = targets.iter().map(|&t| (0, t)).collect();
+        let mut alive = vec![true; targets.len()];
+        for level in (1..=self.geometry.depth()).rev() {
+            for (row, (node, target)) in at.iter_mut().enumerate() {
+                if !alive[row] {
+                    continue;
+                }
+                match self.step(level, *node, *target) {
+                    Some(next) => {
+                        (*node, *target) = next;
+                        if level > 1 {
+                            let children = self.geometry.children_offset(level - 1, *node);
+                            self.memory.prefetch(children, FANOUT * 8);
+                        } else {
+                            self.memory
+                                .prefetch(self.geometry.leaf_offset(*node), LEAF_BYTES);
+                        }
+                    }
+                    None => alive[row] = false,
+                }
+            }
+        }
+        for ((leaf, (node, _)), alive) in leaves.iter_mut().zip(&at).zip(alive) {
+            *leaf = (alive && *node < self.geometry.capacity).then_some(*node);
+        }
     }
+
+    /// Every node (and level 0) matches its children (for tests and checks; only meaningful
+    /// when no update is in flight).
+    pub fn is_consistent(&self) -> bool {
+        let values = (0..self.geometry.capacity).all(|i| {
+            self.memory
+                .word(self.geometry.values + i * 8)
+                .load(Ordering::SeqCst)
+                == self.leaf(i).q
+        });
+        values
+            && (1..=self.geometry.depth()).all(|level| {
+                let l = self.geometry.levels[level - 1];
+                (0..l.nodes).all(|node| {
+                    self.summary(level, node)
+                        == (
+                            self.memory.word(l.sums + node * 8).load(Ordering::SeqCst),
+                            self.memory.word(l.mins + node * 8).load(Ordering::SeqCst),
+                        )
+                })
+            })
+    }
+}
+
+/// The child whose range, of the cumulative `ends`, holds `target` (wrapped into the total if
+/// beyond it), and the target within that child; `None` if the total is 0. Branch-free: a
+/// random child would mispredict a branch at every level.
+#[inline(always)]
+fn pick(ends: &[u64; FANOUT], target: u64) -> Option<(usize, u64)> {
+    let total = ends[FANOUT - 1];
+    if total == 0 {
+        return None;
+    }
+    let target = if target < total {
+        target
+    } else {
+        target % total
+    };
+    // The first child whose range ends above the target: not empty, its range ends above the
+    // end of the one before. A binary search with no branches (FANOUT is a power of two);
+    // scribbled memory (`ends` not increasing) can only make it pick another child.
+    let mut child = 0;
+    let mut half = FANOUT / 2;
+    while half > 0 {
+        if ends[child + half - 1] <= target {
+            child += half;
+        }
+        half /= 2;
+    }
+    let start = if child == 0 { 0 } else { ends[child - 1] };
+    Some((child, target.wrapping_sub(start)))
 }
 
 fn positive_min(values: impl Iterator<Item = u64>) -> u64 {
@@ -508,8 +613,8 @@ mod tests {
     }
 
     impl TreeMemory for Memory {
-        fn word(&self, offset: usize) -> &AtomicU64 {
-            &self.words[offset / 8]
+        fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+            &self.words[offset / 8..offset / 8 + count]
         }
         fn cell(&self, offset: usize) -> &AtomicU128 {
             &self.cells[offset / 16]
@@ -581,7 +686,7 @@ mod tests {
         assert!(!t.update(18, 2, 1000, 0), "another record's tag");
         t.propagate([17], false);
         assert_eq!(t.total(), values.iter().sum::<u64>() - values[17] + 1000);
-        t.repair(4990, 20);
+        t.repair(4990, 20, |_| None);
         assert!(t.is_consistent());
     }
 
@@ -600,8 +705,8 @@ mod tests {
         let total = t.total();
         let mut counts = vec![0u64; values.len()];
         for target in 0..total {
-            let d = t.descend(target).expect("drawable");
-            counts[d.index] += 1;
+            let index = t.descend(target).expect("drawable");
+            counts[index] += 1;
         }
         assert_eq!(
             counts, values,
@@ -625,8 +730,9 @@ mod tests {
                 raw: 0,
             },
         );
+        t.propagate([1], false);
         for target in 0..8 {
-            assert_eq!(t.descend(target).map(|d| d.index), Some(3));
+            assert_eq!(t.descend(target), Some(3));
         }
         t.store(
             3,
@@ -636,6 +742,7 @@ mod tests {
                 raw: 0,
             },
         );
+        t.propagate([3], false);
         assert_eq!(t.descend(2), None, "nothing drawable");
     }
 }
@@ -656,8 +763,8 @@ mod loom_tests {
     }
 
     impl TreeMemory for Memory {
-        fn word(&self, offset: usize) -> &AtomicU64 {
-            &self.words[offset / 8]
+        fn words(&self, offset: usize, count: usize) -> &[AtomicU64] {
+            &self.words[offset / 8..offset / 8 + count]
         }
         fn cell(&self, offset: usize) -> &AtomicU128 {
             &self.cells[offset / 16]
@@ -812,7 +919,7 @@ mod loom_tests {
                 geometry: &*g,
                 memory: &*m,
             }
-            .repair(3, 3);
+            .repair(3, 3, |_| None);
             live.join().unwrap();
             assert_exact(&g, &m);
         });
