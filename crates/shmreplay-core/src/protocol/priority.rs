@@ -467,6 +467,7 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// Where the ranges of node `node` of level `level`'s children end, cumulatively (the last
     /// is the children's total). Plain adds: each child is below 2^62, so 16 of them overflow
     /// only in scribbled memory, where [`pick`] still stays inside the node.
+    #[inline]
     fn ends(&self, level: usize, node: usize) -> [u64; FANOUT] {
         let mut ends = [0u64; FANOUT];
         let mut total = 0u64;
@@ -481,6 +482,7 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// range holds `target`, and the target within that child. `None` if every child is 0.
     /// Never a child whose sum is 0. A node a little ahead of its children (an update in
     /// flight): the target is wrapped into what the children hold.
+    #[inline]
     fn step(&self, level: usize, node: usize, target: u64) -> Option<(usize, u64)> {
         pick(&self.ends(level, node), target).map(|(child, rest)| (node * FANOUT + child, rest))
     }
@@ -501,30 +503,23 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// cache misses overlap. `targets[i]` becomes leaf `Some(index)` of row `i`; `None` where
     /// nothing was drawable.
     pub fn descend_many(&self, targets: &[u64], leaves: &mut [Option<usize>]) {
+        const NOTHING: usize = usize::MAX;
         let mut at: Vec<(usize, u64)> = targets.iter().map(|&t| (0, t)).collect();
-        let mut alive = vec![true; targets.len()];
         for level in (1..=self.geometry.depth()).rev() {
-            for (row, (node, target)) in at.iter_mut().enumerate() {
-                if !alive[row] {
+            for (node, target) in at.iter_mut().filter(|(node, _)| *node != NOTHING) {
+                let Some(next) = self.step(level, *node, *target) else {
+                    *node = NOTHING;
                     continue;
-                }
-                match self.step(level, *node, *target) {
-                    Some(next) => {
-                        (*node, *target) = next;
-                        if level > 1 {
-                            let children = self.geometry.children_offset(level - 1, *node);
-                            self.memory.prefetch(children, FANOUT * 8);
-                        } else {
-                            self.memory
-                                .prefetch(self.geometry.leaf_offset(*node), LEAF_BYTES);
-                        }
-                    }
-                    None => alive[row] = false,
+                };
+                (*node, *target) = next;
+                if level > 1 {
+                    let children = self.geometry.children_offset(level - 1, *node);
+                    self.memory.prefetch(children, FANOUT * 8);
                 }
             }
         }
-        for ((leaf, (node, _)), alive) in leaves.iter_mut().zip(&at).zip(alive) {
-            *leaf = (alive && *node < self.geometry.capacity).then_some(*node);
+        for (leaf, &(node, _)) in leaves.iter_mut().zip(&at) {
+            *leaf = (node < self.geometry.capacity).then_some(node);
         }
     }
 
