@@ -61,7 +61,11 @@ BETA = 0.4
 EPS = 1e-6
 PRIO_DTYPE = np.float32  # priorities as a learner has them (|TD errors| from float32 tensors)
 SEED = 12345
-KEY_POOL = 16  # distinct (keys, priorities) pairs an update loop cycles through
+KEY_POOL = 16  # distinct key batches an update loop cycles through
+# Priority arrays it pairs them with: one more than the key batches, so a key batch never gets
+# the values it already holds (both libraries skip work for an unchanged value: repeating
+# values would time that shortcut, not an update).
+PRIO_POOL = KEY_POOL + 1
 WRITER_BATCH = 64
 LEARNER_BATCH = 32
 SAMPLE_BATCHES = [32, 256]
@@ -413,10 +417,11 @@ def single_job(job: dict) -> dict:
         if b and upd is not None:
             draw = a.sampler(b)
             rng = np.random.default_rng(SEED + 1)
-            pairs = [(a.copy_keys(a.keys(draw())), a.prepare_prio(random_priorities(rng, b))) for _ in range(KEY_POOL)]
-            applied = upd(*pairs[0])
+            keys = [a.copy_keys(a.keys(draw())) for _ in range(KEY_POOL)]
+            prios = [a.prepare_prio(random_priorities(rng, b)) for _ in range(PRIO_POOL)]
+            applied = upd(keys[0], prios[0])
             extra["update_returned"] = applied if applied is None else int(applied)
-            cycle = itertools.cycle(pairs)
+            cycle = zip(itertools.cycle(keys), itertools.cycle(prios))
             figs[f"update_b{b}"] = _figure(*harness.timed(lambda: upd(*next(cycle)), window), b)
         return {"figures": figs, "create_s": created, "fill_s": filled, "stats": a.stats(), **extra}
     finally:
@@ -460,7 +465,7 @@ def learner_main(key: str, handle: Any, lid: int, batch: int, start: Any, second
         sample, update = a.sampler(batch), a.updater()
         assert update is not None
         rng = np.random.default_rng(SEED + 200 + lid)
-        prios = [a.prepare_prio(random_priorities(rng, batch)) for _ in range(KEY_POOL)]
+        prios = [a.prepare_prio(random_priorities(rng, batch)) for _ in range(PRIO_POOL)]
         harness.prefault_shared()
         q.put(("ready", 100 + lid))
         start.wait(harness.HARD_LIMIT_S)
@@ -478,7 +483,7 @@ def learner_main(key: str, handle: Any, lid: int, batch: int, start: Any, second
                 if not first_torn:
                     i = int(bad.argmax())
                     first_torn = f"{ {f: batch_np[f][i].ravel()[:4].tolist() for f in batch_np} }"
-            n = update(a.keys(got), prios[calls % KEY_POOL])
+            n = update(a.keys(got), prios[calls % PRIO_POOL])
             applied = None if n is None or applied is None else applied + int(n)
             rows += batch
             calls += 1

@@ -99,6 +99,36 @@ def test_synthetic_demo(tmp_path: Path) -> None:
     assert os.listdir(shm) == []  # the segment is gone
 
 
+def test_prioritized_demo_updates_priorities(tmp_path: Path) -> None:
+    """``--prioritized``: the learner samples by priority, weights its TD step, and sets each
+    sampled row's priority to its TD error; the summary reports the updates and the total."""
+    out = tmp_path / "summary.json"
+    proc = run_demo(
+        "--synthetic", "--seconds", "3", "--capacity", "2000", "--prioritized",
+        "--path", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = check_summary(proc.stdout, out)
+    assert "priorities" in proc.stdout
+    assert summary["priority_updates"] > 0
+    assert summary["priority_total"] is not None and summary["priority_total"] > 0
+    # Every update of a sampled batch either lands or is counted stale; never more than sampled.
+    assert summary["priority_updates"] + summary["stale_updates"] <= summary["sampled_rows"]
+    assert sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
+def test_uniform_demo_reports_no_priorities(tmp_path: Path) -> None:
+    out = tmp_path / "summary.json"
+    proc = run_demo(
+        "--synthetic", "--seconds", "2", "--capacity", "1000", "--actors", "1",
+        "--path", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = check_summary(proc.stdout, out)
+    assert summary["priority_total"] is None and summary["priority_updates"] == 0
+    assert "priorities" not in proc.stdout
+
+
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_other_start_methods(tmp_path: Path, method: str) -> None:
     out = tmp_path / "summary.json"

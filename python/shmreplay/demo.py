@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import EmptyBufferError, ReplayBuffer, atari
+from . import EmptyBufferError, Prioritized, ReplayBuffer, Uniform, atari
 from ._format import format_bytes
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class DemoConfig:
     seed: int = 0
     path: str | None = None
     json_path: str | None = None
+    prioritized: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the demo cannot run with."""
@@ -114,6 +115,9 @@ class DemoSummary:
     first_error: str | None
     interrupted: bool
     child_failures: list[str] = field(default_factory=list)
+    priority_updates: int = 0
+    stale_updates: int = 0
+    priority_total: float | None = None
 
 
 def demo_fields() -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -234,13 +238,17 @@ class _LinearValue:
         x = obs[:, -1, 6::12, 6::12].reshape(len(obs), -1).astype(np.float64) / 255.0
         return np.concatenate([x, np.ones((len(obs), 1))], axis=1)
 
-    def update(self, batch: Mapping[str, np.ndarray]) -> None:
+    def update(self, batch: Mapping[str, np.ndarray], weight: np.ndarray | None = None) -> np.ndarray:
+        """One TD(0) step on ``batch`` (weighted by importance ``weight`` if given); returns
+        each row's absolute TD error, the new priorities of prioritized replay."""
         x, x_next = self._features(batch["obs"]), self._features(batch["next_obs"])
         not_done = 1.0 - batch["done"].astype(np.float64)
         target = batch["reward"] + self.gamma * not_done * (x_next @ self.w)
         delta = target - x @ self.w
-        self.w += self.lr * (delta @ x) / len(x)
+        scaled = delta if weight is None else delta * weight
+        self.w += self.lr * (scaled @ x) / len(x)
         self.td_error = float(np.mean(np.abs(delta)))
+        return np.abs(delta)
 
 
 def check_batch(
@@ -294,7 +302,9 @@ def check_batch(
 def learner_main(
     name: str, cfg: DemoConfig, learner_id: int, num_actions: int, stop: Any, reports: Any
 ) -> None:
-    """Sample batches as fast as possible, validate each one and take a linear TD step."""
+    """Sample batches as fast as possible, validate each one and take a linear TD step; with
+    ``--prioritized``, weight the step by the importance weights and set each sampled row's
+    priority to its new absolute TD error."""
     _child_setup()
     should_stop = _StopFlag(stop)
     report: dict[str, Any] = {"role": "learner", "id": learner_id, "batches": 0, "bad": 0, "error": None}
@@ -304,7 +314,7 @@ def learner_main(
             while len(buf) < cfg.batch_size and not should_stop():
                 time.sleep(0.01)
             model = _LinearValue()
-            batches = bad = 0
+            batches = bad = updates = 0
             rewards = 0.0
             while not should_stop():
                 try:
@@ -326,11 +336,16 @@ def learner_main(
                     bad += 1
                     report["error"] = report["error"] or error
                     continue
-                model.update(batch)
+                if cfg.prioritized:
+                    errors = model.update(batch, info["weight"])
+                    updates += buf.update_priorities(info["key"], errors)
+                else:
+                    model.update(batch)
                 rewards += float(batch["reward"].mean())
             report.update(
                 batches=batches,
                 bad=bad,
+                priority_updates=updates,
                 mean_reward=rewards / batches if batches else None,
                 td_error=model.td_error,
             )
@@ -485,6 +500,11 @@ def _summary_lines(s: DemoSummary) -> Iterator[tuple[str, str]]:
     )
     td = f", TD error {s.td_error:.4f}" if s.td_error is not None else ""
     yield "learners", f"{s.learners} (batch {s.batch_size}, {s.batches:,} batches{td})"
+    if s.priority_total is not None:
+        yield (
+            "priorities",
+            f"{s.priority_updates:,} updated ({s.stale_updates:,} stale), total {s.priority_total:,.4g}",
+        )
     yield "inserts", f"{s.inserts:,}"
     yield "sampled rows", f"{s.sampled_rows:,}"
     yield "inserts/s", f"{s.inserts_per_s:,.0f}"
@@ -521,7 +541,10 @@ def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
     # create() returning and the block starting would otherwise leak it.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        buf = ReplayBuffer.create(name, capacity=cfg.capacity, fields=demo_fields(), path=cfg.path)
+        sampler = Prioritized() if cfg.prioritized else Uniform()
+        buf = ReplayBuffer.create(
+            name, capacity=cfg.capacity, fields=demo_fields(), path=cfg.path, sampler=sampler
+        )
         with buf:  # the creator unlinks the segment when the block ends, however it ends
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             return _run_with_buffer(cfg, ctx, buf, source, num_actions, out)
@@ -652,6 +675,9 @@ def _summarize(
         bad_batches=sum(r.get("bad", 0) for r in learners),
         td_error=sum(td_errors) / len(td_errors) if td_errors else None,
         first_error=errors[0] if errors else None,
+        priority_updates=sum(r.get("priority_updates", 0) for r in learners),
+        stale_updates=stats["stale_updates"],
+        priority_total=stats.get("priority_total"),
         interrupted=interrupted,
         child_failures=failures,
     )
@@ -700,6 +726,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_path", metavar="PATH", help="also write the summary as JSON to PATH"
     )
+    parser.add_argument(
+        "--prioritized",
+        action="store_true",
+        help="prioritized replay: learners sample by priority and set each row's priority to its TD error",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -717,4 +748,5 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         seed=args.seed,
         path=getattr(args, "path", None),
         json_path=args.json_path,
+        prioritized=args.prioritized,
     )
