@@ -47,6 +47,38 @@
 //! buffer.unlink()?;
 //! # Ok::<(), shmreplay_core::Error>(())
 //! ```
+//!
+//! Prioritized replay (see `protocol::priority` for the lock-free sum tree): the same builder
+//! with a [`Sampler`], priorities with inserts, draws in proportion to `(p + eps)^alpha`, and
+//! updates from any process.
+//!
+//! ```
+//! use shmreplay_core::{DType, NoBlocking, OutColumn, Prioritized, PriorityOutputs, ReplayBuffer, Sampler, Schema};
+//!
+//! let schema = Schema::new(&[("x", DType::U8, vec![])])?;
+//! let sampler = Sampler::Prioritized(Prioritized { alpha: 1.0, eps: 0.0, stratified: true });
+//! let name = shmreplay_core::unique_name();
+//! let buffer = ReplayBuffer::builder(&name).dir(std::env::temp_dir()).capacity(8)
+//!     .schema(schema).sampler(sampler).create()?;
+//! let rows = [0u8, 1, 2];
+//! buffer.extend_columns_with_priorities(
+//!     &[shmreplay_core::InColumn::from_slice(&rows)], Some(&[1.0, 2.0, 4.0]), &mut NoBlocking)?;
+//!
+//! let (mut x, mut index, mut key) = (vec![0u8; 7], vec![0u64; 7], vec![0u64; 7]);
+//! let (mut p, mut w, mut raw) = (vec![0f64; 7], vec![0f32; 7], vec![0f64; 7]);
+//! let info = PriorityOutputs { probability: &mut p, weight: &mut w, priority: &mut raw };
+//! buffer.sample_prioritized_columns(
+//!     &[OutColumn::from_slice(&mut x)], &mut index, &mut key, info, 1.0, &mut NoBlocking)?;
+//! // Stratified: of 7 rows, exactly 1, 2 and 4 come from the rows of priority 1, 2 and 4.
+//! assert_eq!(x, [0, 1, 1, 2, 2, 2, 2]);
+//! assert_eq!(w, [1.0, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25]);
+//! assert!((p[0] - 1.0 / 7.0).abs() < 1e-12);
+//!
+//! // Any process: new priorities for the sampled records (stale keys are ignored).
+//! assert_eq!(buffer.update_priorities(&key[..1], &[8.0], &mut NoBlocking)?, 1);
+//! buffer.unlink()?;
+//! # Ok::<(), shmreplay_core::Error>(())
+//! ```
 
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 

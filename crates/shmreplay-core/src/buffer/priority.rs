@@ -389,7 +389,9 @@ impl ReplayBuffer {
             m => m.min(batch_min),
         } as f64;
         let (total, beta) = (total as f64, -beta as f32);
-        let rows = values.iter().zip(info.probability.iter_mut().zip(info.weight.iter_mut()));
+        let rows = values
+            .iter()
+            .zip(info.probability.iter_mut().zip(info.weight.iter_mut()));
         for (&q, (probability, weight)) in rows {
             let q = q as f64;
             *probability = q / total;

@@ -14,20 +14,22 @@
 //! CASes the leaf only if it still carries its key's tag, so an update can never land on a newer
 //! record (it would need its process paused between two instructions for 2^24 laps of the ring).
 //!
-//! **Nodes.** Each internal node holds two words: the sum of its children and the smallest
-//! positive value below it (0: none), for the importance weights' global minimum. A node is only
-//! ever *recomputed* from its children, never incremented: [`Tree::recompute`] reads the 16
-//! children, stores sum and minimum if they differ, and reads the children again until what it
-//! stored matches them. Whoever changes a child recomputes its parent, and whoever stores a node
-//! recomputes that node's parent. Why the node ends right once everyone is done: take the last
-//! store to a node; its storer read the children *after* that store and found them matching;
-//! any later change of a child would have been followed by its changer's recompute and store of
-//! this node, contradicting "last". (The node's storer stores, then loads the children; the
-//! child's changer stores, then loads the node: the store-buffering pattern, where each must see
-//! the other's store or be seen. A `SeqCst` fence between each store and the loads after it
-//! guarantees that; `SeqCst` loads and stores alone would too in C++20, but loom models them
-//! as acquire/release, and the fence is what it checks.) A recompute that finds its node already right stops
-//! climbing: whoever stored that value climbs.
+//! **Nodes.** Level 0 is a compact copy of every leaf's `q` (16 siblings in two cache lines, for
+//! the descent). Each internal node holds two words: the sum of its children and the smallest
+//! positive value below it (0: none), for the importance weights' global minimum. Level 0 and the
+//! nodes are only ever *recomputed* from what is below them, never incremented: `Tree::settle`
+//! reads the children, stores sum and minimum where they differ, and reads the children again
+//! until what it stored matches them. Whoever changes a child recomputes its parent, and whoever
+//! stores a node recomputes that node's parent. Why a node ends right once everyone is done: take
+//! the last store to it; its storer read the children *after* that store and found them
+//! matching; any later change of a child would have been followed by its changer's recompute
+//! and store of this node, contradicting "last". (The node's storer stores, then loads the
+//! children; the child's changer stores, then loads the node: the store-buffering pattern, where
+//! each must see the other's store or be seen. A `SeqCst` fence between the stores and the loads
+//! after them guarantees that; `SeqCst` loads and stores alone would too in C++20, but loom
+//! models them as acquire/release, and the fence is what it checks. One fence serves a whole
+//! batch of nodes of one level.) A recompute that finds its node already right stops climbing:
+//! whoever stored that value climbs.
 //!
 //! Recomputing is idempotent, which is what makes dead processes harmless: a process killed
 //! between changing leaves and finishing the climb leaves some ancestors behind; the range of
@@ -37,7 +39,7 @@
 //! the dead process's progress recorded atomically with each add.)
 //!
 //! **Sampling** descends from the root, choosing the child whose cumulative range holds the
-//! target. A node may be momentarily ahead of or behind its children; the descent then wraps the
+//! target (a whole batch level by level, prefetching each row's next node). A node may be momentarily ahead of or behind its children; the descent then wraps the
 //! target into the children's actual total, and never enters a child whose sum is 0: an item
 //! with `q = 0` is never drawn.
 //!
