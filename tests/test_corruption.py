@@ -3,28 +3,33 @@
 exception.
 
 Real segments (a full, wrapped ring; a partly filled one; one with holes; an empty one) are built
-once per module; every example rewrites a copy of their bytes with corruption drawn by
-hypothesis (truncation, extension, random bytes anywhere before the slots, garbage in the
-slots' version words and records, header and control words and handle-table words set to
-random or boundary values, forged headers, section directories, kinds and feature bits whose
-checksum was recomputed so that the deeper checks are reached, forged schema texts, files of
-layout version 2, random foreign files), then inspects and attaches it and lists its
-directory. About 5,300 examples in all, plus directories of special and broken files for
-``list_buffers``, ``gc`` and the CLI.
+once per module, each as a uniform and as a prioritized buffer (every test that uses them runs
+for both); every example rewrites a copy of their bytes with corruption drawn by hypothesis
+(truncation, extension, random bytes anywhere before the slots, garbage in the slots' version
+words and records, header and control words and handle-table words set to random or boundary
+values, forged headers, section directories, kinds, feature bits and sampler words whose
+checksum was recomputed so that the deeper checks are reached, forged schema texts, garbage in
+the priority tree, files of layout version 2, random foreign files), then inspects and attaches
+it and lists its directory. About 12,000 examples in all, plus directories of special and
+broken files for ``list_buffers``, ``gc`` and the CLI.
 
 The expected outcome of each example comes from ``model_check``, an independent Python model of
 what ``attach`` validates in layout version 3 (``crates/shmreplay-core/src/layout/mod.rs``:
-header words, section directory, schema text, checksum) and of the reason it gives.
-``test_model_matches_real_segments`` checks the model against segments the library itself
-wrote, so a layout change fails loudly here instead of silently weakening these tests.
+header words, the sampler's words and feature bit, section directory -- with a ``priority``
+section whose size is that of the tree of ``protocol/priority.rs`` in a prioritized buffer --,
+schema text, checksum) and of the reason it gives. ``test_model_matches_real_segments`` checks
+the model against segments the library itself wrote, uniform and prioritized, so a layout change
+fails loudly here instead of silently weakening these tests.
 
 When the model says "valid", the buffer must also be usable whatever garbage the unvalidated
-regions (control words, handle table, slots) hold: ``len``, ``stats``, ``processes``,
-``buf[i]`` for every slot, ``sample`` and ``add`` must work (or fail with their documented
-exceptions). The numbers may then be wrong, but they are the numbers the shared words imply:
-``View`` models how the core reads the size (per-entry ``firsts`` plus the adjustments of the
-inserts in progress, ``protocol/handles.rs``) and the counters (sums over the entries used), and
-which slots are readable (the version word of ``protocol/slot.rs``); ``len`` always stays within
+regions (control words, handle table, slots, priority tree) hold: ``len``, ``stats``,
+``processes``, ``buf[i]`` for every slot, ``sample`` and ``add`` (and ``priorities`` and
+``update_priorities``) must work (or fail with their documented exceptions). The numbers may
+then be wrong, but they are the numbers the shared words imply: ``View`` models how the core
+reads the size (per-entry ``firsts`` plus the adjustments of the inserts in progress,
+``protocol/handles.rs``) and the counters (sums over the entries used), which slots are readable
+(the version word of ``protocol/slot.rs``), and ``TreeView`` what the priority tree holds and
+which leaves each row of a prioritized batch can descend to; ``len`` always stays within
 [0, capacity].
 
 Version 3 has no reaper word (gc decides with kernel locks, ``protocol/gate.rs``), so there is
@@ -166,7 +171,7 @@ def ticket_of(version_word: int) -> int:
     return (version_word >> TICKET_SHIFT) - 1
 
 
-class Prioritized(NamedTuple):
+class PrioritizedParams(NamedTuple):
     """The parameters of a prioritized sampler as the header holds them (a uniform sampler is
     ``None`` in this model)."""
 
@@ -193,7 +198,7 @@ def rust_float(x: float) -> str:
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 
-def sampler_error(sampler: Prioritized | None) -> str | None:
+def sampler_error(sampler: PrioritizedParams | None) -> str | None:
     """Mirror of ``Sampler::validate`` (the first check of ``Layout::new``)."""
     if sampler is not None:
         for name, value in (("alpha", sampler.alpha), ("eps", sampler.eps)):
@@ -202,7 +207,7 @@ def sampler_error(sampler: Prioritized | None) -> str | None:
     return None
 
 
-def header_sampler(data: bytes | bytearray) -> tuple[str | None, Prioritized | None]:
+def header_sampler(data: bytes | bytearray) -> tuple[str | None, PrioritizedParams | None]:
     """Mirror of how ``read_header`` derives the sampler from the sampler kind word and the
     feature bit: ``(reason it is corrupt, None)`` or ``(None, sampler)``. alpha and eps are not
     validated here (``Layout::new`` does that)."""
@@ -214,11 +219,11 @@ def header_sampler(data: bytes | bytearray) -> tuple[str | None, Prioritized | N
         flag = word(data, H_STRATIFIED)
         if flag not in (0, 1):
             return f"sampler flag {flag} is not 0 or 1", None
-        return None, Prioritized(f64(word(data, H_ALPHA)), f64(word(data, H_EPS)), bool(flag))
+        return None, PrioritizedParams(f64(word(data, H_ALPHA)), f64(word(data, H_EPS)), bool(flag))
     return f"sampler kind {kind} does not match the feature bits {features:#x}", None
 
 
-def sampler_words(sampler: Prioritized | None) -> list[tuple[int, int]]:
+def sampler_words(sampler: PrioritizedParams | None) -> list[tuple[int, int]]:
     """``(offset, value)`` of the feature bits and sampler words ``write_header`` writes."""
     if sampler is None:
         return [(H_FEATURES, 0), (H_SAMPLER, SAMPLER_UNIFORM), (H_ALPHA, 0), (H_EPS, 0), (H_STRATIFIED, 0)]
@@ -261,7 +266,7 @@ def geometry(capacity: int) -> dict:
     return {"leaves": TREE_HEAD_BYTES, "levels": levels, "bytes": at, "q_bits": q_bits, "fraction_bits": fraction_bits}
 
 
-def layout(capacity: int, record_bytes: int, schema_len: int, sampler: Prioritized | None = None) -> dict | None:
+def layout(capacity: int, record_bytes: int, schema_len: int, sampler: PrioritizedParams | None = None) -> dict | None:
     """Mirror of ``Layout::new``: what the header and its directory must hold, or None if
     impossible (including a sampler whose alpha or eps is refused)."""
     if sampler_error(sampler) is not None:
@@ -296,7 +301,6 @@ def layout(capacity: int, record_bytes: int, schema_len: int, sampler: Prioritiz
     return {
         "record_bytes": record_bytes, "slot": slot, "record_in_slot": record_in_slot, "total": total,
         "control": control, "handles": handles, "slots": slots, "priority": priority, "sections": sections,
-        "sampler": sampler,
     }
 
 
@@ -454,13 +458,13 @@ def reseal(data: bytearray) -> bytearray:
     return data
 
 
-def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None, sampler=False,
-          size_delta: int = 0, max_size: int = 8 << 20) -> bytes:
-    """A header (and section directory) made consistent by hand for another capacity, schema
-    text and/or sampler (``None``: uniform, a ``Prioritized``; ``False``: the header's own,
-    whatever its words say), sealed, and a file of the size it states plus ``size_delta`` (bytes
-    kept from ``base`` where they fit; the sections' contents are not moved). A header whose
-    sampler words are refused keeps its directory and size."""
+def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None, size_delta: int = 0,
+          max_size: int = 8 << 20) -> bytes:
+    """A header (and section directory) made consistent by hand for another capacity and/or
+    schema text and for the sampler its words describe (a priority section or none), sealed, and
+    a file of the size it states plus ``size_delta`` (bytes kept from ``base`` where they fit; the
+    sections' contents are not moved). A header whose sampler words are refused keeps its
+    directory and size."""
     data = bytearray(base)
     old_len = word(data, H_SCHEMA_LEN)
     if text is not None:
@@ -471,9 +475,6 @@ def forge(base: bytes, *, capacity: int | None = None, text: bytes | None = None
         put(data, H_SCHEMA_LEN, len(text))
     cap = word(data, H_CAPACITY) if capacity is None else capacity
     put(data, H_CAPACITY, cap)
-    if sampler is not False:
-        for offset, value in sampler_words(sampler):
-            put(data, offset, value)
     fields = parse_schema(bytes(data[SCHEMA_TEXT : SCHEMA_TEXT + word(data, H_SCHEMA_LEN)]))
     rb = record_bytes_of(fields) if fields is not None else word(data, H_RECORD_BYTES)
     reason, header = header_sampler(data)
@@ -731,7 +732,7 @@ class Pristine:
         self.control, self.handles, self.slots = view.control, view.handles, view.slots
         self.slot_bytes = view.slot_bytes
         self.cursor = view.cursor()
-        self.sampler = view.sampler  # None (uniform) or the Prioritized parameters
+        self.sampler = view.sampler  # None (uniform) or PrioritizedParams
         self.sections = word(data, H_SECTION_COUNT)
         self.priority = view.tree.base if view.tree else None  # the tree's section
 
@@ -1047,9 +1048,9 @@ MODEL_SAMPLERS = [
 ]
 
 
-def _model_sampler(sampler) -> Prioritized | None:
+def _model_sampler(sampler) -> PrioritizedParams | None:
     if isinstance(sampler, shmreplay.Prioritized):
-        return Prioritized(sampler.alpha, sampler.eps, sampler.stratified)
+        return PrioritizedParams(sampler.alpha, sampler.eps, sampler.stratified)
     return None
 
 
@@ -2085,6 +2086,16 @@ def test_messages_say_what_is_wrong(pristine):
         with pytest.raises(CorruptSegmentError, match=re.escape(needle)) as exc:
             ReplayBuffer.attach(VICTIM, path=p.dir)
         assert p.path in str(exc.value) and reason in str(exc.value)
+    # Layout::new checks the sampler's parameters before the capacity; a uniform buffer's are not read
+    buf = bytearray(p.data)
+    put(buf, H_CAPACITY, 0)
+    put(buf, H_ALPHA, bits_of(-2.5))
+    reseal(buf)
+    needle = "capacity must be between 1 and" if p.sampler is None else "alpha must be a finite number >= 0, got -2.5"
+    assert model_check(bytes(buf)) == ("capacity" if p.sampler is None else "Prioritized: " + needle)
+    write_victim(p, bytes(buf))
+    with pytest.raises(CorruptSegmentError, match=re.escape(needle)):
+        ReplayBuffer.attach(VICTIM, path=p.dir)
     write_victim(p, p.data[: p.size // 2])
     with pytest.raises(CorruptSegmentError, match="bytes") as exc:
         ReplayBuffer.attach(VICTIM, path=p.dir)

@@ -19,6 +19,9 @@ use crate::sync::{AtomicU128, AtomicU64};
 
 /// How often a handle looks for changes of the tree left half-done by dead processes.
 const REPAIR_EVERY: Duration = Duration::from_millis(50);
+/// After this many misses for one row, sampling suspects the tree itself (scribbled memory:
+/// values where no record is) and makes it agree with the slots, once per call.
+const MISSES_BEFORE_RESYNC: u64 = 1024;
 /// How many rows ahead sampling prefetches slots.
 const PREFETCH_AHEAD: usize = 16;
 /// After this many misses for one row, a sampler checks for interrupts and its time bound.
@@ -203,7 +206,7 @@ impl ReplayBuffer {
         // may still hold the old record's value or the new one's, must hold none.
         let capacity = self.capacity();
         let scale = tree.geometry.scale;
-        let abandoned = |index: usize| {
+        let abandoned = |index: usize, _| {
             let word = self.seq(index).load(Ordering::Acquire);
             (slot::is_busy(word) && slot::names_a_ticket(word) && slot::owner_of(word) == e)
                 .then(|| scale.tag(slot::ticket_of(word), capacity))
@@ -332,6 +335,7 @@ impl ReplayBuffer {
         let mut started = None;
         let mut patience = Patience::new();
         let mut total_now = total;
+        let mut resynced = false;
         let mut values = vec![0u64; n];
         let result = (|| {
             for row in 0..n {
@@ -357,11 +361,13 @@ impl ReplayBuffer {
                     retries += 1;
                     misses += 1;
                     if misses % MISSES_BEFORE_CHECK == 0 {
+                        if misses >= MISSES_BEFORE_RESYNC && !resynced {
+                            self.resync_tree(&tree);
+                            resynced = true;
+                        }
                         total_now = tree.total();
                         if total_now == 0 {
-                            return Err(Error::Contended(
-                                "sample: every priority became 0 while sampling".into(),
-                            ));
+                            return Ok(false); // nothing drawable by priority any more
                         }
                         std::thread::yield_now();
                         if patience.interrupted() {
@@ -378,10 +384,12 @@ impl ReplayBuffer {
                     drawn[row] = tree.descend(target(row, total_now));
                 }
             }
-            Ok(())
+            Ok(true)
         })();
         self.count(entry, Counter::Retries, retries);
-        result?;
+        if !result? {
+            return self.sample_all_zero(out, index, key, info, &tree, blocking);
+        }
         // The global minimum, or the batch's if the root is momentarily behind: weights ≤ 1.
         let batch_min = values.iter().copied().min().unwrap_or(1);
         let v_min = match tree.minimum() {
@@ -400,6 +408,25 @@ impl ReplayBuffer {
         }
         self.count(entry, Counter::Samples, n as u64);
         Ok(())
+    }
+
+    /// Makes every leaf agree with its slot (a leaf counting a record its slot does not hold
+    /// is zeroed) and every node with the leaves: for a tree whose draws keep missing, which
+    /// only scribbled shared memory causes. Safe while others write and update.
+    fn resync_tree(&self, tree: &Tree<'_, Section<'_>>) {
+        let capacity = self.capacity();
+        let scale = tree.geometry.scale;
+        tree.repair(0, self.layout.capacity - 1, |index, leaf| {
+            let word = self.seq(index).load(Ordering::Acquire);
+            if slot::is_busy(word) {
+                return None; // being written; a dead writer's range is its own repair's
+            }
+            if !slot::names_a_ticket(word) {
+                return Some(leaf.tag); // no record at all
+            }
+            let tag = scale.tag(slot::ticket_of(word), capacity);
+            (tag != leaf.tag).then_some(tag)
+        });
     }
 
     /// Every priority is 0: uniform draws, probability `1/len`, weight 1.
@@ -584,5 +611,111 @@ impl<'a> LeafWriter<'a> {
             self.tree
                 .propagate((0..end - capacity).chain(first..capacity), false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::schema::{DType, Schema};
+    use crate::platform::memory::{Input, Output};
+    use crate::NoBlocking;
+
+    fn buffer(capacity: u64) -> ReplayBuffer {
+        let schema = Schema::new(&[("x", DType::U64, vec![])]).unwrap();
+        let sampler = Sampler::Prioritized(Prioritized {
+            alpha: 1.0,
+            eps: 0.0,
+            stratified: true,
+        });
+        let name = crate::unique_name();
+        ReplayBuffer::builder(&name)
+            .dir(std::env::temp_dir())
+            .capacity(capacity)
+            .schema(schema)
+            .sampler(sampler)
+            .create()
+            .unwrap()
+    }
+
+    fn fill(buffer: &ReplayBuffer, priorities: &[f64]) {
+        let rows: Vec<u8> = (0..priorities.len() as u64)
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        buffer
+            .extend_columns_with_priorities(
+                &[Input::from_slice(&rows)],
+                Some(priorities),
+                &mut NoBlocking,
+            )
+            .unwrap();
+    }
+
+    /// Draws `n` rows; returns their `x` values.
+    fn draw(buffer: &ReplayBuffer, n: usize) -> Result<Vec<u64>> {
+        let mut x = vec![0u8; 8 * n];
+        let (mut index, mut key) = (vec![0; n], vec![0; n]);
+        let (mut p, mut w, mut raw) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let info = PriorityOutputs {
+            probability: &mut p,
+            weight: &mut w,
+            priority: &mut raw,
+        };
+        buffer.sample_prioritized_columns(
+            &[Output::from_slice(&mut x)],
+            &mut index,
+            &mut key,
+            info,
+            0.4,
+            &mut NoBlocking,
+        )?;
+        Ok(x.chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// Level 0 scribbled to zeros under intact nodes: every descent dead-ends. Sampling notices,
+    /// makes the tree agree with its leaves and slots, and answers at once, not after a 10 s
+    /// wait.
+    #[test]
+    fn a_scribbled_tree_is_resynced_by_sampling() {
+        let buffer = buffer(1000);
+        fill(&buffer, &vec![1.0; 1000]);
+        let tree = buffer.tree().unwrap();
+        let values = tree.geometry.values_range();
+        for word in tree.memory.words(values.start, values.len() / 8) {
+            word.store(0, Ordering::Relaxed);
+        }
+        let started = Instant::now();
+        assert_eq!(draw(&buffer, 64).unwrap().len(), 64);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(buffer.priority_tree_is_exact(), Some(true));
+        buffer.unlink().unwrap();
+    }
+
+    /// Leaves counting records their slots do not hold (scribbled): dropped by the resync; with
+    /// nothing left drawable by priority, sampling is uniform over the records.
+    #[test]
+    fn leaves_without_records_are_dropped_by_the_resync() {
+        let buffer = buffer(100);
+        fill(&buffer, &[0.0; 10]);
+        let tree = buffer.tree().unwrap();
+        // Values on leaves of slots that were never written.
+        for index in 50..60 {
+            tree.store(
+                index,
+                Leaf {
+                    tag: 1,
+                    q: 1 << 20,
+                    raw: 1.0f64.to_bits(),
+                },
+            );
+        }
+        tree.propagate(50..60, false);
+        assert!(tree.total() > 0);
+        let x = draw(&buffer, 32).unwrap();
+        assert!(x.iter().all(|&x| x < 10), "{x:?}");
+        assert_eq!(tree.total(), 0);
+        buffer.unlink().unwrap();
     }
 }

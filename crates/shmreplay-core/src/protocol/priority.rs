@@ -216,6 +216,12 @@ impl Geometry {
         self.levels.len()
     }
 
+    /// The bytes of level 0 (for tests that scribble it).
+    #[cfg(test)]
+    pub fn values_range(&self) -> std::ops::Range<usize> {
+        self.values..self.values + self.capacity.div_ceil(FANOUT) * FANOUT * 8
+    }
+
     fn leaf_offset(&self, index: usize) -> usize {
         self.leaves + index * LEAF_BYTES
     }
@@ -441,10 +447,16 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// changing those leaves left behind. Safe while other processes update (it is only
     /// recomputation).
     ///
-    /// First, `abandoned(index)` is asked about every leaf of the range that holds a value: if
-    /// it names the tag of a record the dead process was writing (claimed, never committed),
-    /// that leaf is zeroed unless it changed meanwhile (a writer taking the slot over retags it).
-    pub fn repair(&self, first: usize, last: usize, abandoned: impl Fn(usize) -> Option<u64>) {
+    /// First, `abandoned(index, leaf)` is asked about every leaf of the range that holds a
+    /// value: if it names a tag (the slot holds no record that leaf may count: one a dead process
+    /// claimed and never committed, say), the leaf is set to that tag and value 0, unless it
+    /// changed meanwhile (a writer taking the slot over retags it).
+    pub fn repair(
+        &self,
+        first: usize,
+        last: usize,
+        abandoned: impl Fn(usize, Leaf) -> Option<u64>,
+    ) {
         let capacity = self.geometry.capacity;
         let (first, last) = (first.min(capacity - 1), last.min(capacity - 1));
         let leaves: Vec<usize> = if first <= last {
@@ -455,8 +467,9 @@ impl<M: TreeMemory> Tree<'_, M> {
         for &index in &leaves {
             let cell = self.memory.cell(self.geometry.leaf_offset(index));
             let current = cell.load(Ordering::SeqCst);
-            if Leaf::decode(current, self.scale()).q > 0 {
-                if let Some(tag) = abandoned(index) {
+            let leaf = Leaf::decode(current, self.scale());
+            if leaf.q > 0 {
+                if let Some(tag) = abandoned(index, leaf) {
                     let empty = Leaf { tag, q: 0, raw: 0 }.encode(self.scale());
                     let _ =
                         cell.compare_exchange(current, empty, Ordering::SeqCst, Ordering::SeqCst);
@@ -683,7 +696,7 @@ mod tests {
         assert!(!t.update(18, 2, 1000, 0), "another record's tag");
         t.propagate([17], false);
         assert_eq!(t.total(), values.iter().sum::<u64>() - values[17] + 1000);
-        t.repair(4990, 20, |_| None);
+        t.repair(4990, 20, |_, _| None);
         assert!(t.is_consistent());
     }
 
@@ -916,7 +929,7 @@ mod loom_tests {
                 geometry: &*g,
                 memory: &*m,
             }
-            .repair(3, 3, |_| None);
+            .repair(3, 3, |_, _| None);
             live.join().unwrap();
             assert_exact(&g, &m);
         });
