@@ -144,7 +144,9 @@ def _priorities(value: Any, rows: int | None) -> np.ndarray | None:
         return None
     try:
         array = np.asarray(value)
-    except (TypeError, ValueError) as e:
+        if array.dtype.kind == "O":  # Python ints beyond int64, mixed numbers: as floats
+            array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
         raise TypeError(f"priority must be a number or an array of numbers ({e})") from None
     if array.dtype.kind not in "iuf":
         raise TypeError(f"priority must be a number or an array of numbers, got dtype {array.dtype}")
@@ -398,6 +400,8 @@ class ReplayBuffer:
         or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses, and
         ``ValueError`` on a negative, NaN or infinite priority.
         """
+        if priority is not None:
+            self._require_prioritized("priority=")
         priorities = _priorities(priority, None)
         if not self._raw.put(values, None, priorities):
             self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())], priorities)
@@ -410,6 +414,8 @@ class ReplayBuffer:
 
         Validates every field and priority before writing anything; errors as for :meth:`add`.
         """
+        if priority is not None:
+            self._require_prioritized("priority=")
         if type(batch) is dict:
             rows = _rows(batch)
             if rows is not None:

@@ -220,6 +220,9 @@ pub struct ReplayBuffer {
     /// (nanoseconds since `clock`).
     repair_due: AtomicU64,
     clock: Instant,
+    /// `(entry, owner)` of dead processes whose tree changes this process has repaired without
+    /// being able to reset them (their entry lock is held by a forked child that lives on).
+    repaired: Mutex<Vec<(usize, u64)>>,
 }
 
 impl ReplayBuffer {
@@ -348,6 +351,7 @@ impl ReplayBuffer {
             rng: AtomicU64::new(seed),
             repair_due: AtomicU64::new(0),
             clock: Instant::now(),
+            repaired: Mutex::new(Vec::new()),
         }
     }
 
@@ -595,7 +599,7 @@ impl ReplayBuffer {
             }
             entry.end();
             // Its dead owner may have been changing priorities: finish that first.
-            self.repair_entry(e);
+            self.repair_entry(e, true);
             write_owner(&self.segment, &self.layout, e, me);
             self.word(self.control(layout::C_ENTRIES_USED))
                 .fetch_max(e as u64 + 1, Ordering::AcqRel);

@@ -5,9 +5,9 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{Blocking, OutColumn, ReplayBuffer, WAIT_LIMIT};
+use super::{Blocking, NoBlocking, OutColumn, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
-use crate::layout::{Prioritized, Sampler};
+use crate::layout::{self, Prioritized, Sampler};
 use crate::platform::interrupt::Patience;
 use crate::platform::liveness::Liveness;
 use crate::platform::locks::LockKind;
@@ -81,6 +81,18 @@ impl RowPriorities {
             RowPriorities::Each(each) => Some(each[row]),
         }
     }
+
+    /// The largest raw priority among the rows.
+    fn largest(&self) -> f64 {
+        match self {
+            RowPriorities::Uniform => 0.0,
+            RowPriorities::All(_, raw) => f64::from_bits(*raw),
+            RowPriorities::Each(each) => each
+                .iter()
+                .map(|&(_, raw)| f64::from_bits(raw))
+                .fold(0.0, f64::max),
+        }
+    }
 }
 
 impl ReplayBuffer {
@@ -112,8 +124,13 @@ impl ReplayBuffer {
         }
     }
 
-    /// `(q, raw bits)` of raw priority `p`, or why it cannot be held.
-    fn quantize(&self, p: Prioritized, tree: &Tree<'_, Section<'_>>, raw: f64) -> Result<u64> {
+    /// `(q, raw bits)` of raw priority `raw` (-0 is held as 0), or why it cannot be held.
+    fn quantize(
+        &self,
+        p: Prioritized,
+        tree: &Tree<'_, Section<'_>>,
+        raw: f64,
+    ) -> Result<(u64, u64)> {
         let scale = tree.geometry.scale;
         let bad = |why: String| Err(Error::InvalidArgument(why));
         if !(raw.is_finite() && raw >= 0.0) {
@@ -121,7 +138,7 @@ impl ReplayBuffer {
         }
         let v = (raw + p.eps).powf(p.alpha);
         match scale.quantize(v) {
-            Some(q) => Ok(q),
+            Some(q) => Ok((q, (raw + 0.0).to_bits())),
             None => bad(format!(
                 "priority {raw} gives (p + eps)^alpha = {v:e}, above the largest value this \
                  buffer holds ({:e})",
@@ -147,23 +164,18 @@ impl ReplayBuffer {
         let (p, tree) = self.prioritized("priorities")?;
         match priorities {
             None => {
-                let raw = tree.max_raw();
-                Ok(RowPriorities::All(
-                    self.quantize(p, &tree, raw)?,
-                    raw.to_bits(),
-                ))
+                let (q, raw) = self.quantize(p, &tree, tree.max_raw())?;
+                Ok(RowPriorities::All(q, raw))
             }
             Some([raw]) => {
-                let q = self.quantize(p, &tree, *raw)?;
-                tree.raise_max_raw(*raw);
-                Ok(RowPriorities::All(q, raw.to_bits()))
+                let (q, raw) = self.quantize(p, &tree, *raw)?;
+                Ok(RowPriorities::All(q, raw))
             }
             Some(each) if each.len() == rows => {
                 let values = each
                     .iter()
-                    .map(|&raw| Ok((self.quantize(p, &tree, raw)?, raw.to_bits())))
+                    .map(|&raw| self.quantize(p, &tree, raw))
                     .collect::<Result<Vec<_>>>()?;
-                tree.raise_max_raw(each.iter().copied().fold(0.0, f64::max));
                 Ok(RowPriorities::Each(values))
             }
             Some(each) => Err(Error::InvalidArgument(format!(
@@ -173,51 +185,58 @@ impl ReplayBuffer {
         }
     }
 
-    // ---- the range of leaves a handle is changing ----
+    // ---- changes in flight, and their repair after a death ----
 
-    /// Records that this entry is changing the leaves `first..=last` (wrapping when smaller).
-    pub(crate) fn begin_tree_change(&self, entry: usize, first: usize, last: usize) {
-        self.entry_word(entry, handles::E_TREE_LAST)
-            .store(last as u64, Ordering::SeqCst);
-        self.entry_word(entry, handles::E_TREE_FIRST)
-            .store(first as u64 + 1, Ordering::SeqCst);
+    /// This entry's process starts changing leaves (any thread: the count is shared).
+    pub(crate) fn begin_tree_change(&self, entry: usize) {
+        self.entry_word(entry, handles::E_TREE_CHANGES)
+            .fetch_add(1, Ordering::SeqCst);
     }
 
-    /// The change is done and its ancestors recomputed.
+    /// A change is done and its ancestors recomputed.
     pub(crate) fn end_tree_change(&self, entry: usize) {
-        self.entry_word(entry, handles::E_TREE_FIRST)
-            .store(0, Ordering::SeqCst);
+        self.entry_word(entry, handles::E_TREE_CHANGES)
+            .fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Recomputes what entry `e`'s dead process left half-changed, and forgets it. The caller
-    /// holds the entry's lock (so no new owner is using it).
-    pub(crate) fn repair_entry(&self, e: usize) {
-        let Some(tree) = self.tree() else { return };
-        let first = self
-            .entry_word(e, handles::E_TREE_FIRST)
-            .load(Ordering::SeqCst);
-        if first == 0 {
-            return;
+    /// Recomputes the tree if entry `e`'s dead process had a change in flight: every leaf of a
+    /// slot it claimed and never committed is retagged to the claimed record with no value
+    /// (whatever it held: the old record's value, the new one's, or an update that landed on
+    /// the old tag meanwhile), then every node is recomputed. With `forget`, the count is reset
+    /// (the caller holds the entry's lock, so no new owner is using it). Returns whether it
+    /// repaired anything.
+    pub(crate) fn repair_entry(&self, e: usize, forget: bool) -> bool {
+        let Some(tree) = self.tree() else {
+            return false;
+        };
+        let changes = self.entry_word(e, handles::E_TREE_CHANGES);
+        if changes.load(Ordering::SeqCst) == 0 {
+            return false;
         }
-        let last = self
-            .entry_word(e, handles::E_TREE_LAST)
-            .load(Ordering::SeqCst);
-        // A slot the dead process claimed and never committed holds no record: its leaf, which
-        // may still hold the old record's value or the new one's, must hold none.
         let capacity = self.capacity();
         let scale = tree.geometry.scale;
-        let abandoned = |index: usize, _| {
+        tree.repair(0, self.layout.capacity - 1, |index, _| {
             let word = self.seq(index).load(Ordering::Acquire);
             (slot::is_busy(word) && slot::names_a_ticket(word) && slot::owner_of(word) == e)
                 .then(|| scale.tag(slot::ticket_of(word), capacity))
-        };
-        tree.repair((first - 1) as usize, last as usize, abandoned);
-        self.end_tree_change(e);
+        });
+        if forget {
+            changes.store(0, Ordering::SeqCst);
+        }
+        true
     }
 
-    /// Every `REPAIR_EVERY`, looks for entries whose process died while changing the tree and
-    /// repairs what they left: ordinary calls do it, no special call is needed.
-    pub(crate) fn repair_if_due(&self) {
+    /// After an insert wrote rows: the largest raw priority ever set takes theirs into account.
+    pub(crate) fn inserted_priorities(&self, priorities: &RowPriorities) {
+        if let Some(tree) = self.tree() {
+            tree.raise_max_raw(priorities.largest());
+        }
+    }
+
+    /// Every `REPAIR_EVERY`, looks for entries whose process died with a change of the tree in
+    /// flight and repairs it: ordinary calls do it, no special call is needed. The repair reads
+    /// the whole tree, so it runs through `blocking` (outside the embedder's lock).
+    pub(crate) fn repair_if_due(&self, blocking: &mut dyn Blocking) {
         if self.layout.priority.is_none() {
             return;
         }
@@ -237,26 +256,39 @@ impl ReplayBuffer {
             return;
         }
         let mine = self.registered_entry();
-        let mut lock = None;
-        for e in 0..self.entries_used() {
-            if Some(e) == mine
-                || self
-                    .entry_word(e, handles::E_TREE_FIRST)
+        let pending: Vec<usize> = (0..self.entries_used())
+            .filter(|&e| Some(e) != mine)
+            .filter(|&e| {
+                self.entry_word(e, handles::E_TREE_CHANGES)
                     .load(Ordering::SeqCst)
-                    == 0
-            {
-                continue;
-            }
-            let lock = lock.get_or_insert_with(|| self.current_lock_file());
-            if self.entry_liveness(e, lock) != Liveness::Dead {
-                continue;
-            }
-            // Holding the entry's lock keeps a new owner out while its range is repaired.
-            if let Ok(true) = lock.try_lock(super::entry_lock(e), LockKind::Exclusive) {
-                self.repair_entry(e);
-                lock.unlock(super::entry_lock(e));
-            }
+                    != 0
+            })
+            .collect();
+        if pending.is_empty() {
+            return;
         }
+        let lock = self.current_lock_file();
+        blocking.block(&mut || {
+            for &e in &pending {
+                if self.entry_liveness(e, &lock) != Liveness::Dead {
+                    continue;
+                }
+                // Holding the entry's lock keeps a new owner out while it is repaired and reset.
+                if let Ok(true) = lock.try_lock(super::entry_lock(e), LockKind::Exclusive) {
+                    self.repair_entry(e, true);
+                    lock.unlock(super::entry_lock(e));
+                    continue;
+                }
+                // Dead, but its lock is held through a description a forked child inherited:
+                // nobody can reuse the entry, so repair without resetting, once per process
+                // and owner (the repair is idempotent).
+                let owner = self.owner(e).word;
+                let mut repaired = self.repaired.lock().unwrap_or_else(|p| p.into_inner());
+                if !repaired.contains(&(e, owner)) && self.repair_entry(e, false) {
+                    repaired.push((e, owner));
+                }
+            }
+        });
     }
 
     // ---- sampling ----
@@ -301,7 +333,7 @@ impl ReplayBuffer {
         if n == 0 {
             return Ok(());
         }
-        self.repair_if_due();
+        self.repair_if_due(blocking);
         let total = tree.total();
         if total == 0 {
             return self.sample_all_zero(out, index, key, info, &tree, blocking);
@@ -361,6 +393,8 @@ impl ReplayBuffer {
                     retries += 1;
                     misses += 1;
                     if misses % MISSES_BEFORE_CHECK == 0 {
+                        // A writer that died holding a drawn slot: its repair drops the slot.
+                        self.repair_if_due(&mut NoBlocking);
                         if misses >= MISSES_BEFORE_RESYNC && !resynced {
                             self.resync_tree(&tree);
                             resynced = true;
@@ -480,20 +514,26 @@ impl ReplayBuffer {
             .zip(priorities)
             .enumerate()
             .map(|(order, (&key, &raw))| {
-                let q = self.quantize(params, &tree, raw)?;
+                let (q, raw) = self.quantize(params, &tree, raw)?;
                 Ok((key % capacity, key, std::cmp::Reverse(order), q, raw))
             })
             .collect::<Result<Vec<_>>>()?;
         if updates.is_empty() {
             return Ok(0);
         }
-        self.repair_if_due();
+        self.repair_if_due(blocking);
         let entry = self.ensure_registered(blocking)?;
         updates.sort_unstable_by_key(|&(slot, key, order, ..)| (slot, key, order));
         updates.dedup_by_key(|u| u.1);
-        let (first, last) = (updates[0].0, updates[updates.len() - 1].0);
-        self.begin_tree_change(entry, first as usize, last as usize);
+        // Keys from before this lap horizon might share their lap tag with the record now in
+        // their slot (tags are the lap modulo 2^24 or more): stale, without looking. Keys at or
+        // past the cursor were never issued.
+        let cursor = self
+            .word(self.control(layout::C_CURSOR))
+            .load(Ordering::Acquire);
         let scale = tree.geometry.scale;
+        let oldest = scale.oldest_distinguishable(cursor, capacity);
+        self.begin_tree_change(entry);
         let mut changed = Vec::with_capacity(updates.len());
         let mut largest = 0.0f64;
         for (i, &(index, key, _, q, raw)) in updates.iter().enumerate() {
@@ -501,15 +541,15 @@ impl ReplayBuffer {
             if let Some(&(ahead, ..)) = updates.get(i + PREFETCH_AHEAD) {
                 tree.prefetch_leaf(ahead as usize);
             }
-            // The leaf's tag alone decides: a writer retags the leaf as soon as it claims the
-            // slot, so a key whose record is being or has been overwritten no longer matches.
-            // (The slot's version word is not read: it is one more cache miss per key.)
+            // The leaf's tag decides: a writer retags the leaf as soon as it claims the slot, so
+            // a key whose record is being or has been overwritten no longer matches. (The
+            // slot's version word is not read: it is one more cache miss per key.)
             let index = index as usize;
-            if key <= slot::MAX_TICKET
-                && tree.update(index, scale.tag(key, capacity), q, raw.to_bits())
+            if (oldest..cursor).contains(&key)
+                && tree.update(index, scale.tag(key, capacity), q, raw)
             {
                 changed.push(index);
-                largest = largest.max(raw);
+                largest = largest.max(f64::from_bits(raw));
             }
         }
         tree.propagate(changed.iter().copied(), false);

@@ -105,7 +105,7 @@ impl ReplayBuffer {
         if n == 0 {
             return Ok(0);
         }
-        self.repair_if_due();
+        self.repair_if_due(blocking);
         let mut handle = self.lock_handle(blocking)?;
         let entry = self
             .prepare(&mut handle, blocking, true, false)?
@@ -144,13 +144,7 @@ impl ReplayBuffer {
             };
             let first_index = (first_ticket % self.capacity()) as usize;
             if writer.leaves.is_some() {
-                let last = ((first_ticket + take - 1) % self.capacity()) as usize;
-                let (first, last) = if take >= self.capacity() {
-                    (0, self.layout.capacity - 1)
-                } else {
-                    (first_index, last)
-                };
-                self.begin_tree_change(entry, first, last);
+                self.begin_tree_change(entry);
             }
             let written = (|| {
                 for k in 0..take {
@@ -177,6 +171,9 @@ impl ReplayBuffer {
         self.count(entry, Counter::Recovered, writer.recovered);
         self.count(entry, Counter::Superseded, writer.superseded);
         self.count(entry, Counter::Lost, writer.lost);
+        if writer.inserted > 0 {
+            self.inserted_priorities(&priorities);
+        }
         drop(handle);
         result
     }

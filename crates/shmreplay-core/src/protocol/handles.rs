@@ -10,7 +10,7 @@
 //! firsts     how many slots were first filled through this entry (monotone, never reset)
 //! counters   inserts, samples, retries, recovered, superseded, lost, stale updates (monotone,
 //!            never reset)
-//! tree       the priority-tree leaves being changed: first + 1 (0: none) and last slot index
+//! changes    how many changes of the priority tree the entry's process has in flight
 //! ```
 //!
 //! Who owns an entry is decided by a kernel lock (see `platform::locks`), not by these words.
@@ -44,11 +44,11 @@ pub(crate) const E_NAMESPACE: usize = 8;
 pub(crate) const E_INTENT: usize = 16;
 pub(crate) const E_FIRSTS: usize = 24;
 pub(crate) const E_COUNTERS: usize = 32;
-/// The range of priority-tree leaves this entry's process is changing (see
-/// `protocol::priority`): first slot + 1 (0: none), then the last slot (wrapping if smaller).
-pub(crate) const E_TREE_FIRST: usize = E_COUNTERS + 8 * Counter::ALL.len();
-pub(crate) const E_TREE_LAST: usize = E_TREE_FIRST + 8;
-const _: () = assert!(E_TREE_LAST + 8 <= 128, "an entry is 128 bytes");
+/// How many changes of the priority tree (leaves changed, ancestors not yet recomputed; see
+/// `protocol::priority`) this entry's process has in flight, over all its threads: if it dies
+/// with any, whoever finds it dead recomputes the tree.
+pub(crate) const E_TREE_CHANGES: usize = E_COUNTERS + 8 * Counter::ALL.len();
+const _: () = assert!(E_TREE_CHANGES + 8 <= 128, "an entry is 128 bytes");
 
 /// Per-entry event counters, summed over all entries for the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -12,7 +12,8 @@
 //! agree. The tag is the lap of the slot's insert ticket (`ticket / capacity + 1`, modulo
 //! `2^(64-b)`, at least 2^24): a writer retags the leaf when it claims the slot, and an update
 //! CASes the leaf only if it still carries its key's tag, so an update can never land on a newer
-//! record (it would need its process paused between two instructions for 2^24 laps of the ring).
+//! record. (Keys from 2^24 laps back or more, whose tag a newer record could share, are refused
+//! before the CAS: `Scale::oldest_distinguishable`.)
 //!
 //! **Nodes.** Level 0 is a compact copy of every leaf's `q` (16 siblings in two cache lines, for
 //! the descent). Each internal node holds two words: the sum of its children and the smallest
@@ -120,9 +121,17 @@ impl Scale {
         u64::MAX >> self.q_bits
     }
 
-    /// The tag of the record of `ticket` in a ring of `capacity` slots: its lap, plus one.
+    /// The tag of the record of `ticket` in a ring of `capacity` slots: its lap, plus one
+    /// (modulo `2^(64 - b)`).
     pub fn tag(&self, ticket: u64, capacity: u64) -> u64 {
         (ticket / capacity + 1) & self.tag_mask()
+    }
+
+    /// The oldest key whose tag no later record of its slot can share, with the insert cursor
+    /// at `cursor`: keys from `2^(64 - b) - 1` laps before it or older could match a newer
+    /// record's tag, so updates treat them as stale without looking.
+    pub fn oldest_distinguishable(&self, cursor: u64, capacity: u64) -> u64 {
+        cursor.saturating_sub(capacity.saturating_mul(self.tag_mask()))
     }
 }
 
@@ -344,10 +353,17 @@ impl<M: TreeMemory> Tree<'_, M> {
         }
     }
 
-    /// The sums of node `node` of level `level`'s children.
+    /// The sums of node `node` of level `level`'s children: those that exist (the last node of
+    /// a level has fewer; the padding after them is never read, so scribbled padding can lead
+    /// nowhere).
     fn children(&self, level: usize, node: usize) -> &[AtomicU64] {
+        let below = match level {
+            1 => self.geometry.capacity,
+            _ => self.geometry.levels[level - 2].nodes,
+        };
+        let count = below.saturating_sub(node * FANOUT).min(FANOUT);
         self.memory
-            .words(self.geometry.children_offset(level, node), FANOUT)
+            .words(self.geometry.children_offset(level, node), count)
     }
 
     /// `(sum, smallest positive)` of node `node` of level `level`'s children.
@@ -361,7 +377,8 @@ impl<M: TreeMemory> Tree<'_, M> {
             sums
         } else {
             let below = self.geometry.levels[level - 2];
-            self.memory.words(below.mins + node * FANOUT * 8, FANOUT)
+            self.memory
+                .words(below.mins + node * FANOUT * 8, sums.len())
         };
         (
             sum,
@@ -447,10 +464,10 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// changing those leaves left behind. Safe while other processes update (it is only
     /// recomputation).
     ///
-    /// First, `abandoned(index, leaf)` is asked about every leaf of the range that holds a
-    /// value: if it names a tag (the slot holds no record that leaf may count: one a dead process
-    /// claimed and never committed, say), the leaf is set to that tag and value 0, unless it
-    /// changed meanwhile (a writer taking the slot over retags it).
+    /// First, `abandoned(index, leaf)` is asked about every leaf of the range: if it names a tag
+    /// (the slot holds no record that leaf may count: one a dead process claimed and never
+    /// committed, say), the leaf is set to that tag with no value, unless it changed meanwhile
+    /// (a writer taking the slot over retags it).
     pub fn repair(
         &self,
         first: usize,
@@ -467,10 +484,9 @@ impl<M: TreeMemory> Tree<'_, M> {
         for &index in &leaves {
             let cell = self.memory.cell(self.geometry.leaf_offset(index));
             let current = cell.load(Ordering::SeqCst);
-            let leaf = Leaf::decode(current, self.scale());
-            if leaf.q > 0 {
-                if let Some(tag) = abandoned(index, leaf) {
-                    let empty = Leaf { tag, q: 0, raw: 0 }.encode(self.scale());
+            if let Some(tag) = abandoned(index, Leaf::decode(current, self.scale())) {
+                let empty = Leaf { tag, q: 0, raw: 0 }.encode(self.scale());
+                if empty != current {
                     let _ =
                         cell.compare_exchange(current, empty, Ordering::SeqCst, Ordering::SeqCst);
                 }
@@ -484,12 +500,15 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// only in scribbled memory, where [`pick`] still stays inside the node.
     #[inline]
     fn ends(&self, level: usize, node: usize) -> [u64; FANOUT] {
+        let children = self.children(level, node);
         let mut ends = [0u64; FANOUT];
         let mut total = 0u64;
-        for (end, child) in ends.iter_mut().zip(self.children(level, node)) {
+        for (end, child) in ends.iter_mut().zip(children) {
             total = total.wrapping_add(child.load(Ordering::Relaxed));
             *end = total;
         }
+        // Children that do not exist: empty ranges at the end, never picked.
+        ends[children.len()..].fill(total);
         ends
     }
 
