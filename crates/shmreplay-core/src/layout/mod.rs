@@ -234,10 +234,15 @@ impl Layout {
         let slots_offset = (handles_offset + MAX_HANDLES * ENTRY_BYTES).next_multiple_of(4096);
         let slots_len = capacity.checked_mul(slot_bytes).ok_or_else(too_big)?;
         let slots_end = slots_offset.checked_add(slots_len).ok_or_else(too_big)?;
-        let priority = sampler.prioritized().map(|_| {
-            let offset = slots_end.next_multiple_of(4096);
-            (offset, Geometry::new(capacity))
-        });
+        let priority = match sampler.prioritized() {
+            None => None,
+            Some(_) => {
+                let offset = slots_end
+                    .checked_next_multiple_of(4096)
+                    .ok_or_else(too_big)?;
+                Some((offset, Geometry::new(capacity)))
+            }
+        };
         let total_bytes = match &priority {
             Some((offset, geometry)) => offset.checked_add(geometry.bytes),
             None => Some(slots_end),
