@@ -96,12 +96,11 @@ const E_FIRSTS: usize = 24;
 const E_COUNTERS: usize = 32;
 /// Per-entry counters: inserts, samples, retries, recovered, superseded, lost, stale updates.
 const COUNTERS: usize = 7;
-/// The range of priority-tree leaves the entry's process is changing: first slot + 1 (0:
-/// none), last slot.
-const E_TREE_FIRST: usize = E_COUNTERS + 8 * COUNTERS;
-const E_TREE_LAST: usize = E_TREE_FIRST + 8;
+/// How many changes of the priority tree the entry's process has in flight (0 when quiet; a
+/// dead entry with any makes its finder recompute the whole tree).
+const E_TREE_CHANGES: usize = E_COUNTERS + 8 * COUNTERS;
 /// Bytes of an entry that hold words; the rest is zero.
-const ENTRY_WORDS_END: usize = E_TREE_LAST + 8;
+const ENTRY_WORDS_END: usize = E_TREE_CHANGES + 8;
 /// The intent word's snapshot of `firsts` takes its low 12 bits.
 const SNAPSHOT_BITS: u32 = 12;
 
@@ -1351,15 +1350,11 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
         (INSERTED, SAMPLED, CAPACITY)
     );
     assert_eq!(
-        (
-            E_COUNTERS + 8 * Counter::ALL.len(),
-            E_TREE_FIRST,
-            E_TREE_LAST
-        ),
-        (88, 88, 96),
-        "an entry's words: 4, then the 7 counters, then the tree range"
+        (E_COUNTERS + 8 * Counter::ALL.len(), E_TREE_CHANGES),
+        (88, 88),
+        "an entry's words: 4, then the 7 counters, then the tree changes in flight"
     );
-    // A uniform buffer never records a tree range: its E_TREE_* words stay 0.
+    // A uniform buffer never changes a tree: its E_TREE_CHANGES word stays 0.
     assert!(
         data[entry + E_COUNTERS + 8 * COUNTERS..m.handles() + MAX_HANDLES * ENTRY_BYTES]
             .iter()
@@ -1442,7 +1437,7 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
 
 /// The prioritized pristine segment against the mirror: header and sampler words, the
 /// priority section byte for byte (head, leaves, level 0, every node's sum and minimum), the
-/// creator's entry (counters, tree range); then prioritized segments of other shapes and
+/// creator's entry (counters, tree changes in flight); then prioritized segments of other shapes and
 /// parameters, fresh and filled (trees of one to five levels, and one whose fixed point has
 /// fewer than 40 bits).
 #[test]
@@ -1498,8 +1493,7 @@ fn prioritized_pristine_copy_attaches_and_matches_the_mirror() {
         }
     }
 
-    // Control words and entry 0, as for the uniform segment, plus the stale update and the
-    // tree range: none in progress, the last one was the update's slots 0..=12.
+    // Control words and entry 0, as for the uniform segment, plus the stale update, and no tree change in flight.
     assert_eq!(word(data, m.control() + C_CURSOR), P_INSERTED, "C_CURSOR");
     let entry = m.entry(0);
     assert_eq!(word(data, entry + E_INTENT), 0, "E_INTENT");
@@ -1532,8 +1526,7 @@ fn prioritized_pristine_copy_attaches_and_matches_the_mirror() {
         ),
         (P_INSERTED, P_SAMPLED, 1, P_CAPACITY)
     );
-    assert_eq!(word(data, entry + E_TREE_FIRST), 0, "E_TREE_FIRST");
-    assert_eq!(word(data, entry + E_TREE_LAST), 12, "E_TREE_LAST");
+    assert_eq!(word(data, entry + E_TREE_CHANGES), 0, "E_TREE_CHANGES");
     assert!(
         data[entry + ENTRY_WORDS_END..m.handles() + MAX_HANDLES * ENTRY_BYTES]
             .iter()
@@ -1669,14 +1662,10 @@ fn prioritized_pristine_copy_attaches_and_matches_the_mirror() {
         check_tree(&data, &m, &leaves, max_raw, &shape);
         assert_eq!(buffer.priority_tree_is_exact(), Some(true), "{shape}");
         let entry = m.entry(0);
-        let range = if filled { (0, capacity - 1) } else { (0, 0) };
         assert_eq!(
-            (
-                word(&data, entry + E_TREE_FIRST),
-                word(&data, entry + E_TREE_LAST)
-            ),
-            range,
-            "tree range words of entry 0 ({shape})"
+            word(&data, entry + E_TREE_CHANGES),
+            0,
+            "no tree change in flight in entry 0 ({shape})"
         );
         assert_eq!(
             forge(&data, capacity, None, m.record_bytes, 0),
@@ -2158,16 +2147,15 @@ proptest! {
         check_directory_word(p, (entry, field), value, use_tag.then_some(tag), sealed)?;
     }
 
-    /// As `control_and_handle_table_words`, for a prioritized copy, and its entries' tree
-    /// range words (the attacher that takes entry 0 repairs the range it names: recomputing an
-    /// exact tree changes nothing).
+    /// As `control_and_handle_table_words`, for a prioritized copy, and its entries' counts of
+    /// tree changes in flight (the attacher that takes entry 0 recomputes the tree if its count
+    /// is not 0: recomputing an exact tree changes nothing).
     #[test]
     fn prioritized_control_and_handle_table_words(
         index in prop_oneof![
             (0usize..2).prop_map(|w| prioritized_pristine().mirror.control() + [C_CURSOR, C_ENTRIES_USED][w]),
             (0usize..3, 0usize..ENTRY_BYTES / 8).prop_map(|(e, w)| prioritized_pristine().mirror.entry(e) + 8 * w),
-            (0usize..2, prop::sample::select(vec![E_TREE_FIRST, E_TREE_LAST]))
-                .prop_map(|(e, w)| prioritized_pristine().mirror.entry(e) + w),
+            (0usize..2).prop_map(|e| prioritized_pristine().mirror.entry(e) + E_TREE_CHANGES),
             ((SCHEMA_TEXT + prioritized_pristine().mirror.schema_len as usize).div_ceil(8)
                 ..prioritized_pristine().mirror.slots() / 8)
                 .prop_map(|w| 8 * w),
@@ -2217,7 +2205,7 @@ proptest! {
     }
 
     /// A control word, a handle-table word (owner, namespace, intent, size count, counters,
-    /// tree range) or padding set to a random, boundary or nearby value: none is checked by
+    /// tree changes in flight) or padding set to a random, boundary or nearby value: none is checked by
     /// `attach`, so the segment opens, and everything works; counters are summed with wrapping.
     #[test]
     fn control_and_handle_table_words(
