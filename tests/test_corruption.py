@@ -938,9 +938,9 @@ def _sample_by_priority(buf: ReplayBuffer, before: View) -> None:
         _, q, raw = tree.leaf(i)
         values.append(q)
         assert same_float(info["priority"][row], f64(raw))
-        assert info["probability"][row] == q / tree.total()
+        assert info["probability"][row] == float(q) / float(tree.total())  # as f64, then divided
     v_min = min(values) if tree.minimum() == 0 else min(tree.minimum(), *values)
-    expected = np.array([(q / v_min) ** -0.4 for q in values], dtype=np.float32)  # beta 0.4
+    expected = np.array([(float(q) / float(v_min)) ** -0.4 for q in values], dtype=np.float32)  # beta 0.4
     assert np.allclose(info["weight"], expected, rtol=1e-6) and np.all(info["weight"] <= 1), info
     # (a drawn slot may hold a record of another slot: its key addresses that other slot)
     keys = info["key"]
@@ -1127,9 +1127,13 @@ def _check_model_of(tmp_path, name: str, cap: int, fields, sampler) -> None:
                 [q] + [0] * (roundup(level["nodes"], FANOUT) - 1))
         assert tree.total() == tree.minimum() == q and tree.levels[-1]["nodes"] == 1
         assert buf.stats()["priority_total"] == q / 2**fraction_bits
-        # the next record goes into leaf 1 with the largest raw priority so far; its tag is its
-        # lap, so after a wrap the leaf of slot 0 carries tag 2
+        # an add without a priority takes the largest raw priority so far (2.5), under the tag
+        # of its ticket's lap (+1): ticket 1 is in slot 1, or in slot 0 on its second lap
         buf.add(**row)
+        view = View(read_file(buf.path))
+        assert view.tree.leaf(1 % cap) == (1 // cap + 1, q, bits_of(2.5)) and view.tree.total() == q * min(cap, 2)
+        # a whole lap more, of priority 0: every leaf holds its latest record's tag, with the
+        # value of (0 + eps) ** alpha
         buf.extend({f: np.stack([a] * cap) for f, a in row.items()}, priority=0.0)
         view = View(read_file(buf.path))
         zero = quantize(math.pow(model.eps, model.alpha), fraction_bits)
@@ -1164,7 +1168,7 @@ def test_pristine_copy_attaches(pristine):
         assert [tree.leaf(k % CAP) for k in range(3, CAP + 3)] == [(tree.tag(k), q[k], bits_of(priority_of(k))) for k in range(3, CAP + 3)]
         assert tree.total() == sum(q.values()) and tree.minimum() == min(q.values())
         assert info["priority"].tolist() == [priority_of(k) for k in info["key"].tolist()]
-        assert info["probability"].tolist() == [q[k] / tree.total() for k in info["key"].tolist()]
+        assert info["probability"].tolist() == [float(q[k]) / float(tree.total()) for k in info["key"].tolist()]
         assert buf.priorities(np.arange(CAP + 3, dtype=np.uint64)).tolist()[3:] == [priority_of(k) for k in range(3, CAP + 3)]
         assert all(math.isnan(x) for x in buf.priorities(np.arange(3, dtype=np.uint64)).tolist())
     finally:
@@ -1793,8 +1797,8 @@ def test_garbage_in_priority_tree(rings, deep_ring, data):
     validated, so the buffer opens, and everything works as those words say: the priority total
     and maximum in stats are the root's sum and the head; sample descends the scribbled nodes
     and returns only readable records whose leaf holds a value under their tag, with the
-    probability the root's sum implies; priorities reads the leaves, update_priorities applies
-    to records whose leaf carries their tag; an add without a priority takes the head's (or
+    probability the root's sum implies; priorities and update_priorities find a record when its
+    slot holds it and its leaf carries its tag; an add without a priority takes the head's (or
     raises ValueError when the tree cannot hold it)."""
     if rings["full"].sampler is None:
         pytest.skip("a uniform buffer has no priority tree")
@@ -1864,15 +1868,17 @@ def test_priority_offset_past_2_64_is_refused(pristine):
 @pytest.mark.xfail(strict=True, reason="known core problem: Tree::descend follows a padding node's sum to "
                    "children past the section (PanicException: segment access out of bounds)")
 def test_descent_stays_in_the_priority_section(deep_ring):
-    """Scribbled sums in the padding of the tree's first level of nodes (entries past its 19
-    nodes), made reachable from the root: the descent must not follow them past the leaves
-    into memory beyond the section (and the file), which the core's bounds check turns into a
-    panic; a leaf past the capacity is nothing, so i.i.d. draws go elsewhere."""
+    """A scribbled sum in the padding of the tree's first level of nodes (an entry past its 19
+    nodes), made reachable from the root and holding most of the mass: the descent must not
+    follow it past the leaves into memory beyond the section (and the file), which the core's
+    bounds check turns into a panic; a leaf past the capacity is nothing, so i.i.d. draws go
+    elsewhere."""
     p = deep_ring
     buf = bytearray(p.data)
     tree = View(p.data).tree
     level1, level2, root = tree.levels
-    put(buf, tree.base + level1["sums"] + 8 * 31, 10**6)  # node 31: leaves 496..511 (there are 304)
+    # node 31 (leaves 496..511; there are 304), with 100 times the mass of the real leaves
+    put(buf, tree.base + level1["sums"] + 8 * 31, 100 * tree.total())
     scribbled = TreeView(bytes(buf), tree.base, tree.length, tree.capacity)
     put(buf, tree.base + level2["sums"] + 8, sum(scribbled.children(2, 1)))
     scribbled = TreeView(bytes(buf), tree.base, tree.length, tree.capacity)

@@ -1493,7 +1493,8 @@ fn prioritized_pristine_copy_attaches_and_matches_the_mirror() {
         }
     }
 
-    // Control words and entry 0, as for the uniform segment, plus the stale update, and no tree change in flight.
+    // Control words and entry 0, as for the uniform segment, plus the stale update, and no
+    // tree change in flight.
     assert_eq!(word(data, m.control() + C_CURSOR), P_INSERTED, "C_CURSOR");
     let entry = m.entry(0);
     assert_eq!(word(data, entry + E_INTENT), 0, "E_INTENT");
