@@ -28,9 +28,10 @@ regions (control words, handle table, slots, priority tree) hold: ``len``, ``sta
 then be wrong, but they are the numbers the shared words imply: ``View`` models how the core
 reads the size (per-entry ``firsts`` plus the adjustments of the inserts in progress,
 ``protocol/handles.rs``) and the counters (sums over the entries used), which slots are readable
-(the version word of ``protocol/slot.rs``), and ``TreeView`` what the priority tree holds and
-which leaves each row of a prioritized batch can descend to; ``len`` always stays within
-[0, capacity].
+(the version word of ``protocol/slot.rs``), and ``TreeView`` what the priority tree holds,
+which leaves each row of a prioritized batch can descend to, and how the core rewrites the tree
+when it repairs what a dead process left half-changed, resyncs it with the slots (after draws
+that keep missing) or applies updates; ``len`` always stays within [0, capacity].
 
 Version 3 has no reaper word (gc decides with kernel locks, ``protocol/gate.rs``), so there is
 no "marked removed" outcome any more: nothing in the file's bytes can make attach report a
@@ -98,9 +99,11 @@ MAX_HANDLES = 1024
 E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS = 0, 8, 16, 24
 COUNTERS = ("inserts", "samples", "retries", "recovered", "superseded", "lost", "stale_updates")
 E_COUNTER = {name: 32 + 8 * i for i, name in enumerate(COUNTERS)}
-# The priority-tree leaves the entry's process is changing: first slot + 1 (0: none), last slot.
-E_TREE_FIRST, E_TREE_LAST = 88, 96
-E_UNUSED = range(104, ENTRY_BYTES, 8)
+# How many changes of the priority tree the entry's process has in flight (leaves changed,
+# ancestors not yet recomputed; 0 normally): whoever finds the process dead with a nonzero count
+# recomputes the whole tree (and retags to no value the leaves of the slots it left busy).
+E_TREE_CHANGES = 88
+E_UNUSED = range(96, ENTRY_BYTES, 8)
 SNAPSHOT_MASK = 0xFFF  # an intent word is (ticket + 1) << 12 | (firsts & 0xfff)
 # Slot version word (protocol/slot.rs): ticket + 1 in bits 63..12, FIRST, owner entry, busy.
 BUSY, OWNER_SHIFT, OWNER_MASK, FIRST, TICKET_SHIFT = 1, 1, 0x3FF, 1 << 11, 12
@@ -114,8 +117,9 @@ U64 = 2**64 - 1
 I64_MAX = 2**63 - 1
 # The priority section (protocol/priority.rs): a head (the largest raw priority ever set, f64
 # bits, 0 meaning 1.0), then one 16-byte leaf per slot (tag << q_bits | q, raw priority bits),
-# then each level of 16-ary nodes up to the root: sums, then minima, one word per node. Leaves
-# and node arrays are padded to whole nodes of FANOUT.
+# then level 0 (a compact copy of every leaf's q, one word per slot), then each level of 16-ary
+# nodes up to the root: sums, then minima, one word per node. Leaves, level 0 and node arrays
+# are padded to whole nodes of FANOUT; the padding is never read.
 FANOUT, TREE_HEAD_BYTES, LEAF_BYTES, MAX_RAW = 16, 128, 16, 0
 V_BITS, MAX_Q_BITS, SUM_BITS = 20, 40, 62
 CODES = {"b1": 1, "u1": 1, "u2": 2, "u4": 4, "u8": 8, "i1": 1, "i2": 2, "i4": 4, "i8": 8, "f2": 2, "f4": 4, "f8": 8}
@@ -247,12 +251,14 @@ def scale(capacity: int) -> tuple[int, int]:
 
 
 def geometry(capacity: int) -> dict:
-    """Mirror of ``Geometry::new``: where the leaves and each level of nodes (level 1, the
-    leaves' parents, first; the root's last) are in the priority section, and its size."""
+    """Mirror of ``Geometry::new``: where the leaves, level 0 (the copies of the leaves' q) and
+    each level of nodes (level 1, the parents of level 0, first; the root's last) are in the
+    priority section, and its size."""
     def whole(n: int) -> int:
         return roundup(n, FANOUT)
 
-    at = TREE_HEAD_BYTES + whole(capacity) * LEAF_BYTES
+    values = TREE_HEAD_BYTES + whole(capacity) * LEAF_BYTES
+    at = values + whole(capacity) * 8
     levels, below = [], capacity
     while True:
         nodes = -(-below // FANOUT)
@@ -263,7 +269,8 @@ def geometry(capacity: int) -> dict:
         if nodes <= 1:
             break
     q_bits, fraction_bits = scale(capacity)
-    return {"leaves": TREE_HEAD_BYTES, "levels": levels, "bytes": at, "q_bits": q_bits, "fraction_bits": fraction_bits}
+    return {"leaves": TREE_HEAD_BYTES, "values": values, "levels": levels, "bytes": at, "q_bits": q_bits,
+            "fraction_bits": fraction_bits}
 
 
 def layout(capacity: int, record_bytes: int, schema_len: int, sampler: PrioritizedParams | None = None) -> dict | None:
@@ -590,15 +597,90 @@ class View:
         }
 
     def holds_key(self, key: int) -> bool:
-        """Prioritized buffers: whether ``update_priorities`` and ``priorities`` find the
-        record ``key``: slot ``key % capacity`` holds it and its leaf carries its tag."""
+        """Prioritized buffers: whether ``priorities`` finds the record ``key``: slot
+        ``key % capacity`` holds it (its version word) and its leaf carries its tag."""
         index = key % self.capacity
         seq = self.seq(index)
         return readable(seq) and ticket_of(seq) == key and self.tree.leaf(index)[0] == self.tree.tag(key)
 
+    def updatable(self, key: int) -> bool:
+        """Prioritized buffers: whether ``update_priorities`` applies to key ``key``. It does
+        not read the version word: the key must lie between the oldest one whose tag no newer
+        record can share and the cursor (keys at or past it were never issued), and the leaf
+        of its slot must carry its tag."""
+        cursor = self.cursor()
+        return (self.tree.oldest_distinguishable(cursor) <= key < cursor
+                and self.tree.leaf(key % self.capacity)[0] == self.tree.tag(key))
+
     def priority(self, key: int) -> float:
         """``priorities([key])``: the raw priority of the record ``key``'s leaf, else NaN."""
         return f64(self.tree.leaf(key % self.capacity)[2]) if self.holds_key(key) else math.nan
+
+    def tree_changes(self, e: int) -> int:
+        return self.entry(e, E_TREE_CHANGES)
+
+    def holds_overwrite(self, e: int) -> bool:
+        """Entry ``e``'s intent names a ticket whose slot holds ``busy(ticket, e, first=False)``:
+        the entry still holds a slot whose old record it destroyed, and attach does not take it."""
+        intent = self.entry(e, E_INTENT)
+        if not intent >> TICKET_SHIFT:
+            return False
+        ticket = (intent >> TICKET_SHIFT) - 1
+        return self.seq(ticket % self.capacity) == busy(ticket, e, False)
+
+    def attach_entry(self) -> int:
+        """The entry ``attach`` takes when no other process holds one: the first that holds no
+        overwrite (``take_entry``)."""
+        return next(e for e in range(MAX_HANDLES) if not self.holds_overwrite(e))
+
+    def repair_entry(self, e: int) -> bool:
+        """Mirror of ``repair_entry`` (bytearray views): if entry ``e``'s (dead) process had
+        changes of the tree in flight, every leaf of a slot it left busy is retagged to the
+        record it claimed, with no value, the whole tree is recomputed and the count reset."""
+        if not self.tree_changes(e):
+            return False
+
+        def abandoned(index: int, _leaf) -> int | None:
+            seq = self.seq(index)
+            if seq & BUSY and seq >> TICKET_SHIFT and (seq >> OWNER_SHIFT) & OWNER_MASK == e:
+                return self.tree.tag(ticket_of(seq))
+            return None
+
+        self.tree.repair(abandoned)
+        put(self.data, self.handles + e * ENTRY_BYTES + E_TREE_CHANGES, 0)
+        return True
+
+    def resync(self) -> None:
+        """Mirror of ``resync_tree`` (bytearray views), what sampling does once after 1024 misses
+        for one row: a leaf whose slot is not busy and holds no record keeps its tag and loses its
+        value, one whose slot holds a record of another tag takes that tag with no value; then
+        the whole tree is recomputed."""
+        def abandoned(index: int, leaf) -> int | None:
+            seq = self.seq(index)
+            if seq & BUSY:
+                return None
+            if not seq >> TICKET_SHIFT:
+                return leaf[0]
+            tag = self.tree.tag(ticket_of(seq))
+            return tag if tag != leaf[0] else None
+
+        self.tree.repair(abandoned)
+
+    def update(self, keys: list[int], raw: float) -> int:
+        """Mirror of ``update_priorities`` of ``keys`` to one raw priority (bytearray views):
+        each distinct key that ``updatable`` says gets its leaf set (under its tag), then the
+        ancestors of those leaves are recomputed. Returns how many keys applied."""
+        q, bits = self.quantize(raw), bits_of(raw + 0.0)
+        assert q is not None
+        applied = []
+        for key in sorted(set(keys), key=lambda k: (k % self.capacity, k)):
+            if self.updatable(key):
+                self.tree.store_leaf(key % self.capacity, self.tree.tag(key), q, bits)
+                applied.append(key % self.capacity)
+        self.tree.propagate(applied, everything=False)
+        if applied and raw > 1.0:  # raise_max_raw: a fetch_max of the bits
+            self.tree.put(MAX_RAW, max(self.tree.word(MAX_RAW), bits_of(raw)))
+        return len(applied)
 
     def quantize_default(self) -> int | None:
         """The ``q`` of an ``add`` without a priority: that of the largest raw priority ever set
@@ -614,31 +696,102 @@ class View:
             v = math.pow(raw + self.sampler.eps, self.sampler.alpha)
         except OverflowError:
             return None
-        if not math.isfinite(v):
+        if not math.isfinite(v * 2.0**self.tree.fraction_bits):  # (then its q is above the largest)
             return None
         q = quantize(v, self.tree.fraction_bits)
         return None if q > self.tree.q_max else q
 
 
+M64 = 2**64
+
+
+def _ends(values: list[int]) -> list[int]:
+    """Mirror of ``Tree::ends``: where the children's ranges end, cumulatively, with wrapping
+    adds (only scribbled sums can wrap)."""
+    ends, total = [], 0
+    for v in values:
+        total = (total + v) % M64
+        ends.append(total)
+    return ends
+
+
+def _pick_child(ends: list[int], target: int) -> int:
+    """Mirror of ``pick``'s branch-free binary search (``target`` below the total): the first
+    child whose range ends above the target when the ends increase; scribbled ends (wrapped,
+    not increasing) only make it pick another child."""
+    child, half = 0, FANOUT // 2
+    while half:
+        if ends[child + half - 1] <= target:
+            child += half
+        half //= 2
+    return child
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _step(values: list[int], ranges: list[tuple[int, int]]) -> dict[int, list[tuple[int, int]]]:
+    """Mirror of ``Tree::step`` for every target of ``ranges`` (inclusive) at once: ``{child:
+    targets within that child}``. The target is wrapped into the children's total (0: nowhere)
+    if beyond it; the child is the one ``pick`` chooses, which depends only on which of the 16
+    ends are at most the target, so it is the same over each piece between two ends, and so
+    is the shift to the target within the child (target - end of the child before, wrapping)."""
+    ends = _ends(values)
+    total = ends[-1]
+    if total == 0:
+        return {}
+    residues: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if b - a + 1 >= total:
+            residues = [(0, total - 1)]
+            break
+        ra, rb = a % total, b % total
+        residues += [(ra, rb)] if ra <= rb else [(ra, total - 1), (0, rb)]
+    points = sorted(set(ends))
+    out: dict[int, list[tuple[int, int]]] = {}
+    for a, b in _merge(residues):
+        cuts = [a, *(p for p in points if a < p <= b), b + 1]
+        for x, end in zip(cuts, cuts[1:]):
+            child = _pick_child(ends, x)
+            start = ends[child - 1] if child else 0
+            lo, hi = (x - start) % M64, (end - 1 - start) % M64
+            assert lo <= hi
+            out.setdefault(child, []).append((lo, hi))
+    return {child: _merge(rs) for child, rs in out.items()}
+
+
 class TreeView:
     """The priority section of a valid prioritized segment, read as the core reads it
-    (``protocol/priority.rs``), however wrong its words are."""
+    (``protocol/priority.rs``), however wrong its words are. Over a bytearray, the methods that
+    change it (``store_leaf``, ``propagate``) change it as the core would."""
 
-    def __init__(self, data: bytes, base: int, length: int, capacity: int) -> None:
+    def __init__(self, data: bytes | bytearray, base: int, length: int, capacity: int) -> None:
         self.data, self.base, self.length, self.capacity = data, base, length, capacity
         g = geometry(capacity)
         assert g["bytes"] == length
         self.levels = g["levels"]
+        self.values = g["values"]
         self.q_bits, self.fraction_bits = g["q_bits"], g["fraction_bits"]
         self.q_max = (1 << self.q_bits) - 1
-        # Set when the descent would read past the section (only scribbled nodes lead there).
-        self.strays: set[int] = set()
+        self.tag_mask = U64 >> self.q_bits
 
     def word(self, offset: int) -> int:
-        if offset + 8 > self.length:
-            self.strays.add(offset)
-            return word(self.data, self.base + offset) if self.base + offset + 8 <= len(self.data) else 0
+        assert 0 <= offset and offset + 8 <= self.length, f"the model reads past the section ({offset})"
         return word(self.data, self.base + offset)
+
+    def put(self, offset: int, value: int) -> None:
+        assert 0 <= offset and offset + 8 <= self.length
+        put(self.data, self.base + offset, value)
+
+    def section(self) -> bytes:
+        return bytes(self.data[self.base : self.base + self.length])
 
     def leaf(self, index: int) -> tuple[int, int, int]:
         """``(tag, q, raw priority bits)`` of leaf ``index``."""
@@ -646,9 +799,22 @@ class TreeView:
         raw = self.word(TREE_HEAD_BYTES + LEAF_BYTES * index + 8)
         return low >> self.q_bits, low & self.q_max, raw
 
+    def store_leaf(self, index: int, tag: int, q: int, raw: int) -> None:
+        self.put(TREE_HEAD_BYTES + LEAF_BYTES * index, (tag & self.tag_mask) << self.q_bits | (q & self.q_max))
+        self.put(TREE_HEAD_BYTES + LEAF_BYTES * index + 8, raw)
+
+    def value(self, index: int) -> int:
+        """Level 0's copy of leaf ``index``'s q (what the descent reads)."""
+        return self.word(self.values + 8 * index)
+
     def tag(self, ticket: int) -> int:
         """The leaf tag of the record of ``ticket``: its lap plus one, in the bits above q."""
-        return (ticket // self.capacity + 1) & (U64 >> self.q_bits)
+        return (ticket // self.capacity + 1) & self.tag_mask
+
+    def oldest_distinguishable(self, cursor: int) -> int:
+        """Mirror of ``Scale::oldest_distinguishable``: keys older than this are stale to
+        ``update_priorities`` without looking (their tag could be a newer record's)."""
+        return max(cursor - min(self.capacity * self.tag_mask, U64), 0)
 
     def total(self) -> int:
         """The root's sum (what sampling draws targets below)."""
@@ -661,56 +827,97 @@ class TreeView:
         bits = self.word(MAX_RAW)
         return 1.0 if bits == 0 else f64(bits)
 
-    def children(self, level: int, node: int) -> list[int]:
-        """What the descent compares at node ``node`` of level ``level``: its children's sums
-        (the leaves' q at level 1)."""
+    def count(self, level: int, node: int) -> int:
+        """How many children node ``node`` of level ``level`` has (the words after them, up to
+        16, are padding)."""
+        below = self.capacity if level == 1 else self.levels[level - 2]["nodes"]
+        return max(min(below - node * FANOUT, FANOUT), 0)
+
+    def child_words(self, level: int, node: int, what: str = "sums") -> list[int]:
+        """The words of node ``node`` of level ``level``'s children that exist: their sums (or
+        minima), level 0's values at level 1."""
         first = node * FANOUT
         if level == 1:
-            return [self.leaf(first + k)[1] for k in range(FANOUT)]
-        below = self.levels[level - 2]["sums"]
-        return [self.word(below + 8 * (first + k)) for k in range(FANOUT)]
+            return [self.value(first + k) for k in range(self.count(level, node))]
+        below = self.levels[level - 2][what]
+        return [self.word(below + 8 * (first + k)) for k in range(self.count(level, node))]
+
+    def children(self, level: int, node: int) -> list[int]:
+        """What the descent compares at node ``node`` of level ``level``: its children's sums
+        (level 0's values at level 1), a child that does not exist counted as 0."""
+        words = self.child_words(level, node)
+        return words + [0] * (FANOUT - len(words))
 
     def reachable(self, lo: int, hi: int) -> set[int]:
-        """The leaves the descent from the root can end at for a target in ``lo..=hi``: at each
-        node the target is taken modulo the children's total (0: nothing) and goes to the child
-        whose cumulative range holds it; a leaf past the capacity is nothing."""
+        """The leaves the descent from the root can end at for a target in ``lo..=hi``, step by
+        step as ``Tree::step`` goes (see ``_step``). Never a leaf past the capacity."""
+        return self.descents(lo, hi)[0]
+
+    def descents(self, lo: int, hi: int) -> tuple[set[int], bool]:
+        """``reachable``, and whether some target of ``lo..=hi`` leads nowhere (to a node whose
+        children hold nothing: ``descend`` returns None, and sample draws again)."""
         found: set[int] = set()
+        nowhere = False
         stack = [(len(self.levels), 0, [(lo, hi)])]
         while stack:
-            level, node, targets = stack.pop()
-            values = self.children(level, node)
-            total = sum(values)
-            if total == 0:
-                continue
-            residues: list[tuple[int, int]] = []
-            for a, b in targets:
-                if b - a + 1 >= total:
-                    residues = [(0, total - 1)]
-                    break
-                ra, rb = a % total, b % total
-                residues += [(ra, rb)] if ra <= rb else [(ra, total - 1), (0, rb)]
-            start = 0
-            for k, v in enumerate(values):
-                end = start + v - 1
-                inside = [(max(a, start) - start, min(b, end) - start) for a, b in residues if v and a <= end and b >= start]
-                if inside:
-                    child = node * FANOUT + k
-                    if level > 1:
-                        stack.append((level - 1, child, inside))
-                    elif child < self.capacity:
-                        found.add(child)
-                start += v
-        return found
+            level, node, ranges = stack.pop()
+            steps = _step(self.children(level, node), ranges)
+            nowhere = nowhere or not steps
+            for child, rest in steps.items():
+                index = node * FANOUT + child
+                if level > 1:
+                    assert index < self.levels[level - 2]["nodes"], (level, index)
+                    stack.append((level - 1, index, rest))
+                else:
+                    assert index < self.capacity, index
+                    found.add(index)
+        return found, nowhere
 
-    def strata(self, rows: int, stratified: bool) -> list[set[int]]:
-        """For each row of a batch, the leaves it can be drawn from: row ``k`` of a stratified
-        batch takes its targets in ``[k·T/rows, (k+1)·T/rows)`` of the root's total ``T``, an
-        i.i.d. row anywhere in ``[0, T)``."""
-        t = self.total()
-        if not stratified:
-            everywhere = self.reachable(0, t - 1)
-            return [everywhere] * rows
-        return [self.reachable(k * t // rows, (k * t + t - 1) // rows) for k in range(rows)]
+    # ---- changes, as the core makes them (on a bytearray)
+
+    def _summary(self, level: int, node: int) -> tuple[int, int]:
+        """Mirror of ``Tree::summary``: the saturating sum of the children that exist and their
+        smallest positive minimum (at level 1 the values themselves), 0 if none."""
+        sums = self.child_words(level, node)
+        minima = sums if level == 1 else self.child_words(level, node, "mins")
+        return min(sum(sums), U64), min((m for m in minima if m), default=0)
+
+    def propagate(self, leaves, everything: bool) -> None:
+        """Mirror of ``Tree::propagate``: level 0's copies of ``leaves`` (sorted), then their
+        ancestors level by level, each stored where it differs from what is below it; only the
+        parents of what was stored are recomputed, unless ``everything`` (a repair)."""
+        leaves = list(leaves)
+        stored = []
+        for i in leaves:
+            q = self.leaf(i)[1]
+            if self.value(i) != q:
+                self.put(self.values + 8 * i, q)
+                stored.append(i)
+        changed = leaves if everything else sorted(set(stored))
+        for level in range(1, len(self.levels) + 1):
+            nodes = sorted({child // FANOUT for child in changed})
+            if not nodes:
+                return
+            words = self.levels[level - 1]
+            stored = []
+            for node in nodes:
+                want = self._summary(level, node)
+                if (self.word(words["sums"] + 8 * node), self.word(words["mins"] + 8 * node)) != want:
+                    self.put(words["sums"] + 8 * node, want[0])
+                    self.put(words["mins"] + 8 * node, want[1])
+                    stored.append(node)
+            changed = nodes if everything else stored
+
+    def repair(self, abandoned) -> None:
+        """Mirror of ``Tree::repair`` over every leaf: a leaf for which ``abandoned(index, leaf)``
+        names a tag is set to that tag with no value (and raw priority 0), then level 0 and every
+        node are recomputed."""
+        for i in range(self.capacity):
+            leaf = self.leaf(i)
+            tag = abandoned(i, leaf)
+            if tag is not None and (tag, 0, 0) != leaf:
+                self.store_leaf(i, tag, 0, 0)
+        self.propagate(range(self.capacity), everything=True)
 
 
 def read_file(path: str) -> bytes:
@@ -797,7 +1004,7 @@ def pristine(rings) -> Pristine:
     if p.sampler is not None:
         assert p.sampler == (PRIORITIZED.alpha, PRIORITIZED.eps, PRIORITIZED.stratified), "sampler expected"
         assert view.tree.max_raw() == max(priority_of(k) for k in range(CAP + 3)), "head expected"
-        assert view.entry(0, E_TREE_FIRST) == 0, "no tree change in flight"
+        assert view.tree_changes(0) == 0, "no tree change in flight"
     return p
 
 
@@ -852,21 +1059,25 @@ def _check_counts(buf: ReplayBuffer, registered: bool) -> int:
     return n
 
 
-def _sample_uniformly(buf: ReplayBuffer, view: View, n: int, prioritized: bool) -> None:
+def _sample_uniformly(buf: ReplayBuffer, expected: View, prioritized: bool):
     """``sample`` over the committed slots, as a uniform buffer (or a prioritized one whose
-    priority total is 0) draws."""
-    tickets = view.claimed_readable()
-    if n and not tickets and view.cursor():
-        # A forged size over claimed slots that hold nothing: sample spins for 10 s, see
-        # test_sample_with_forged_size_and_no_record_does_not_spin.
-        note("sample skipped: nonzero size, no readable slot")
-        return
+    priority total is 0, or nothing of whose is drawable by priority after a resync) draws:
+    EmptyBufferError at once when none of the claimed slots is readable (a forged size or not:
+    after 4096 misses the sampler looks at every slot), else rows of readable slots (or
+    EmptyBufferError if the size says 0: it is checked every 32 misses). Returns the keys."""
+    tickets = expected.claimed_readable()
+    if not tickets:
+        note("sample: nothing readable, EmptyBufferError")
+        with pytest.raises(EmptyBufferError):
+            buf.sample(4, return_info=True)
+        return None
     try:
         batch, info = buf.sample(4, return_info=True)
     except EmptyBufferError:
-        assert not n or not tickets, "EmptyBufferError with readable slots and a nonzero size"
-        return
-    _check_uniform_rows(buf, view, batch, info, prioritized)
+        assert not len(buf), "EmptyBufferError with readable slots and a nonzero size"
+        return None
+    _check_uniform_rows(buf, View(read_file(buf.path)), batch, info, prioritized)
+    return info["key"]
 
 
 def _check_uniform_rows(buf: ReplayBuffer, view: View, batch, info, prioritized: bool) -> None:
@@ -875,7 +1086,7 @@ def _check_uniform_rows(buf: ReplayBuffer, view: View, batch, info, prioritized:
     assert all(batch[f].shape == (4,) + shape for f, (shape, _) in buf.fields.items())
     for i, key in zip(info["index"].tolist(), info["key"].tolist()):
         assert tickets.get(i) == key, (i, key, tickets)
-    if prioritized:  # every priority is 0: probability 1/len, weight 1, the leaf's own priority
+    if prioritized:  # nothing drawable by priority: probability 1/len, weight 1, the leaf's own priority
         note("sample: uniform fallback of a prioritized buffer")
         assert info["probability"].tolist() == [1.0 / max(len(buf), 1)] * 4 and info["weight"].tolist() == [1.0] * 4
         for i, key, p in zip(info["index"].tolist(), info["key"].tolist(), info["priority"].tolist()):
@@ -883,81 +1094,158 @@ def _check_uniform_rows(buf: ReplayBuffer, view: View, batch, info, prioritized:
             assert same_float(p, f64(raw) if tag == view.tree.tag(key) else 0.0), (i, key, p)
 
 
-def _spins(view: View) -> str | None:
-    """Why ``sample`` of a prioritized buffer whose root holds a total could not finish at
-    once, or None: a row that can only reach leaves whose records are gone (their slots busy or
-    holding other records) draws again and again until sample gives up after 10 s
-    (ContendedError); a descent through scribbled nodes can lead past the section."""
-    strata = view.tree.strata(4, view.sampler.stratified)
-    if view.tree.strays:
-        return "scribbled nodes lead past the priority section"
-    if not all(stratum & view.drawable().keys() for stratum in strata):
-        return "a row can reach no drawable record"
-    return None
+def _copy(view: View) -> View:
+    return View(bytearray(view.data))
 
 
-def _sample_by_priority(buf: ReplayBuffer, before: View) -> None:
-    """``sample`` of a prioritized buffer whose root holds a total: each row descends the tree
-    (within its stratum) to a leaf and returns that slot's record if the slot is readable and
-    the leaf holds a value under the record's tag, else draws again; then updates and reads
-    back priorities. Checked against the words after the call: sample first repairs what dead
-    processes left half-changed in the tree (the leaves of slots they were writing lose their
-    values), and then changes nothing in the tree."""
-    why = _spins(before)
+def _attached(data: bytes) -> tuple[View, int]:
+    """What attach does to the priority tree of ``data`` (with nobody else attached): it takes
+    the first entry holding no overwrite and, if that entry's dead process had changes of the
+    tree in flight, repairs the tree (``take_entry``). Returns the view and the entry."""
+    view = View(bytearray(data))
+    mine = view.attach_entry()
+    if view.tree is not None:
+        view.repair_entry(mine)
+    return view, mine
+
+
+def _repaired(view: View, mine: int) -> View:
+    """What the first prioritized call of a handle (sample, update, insert) does before anything
+    else (``repair_if_due``): every other entry used whose process had changes of the tree in
+    flight (dead: nobody else holds an entry here) is repaired and its count reset."""
+    after = _copy(view)
+    for e in range(after.entries_used()):
+        if e != mine:
+            after.repair_entry(e)
+    return after
+
+
+def _row_ranges(total: int, rows: int, stratified: bool, total_now: int | None = None) -> list[tuple[int, int]]:
+    """The targets each row of a batch of ``rows`` draws (inclusive ranges) when the root held
+    ``total`` at the start of the call: row k of a stratified batch its own k-th of [0, total)
+    (the first ``total % rows`` strata one longer), an i.i.d. row (or a row of an empty stratum:
+    total < rows) anywhere below ``total_now``, the root's sum when it draws again (after a
+    resync)."""
+    width, longer = divmod(total, rows)
+    now = total if total_now is None else total_now
+    ranges = []
+    for k in range(rows):
+        size = width + (k < longer)
+        if stratified and size > 0:
+            start = k * width + min(k, longer)
+            ranges.append((start, start + size - 1))
+        else:
+            ranges.append((0, now - 1))
+    return ranges
+
+
+def _resync_risk(view: View, rows: int = 4) -> tuple[list[set[int]], list[set[int]] | None, View, str | None]:
+    """For a prioritized buffer whose root holds a total (after the repair sample starts with):
+    the leaves each row can reach; if some row can reach a leaf that is not drawable or a node
+    whose children hold nothing (so that it may miss 1024 times and the tree be resynced), the
+    leaves each row can reach after the resync (None if it cannot happen); the view after a
+    resync; and why sample could not finish at once: a row that, even after the resync, can
+    reach only leaves of slots being written draws again and again until sample gives up after
+    10 s (ContendedError)."""
+    tree, stratified = view.tree, view.sampler.stratified
+    total = tree.total()
+    drawable = view.drawable().keys()
+    descents = [tree.descents(lo, hi) for lo, hi in _row_ranges(total, rows, stratified)]
+    reach = [r for r, _ in descents]
+    resynced = _copy(view)
+    resynced.resync()
+    if all(r <= drawable and not nowhere for r, nowhere in descents):
+        return reach, None, resynced, None
+    total_now = resynced.tree.total()
+    if total_now == 0:  # nothing drawable by priority after the resync: uniform
+        return reach, [set()] * rows, resynced, None
+    descents = [resynced.tree.descents(lo, hi) for lo, hi in _row_ranges(total, rows, stratified, total_now)]
+    after = [r for r, _ in descents]
+    if not all(r & drawable and not nowhere for r, nowhere in descents):
+        return reach, after, resynced, "a row can reach no drawable record, even after the resync"
+    return reach, after, resynced, None
+
+
+def _sample_by_priority(buf: ReplayBuffer, before: View):
+    """``sample`` of a prioritized buffer whose root holds a total (``before``: the words after
+    the repair sample starts with): each row descends the tree (within its stratum) to a leaf
+    and returns that slot's record if the slot is readable and the leaf holds a value under the
+    record's tag, else draws again; after 1024 misses for one row the tree is resynced with the
+    slots once, and if nothing is then drawable by priority the batch is drawn uniformly.
+    Checked against the words after the call: the tree is then as the repair left it, or as
+    the resync made it. Returns the keys drawn."""
+    reach, reach_after, resynced, why = _resync_risk(before)
     if why is not None:
-        # test_descent_stays_in_the_priority_section, test_hostile_handle_table_does_not_hang
         note(f"sample skipped: {why}")
-        return
+        return None
+    total = before.tree.total()
     try:
         batch, info = buf.sample(4, return_info=True)
-    except shmreplay.ContendedError:
-        view = View(read_file(buf.path))
-        why = _spins(view) if view.tree.total() else None
-        assert why is not None, "ContendedError, but every row can reach a drawable record"
-        note(f"sample contended after its repair: {why}")
-        return
     except EmptyBufferError:
-        view = View(read_file(buf.path))
-        assert view.tree.total() == 0, "EmptyBufferError with a priority total"
-        assert not len(buf) or not view.claimed_readable(), "EmptyBufferError with readable slots and a nonzero size"
-        note("sample: empty after its repair")
-        return
+        # only the uniform fallback raises it, when the resync left nothing drawable by priority
+        assert reach_after is not None and resynced.tree.total() == 0, "EmptyBufferError with a priority total"
+        assert View(read_file(buf.path)).tree.section() == resynced.tree.section()
+        assert not len(buf) or not resynced.claimed_readable(), "EmptyBufferError with readable slots and a nonzero size"
+        note("sample: empty after the resync")
+        return None
     view = View(read_file(buf.path))
     tree = view.tree
-    if tree.total() == 0:
-        note("sample: uniform fallback after its repair")
+    if tree.section() == before.tree.section():
+        after = False
+    else:
+        assert reach_after is not None, "sample changed the tree, but no row could miss"
+        assert tree.section() == resynced.tree.section(), "sample changed the tree, but not as a resync does"
+        after = True
+    if after and tree.total() == 0:
+        note("sample: uniform fallback after the resync")
         _check_uniform_rows(buf, view, batch, info, prioritized=True)
-        return
-    note("sample: by priority")
-    strata = tree.strata(4, view.sampler.stratified)
+        return info["key"]
+    note("sample: by priority" + (" after a resync" if after else ""))
     drawable = view.drawable()
     assert all(batch[f].shape == (4,) + shape for f, (shape, _) in buf.fields.items())
     values = []
     for row, (i, key) in enumerate(zip(info["index"].tolist(), info["key"].tolist())):
-        assert i in strata[row] and drawable.get(i) == key, (row, i, key, strata[row], drawable)
+        reached = reach[row] | (reach_after[row] if after else set())
+        assert i in reached and drawable.get(i) == key, (row, i, key, reached, drawable)
         _, q, raw = tree.leaf(i)
         values.append(q)
         assert same_float(info["priority"][row], f64(raw))
-        assert info["probability"][row] == float(q) / float(tree.total())  # as f64, then divided
+        # as f64, then divided, by the total the call last read: the one it started with, or
+        # after a resync the resynced tree's
+        assert info["probability"][row] == float(q) / float(tree.total() if after else total)
     v_min = min(values) if tree.minimum() == 0 else min(tree.minimum(), *values)
     expected = np.array([(float(q) / float(v_min)) ** -0.4 for q in values], dtype=np.float32)  # beta 0.4
     assert np.allclose(info["weight"], expected, rtol=1e-6) and np.all(info["weight"] <= 1), info
+    return info["key"]
+
+
+def _update_and_read_back(buf: ReplayBuffer, keys) -> None:
+    """``priorities`` of sampled keys reads what their leaves hold where the slots still hold
+    them; ``update_priorities`` applies to the keys ``View.updatable`` names, and the tree is
+    then exactly as ``View.update`` says; ``priorities`` reads the new value back."""
+    view = View(read_file(buf.path))
     # (a drawn slot may hold a record of another slot: its key addresses that other slot)
-    keys = info["key"]
     assert all(same_float(a, view.priority(k)) for a, k in zip(buf.priorities(keys).tolist(), keys.tolist()))
     if view.quantize(0.5) is None:  # a huge alpha or eps: no priority fits the tree
         with pytest.raises(ValueError, match="above the largest value"):
-            buf.update_priorities(keys, np.full(4, 0.5))
+            buf.update_priorities(keys, np.full(len(keys), 0.5))
+        assert View(read_file(buf.path)).tree.section() == view.tree.section()
         return
-    assert buf.update_priorities(keys, np.full(4, 0.5)) == len({k for k in keys.tolist() if view.holds_key(k)})
+    expected = _copy(view)
+    applied = expected.update(keys.tolist(), 0.5)
+    assert applied == len({k for k in keys.tolist() if view.updatable(k)})
+    note(f"update: {'all' if applied == len(set(keys.tolist())) else 'some' if applied else 'none'} applied")
+    assert buf.update_priorities(keys, np.full(len(keys), 0.5)) == applied
+    after = View(read_file(buf.path))
+    assert after.tree.section() == expected.tree.section(), "the tree after update_priorities"
     got = buf.priorities(keys).tolist()
-    assert all(same_float(a, 0.5 if view.holds_key(k) else math.nan) for a, k in zip(got, keys.tolist())), got
+    assert all(same_float(a, after.priority(k)) for a, k in zip(got, keys.tolist())), got
 
 
-def exercise(buf: ReplayBuffer, full: bool) -> None:
+def exercise(buf: ReplayBuffer, full: bool, mine: int | None = None) -> None:
     """Everything a user does with a handle must work (or raise a documented error), and report
-    what the shared words say, however wrong."""
-    n = _check_counts(buf, registered=full)
+    what the shared words say, however wrong (``mine``: the entry an attached handle took)."""
+    _check_counts(buf, registered=full)
     assert buf.processes() == ([os.getpid()] if full else [])
     repr(buf)
     view = View(read_file(buf.path))
@@ -976,10 +1264,17 @@ def exercise(buf: ReplayBuffer, full: bool) -> None:
         assert all(same_float(a, view.priority(k)) for a, k in zip(got, readable_keys)), (got, readable_keys)
     if not full:
         return
-    if view.tree is not None and view.tree.total():
-        _sample_by_priority(buf, view)
+    if view.tree is None:
+        _sample_uniformly(buf, view, prioritized=False)
     else:
-        _sample_uniformly(buf, view, n, prioritized=view.tree is not None)
+        repaired = _repaired(view, mine)
+        if repaired.tree.total():
+            keys = _sample_by_priority(buf, repaired)
+        else:
+            keys = _sample_uniformly(buf, repaired, prioritized=True)
+            assert View(read_file(buf.path)).tree.section() == repaired.tree.section()
+        if keys is not None:
+            _update_and_read_back(buf, keys)
     row = {f: np.zeros(shape, dtype) for f, (shape, dtype) in buf.fields.items()}
     view = View(read_file(buf.path))
     try:
@@ -999,7 +1294,8 @@ def exercise(buf: ReplayBuffer, full: bool) -> None:
 def attach_outcome(p: Pristine, data: bytes) -> str:
     """Writes ``data`` as the victim segment, inspects and attaches it, checks that both agree
     with the model (outcome and reason) and that a successful handle is usable; returns the
-    outcome, "ok" or "corrupt"."""
+    outcome, "ok" or "corrupt". An inspecting handle never changes the priority tree; attach
+    changes it only by the repair of the entry it takes (``_attached``)."""
     write_victim(p, data)
     reason = model_check(data)
     expected = "ok" if reason is None else "corrupt"
@@ -1016,8 +1312,19 @@ def attach_outcome(p: Pristine, data: bytes) -> str:
             outcomes.append("corrupt")
             continue
         try:
-            exercise(buf, full=full)
+            mine = None
+            if full and reason is None:
+                attached, mine = _attached(data)
+                if attached.tree is not None:
+                    now = View(read_file(buf.path))
+                    if View(data).tree_changes(mine):
+                        note("attach repaired the tree for the entry it took")
+                    assert now.tree.section() == attached.tree.section(), "the tree after attach"
+                    assert now.tree_changes(mine) == 0
+            exercise(buf, full=full, mine=mine)
             outcomes.append("ok")
+            if not full and reason is None and View(data).tree is not None:
+                assert View(read_file(buf.path)).tree.section() == View(data).tree.section(), "inspect changed the tree"
         finally:
             buf.close()
     assert outcomes == [expected, expected], f"model says {expected} ({reason!r}), inspect/attach gave {outcomes}"
@@ -1105,7 +1412,7 @@ def _check_model_of(tmp_path, name: str, cap: int, fields, sampler) -> None:
         assert all(view.seq(s) == 0 for s in range(1, cap))
         assert view.entry(0, E_OWNER) & 0xFFFFFFFF == os.getpid()
         assert (view.entry(0, E_INTENT), view.entry(0, E_FIRSTS)) == (0, 1)
-        assert view.entry(0, E_TREE_FIRST) == 0 and all(view.entry(0, w) == 0 for w in E_UNUSED)
+        assert view.tree_changes(0) == 0 and all(view.entry(0, w) == 0 for w in E_UNUSED)
         assert view.size() == len(buf) == 1 and view.counter("inserts") == buf.stats()["inserts"] == 1
         if model is None:
             assert view.tree is None and lay["priority"] is None
@@ -1119,6 +1426,11 @@ def _check_model_of(tmp_path, name: str, cap: int, fields, sampler) -> None:
         assert q == view.quantize_default()
         assert tree.leaf(0) == (tree.tag(0), q, bits_of(2.5)) and tree.tag(0) == 1
         assert all(tree.leaf(s) == (0, 0, 0) for s in range(1, roundup(cap, FANOUT)))
+        # level 0, right after the leaves and before level 1, holds a copy of every leaf's value
+        # (padding included: 0)
+        padded = roundup(cap, FANOUT)
+        assert tree.values == TREE_HEAD_BYTES + padded * LEAF_BYTES == tree.levels[0]["sums"] - padded * 8
+        assert [tree.value(s) for s in range(padded)] == [q] + [0] * (padded - 1)
         # every node of every level: leaf 0's value on the path from leaf 0 to the root, 0 elsewhere
         for level in tree.levels:
             assert [word(data, tree.base + level["sums"] + 8 * k) for k in range(roundup(level["nodes"], FANOUT))] == (
@@ -1144,6 +1456,21 @@ def _check_model_of(tmp_path, name: str, cap: int, fields, sampler) -> None:
         got = buf.priorities(np.array(tickets + [t + cap for t in tickets], dtype=np.uint64)).tolist()
         assert got[:cap] == [0.0] * cap and all(math.isnan(p) for p in got[cap:])
         assert view.tree.total() == cap * zero and view.tree.minimum() == zero
+        assert [view.tree.value(s) for s in range(cap)] == [zero] * cap
+        # update_priorities applies a key iff its leaf carries its tag (and the key was issued,
+        # not too long ago); -0.0 is held as +0.0; only an update that applied raises the
+        # largest raw priority; the tree then is as View.update says
+        expected = _copy(view)
+        first, last = np.array([tickets[0]], dtype=np.uint64), np.array([tickets[-1]], dtype=np.uint64)
+        stale = np.array([t for t in (tickets[0] - cap, tickets[0] + cap, U64) if t >= 0], dtype=np.uint64)
+        stale_before = buf.stats()["stale_updates"]
+        assert buf.update_priorities(first, np.array([-0.0])) == expected.update(first.tolist(), -0.0) == 1
+        assert bits_of(buf.priorities(first)[0]) == 0 and expected.tree.leaf(tickets[0] % cap)[2] == 0
+        assert buf.update_priorities(stale, np.full(len(stale), 9.0)) == expected.update(stale.tolist(), 9.0) == 0
+        assert buf.stats()["max_priority"] == 2.5 and buf.stats()["stale_updates"] == stale_before + len(stale)
+        assert buf.update_priorities(last, np.array([3.0])) == expected.update(last.tolist(), 3.0) == 1
+        assert buf.stats()["max_priority"] == 3.0
+        assert View(read_file(buf.path)).tree.section() == expected.tree.section()
 
 
 def test_pristine_copy_attaches(pristine):
@@ -1770,16 +2097,18 @@ def deep_ring(tmp_path_factory) -> Pristine:
 @st.composite
 def _tree_writes(draw, p: Pristine) -> list[tuple[int, int]]:
     """``(byte offset in the segment, value)`` of words of the priority section: the head,
-    leaves (the real ones and the padding), node sums and minima (real and padding), set to
-    random words, boundary values, leaf-like words (small tags and values) or priorities."""
+    leaves (the real ones and the padding), level 0's copies of the leaves' values (real and
+    padding), node sums and minima (real and padding), set to random words, boundary values,
+    leaf-like words (small tags and values) or priorities."""
     view = View(p.data)
     tree = view.tree
     cap = view.capacity
     leaf = st.integers(0, roundup(cap, FANOUT) - 1).map(lambda i: TREE_HEAD_BYTES + LEAF_BYTES * i)
+    value = st.integers(0, roundup(cap, FANOUT) - 1).map(lambda i: tree.values + 8 * i)
     level = st.sampled_from(tree.levels)
     node = level.flatmap(lambda l: st.integers(0, roundup(l["nodes"], FANOUT) - 1).flatmap(
         lambda k: st.sampled_from([l["sums"] + 8 * k, l["mins"] + 8 * k])))
-    offsets = st.one_of(st.sampled_from([MAX_RAW, 8, TREE_HEAD_BYTES - 8]), leaf, leaf.map(lambda o: o + 8), node)
+    offsets = st.one_of(st.sampled_from([MAX_RAW, 8, TREE_HEAD_BYTES - 8]), leaf, leaf.map(lambda o: o + 8), value, node)
     values = st.one_of(
         st.integers(0, U64), _BOUNDARY, st.integers(0, 1 << 24),
         st.builds(lambda tag, q: tag << tree.q_bits | q, st.integers(0, 45), st.integers(0, 1 << 22) | st.just(tree.q_max)),
@@ -1797,9 +2126,11 @@ def test_garbage_in_priority_tree(rings, deep_ring, data):
     validated, so the buffer opens, and everything works as those words say: the priority total
     and maximum in stats are the root's sum and the head; sample descends the scribbled nodes
     and returns only readable records whose leaf holds a value under their tag, with the
-    probability the root's sum implies; priorities and update_priorities find a record when its
-    slot holds it and its leaf carries its tag; an add without a priority takes the head's (or
-    raises ValueError when the tree cannot hold it)."""
+    probability the root's sum implies (after 1024 misses for one row it resyncs the tree with
+    the slots, and if nothing is then drawable by priority it draws uniformly); priorities finds
+    a record when its slot holds it and its leaf carries its tag, update_priorities applies to
+    a key when its leaf carries its tag; an add without a priority takes the head's (or raises
+    ValueError when the tree cannot hold it)."""
     if rings["full"].sampler is None:
         pytest.skip("a uniform buffer has no priority tree")
     p = data.draw(st.sampled_from([rings["full"], rings["partial"], rings["holes"], deep_ring]), label="ring")
@@ -1809,8 +2140,6 @@ def test_garbage_in_priority_tree(rings, deep_ring, data):
     assert attach_outcome(p, bytes(buf)) == "ok"
 
 
-@pytest.mark.xfail(strict=True, reason="known core problem: Layout::new rounds the tree's offset up with "
-                   "usize::next_multiple_of, which wraps in release builds")
 def test_priority_offset_past_2_64_is_refused(pristine):
     """A header forged so that the slots end within a page of 2**64 bytes: the tree's page
     would start at 2**64, which is no offset. attach must refuse the layout ("too large"), not
@@ -1865,41 +2194,64 @@ def test_priority_offset_past_2_64_is_refused(pristine):
     assert "too large" in outcome and pristine.path in outcome, outcome
 
 
-@pytest.mark.xfail(strict=True, reason="known core problem: Tree::descend follows a padding node's sum to "
-                   "children past the section (PanicException: segment access out of bounds)")
 def test_descent_stays_in_the_priority_section(deep_ring):
-    """A scribbled sum in the padding of the tree's first level of nodes (an entry past its 19
-    nodes), made reachable from the root and holding most of the mass: the descent must not
-    follow it past the leaves into memory beyond the section (and the file), which the core's
-    bounds check turns into a panic; a leaf past the capacity is nothing, so i.i.d. draws go
-    elsewhere."""
+    """Scribbled sums in the padding of every array the descent reads (level 0's copies past
+    the 300 leaves, level 1's nodes past its 19, level 2's past its 2), each with 100 times the
+    mass of the real leaves, and the sums above them made as if the padding counted: the descent
+    reads only the children that exist (one that does not counts as 0), so it never follows the
+    padding past the leaves into memory beyond the section (and the file), which the core's
+    bounds check would turn into a panic, nor to a leaf past the capacity; every i.i.d. draw
+    ends at a real leaf (the target wrapped into what the real children hold), with the
+    probability the scribbled root's sum implies."""
     p = deep_ring
     buf = bytearray(p.data)
-    tree = View(p.data).tree
+    tree = View(buf).tree  # over buf: puts change it
     level1, level2, root = tree.levels
-    # node 31 (leaves 496..511; there are 304), with 100 times the mass of the real leaves
-    put(buf, tree.base + level1["sums"] + 8 * 31, 100 * tree.total())
-    scribbled = TreeView(bytes(buf), tree.base, tree.length, tree.capacity)
-    put(buf, tree.base + level2["sums"] + 8, sum(scribbled.children(2, 1)))
-    scribbled = TreeView(bytes(buf), tree.base, tree.length, tree.capacity)
-    put(buf, tree.base + root["sums"], sum(scribbled.children(3, 0)))
+    assert (level1["nodes"], level2["nodes"], root["nodes"]) == (19, 2, 1)
+    mass = 100 * tree.total()
+    for i in range(300, 304):
+        tree.put(tree.values + 8 * i, mass)
+    for k in range(19, FANOUT * 2):
+        tree.put(level1["sums"] + 8 * k, mass)
+    for k in range(2, FANOUT):
+        tree.put(level2["sums"] + 8 * k, mass)
+    # the sums above them, as a descent that read all 16 words of each node would see them
+    def whole(offset: int, first: int) -> int:
+        return sum(tree.word(offset + 8 * (first + k)) for k in range(FANOUT))
+
+    tree.put(level1["sums"] + 8 * 18, whole(tree.values, 18 * FANOUT))
+    tree.put(level2["sums"] + 8 * 1, whole(level1["sums"], FANOUT))
+    tree.put(root["sums"], whole(level2["sums"], 0))
     put(buf, H_STRATIFIED, 0)  # i.i.d.: every row can go anywhere
     data = bytes(reseal(buf))
     view = View(data)
-    assert view.tree.reachable(0, view.tree.total() - 1) == set(range(300)) and view.tree.strays
+    total = view.tree.total()
+    assert total > 30 * mass and view.tree.reachable(0, total - 1) == set(range(300)) == view.drawable().keys()
     write_victim(p, data)
 
-    def sample_often(handle) -> None:
-        for _ in range(20):
-            handle.sample(64)
+    def sample_often() -> list[tuple[int, int, float]]:
+        with ReplayBuffer.attach(VICTIM, path=p.dir) as handle:
+            rows = []
+            for _ in range(20):
+                _, info = handle.sample(64, return_info=True)
+                rows += zip(info["index"].tolist(), info["key"].tolist(), info["probability"].tolist())
+            return rows
 
-    assert _try_in_child(p, sample_often) == "done"
+    rows = run_forked(sample_often, timeout=10)
+    assert len(rows) == 20 * 64
+    drawable = view.drawable()
+    for i, key, probability in rows:
+        assert 0 <= i < 300 and drawable.get(i) == key, (i, key)
+        assert probability == float(view.tree.leaf(i)[1]) / float(total)
+    assert View(read_file(p.path)).tree.section() == view.tree.section(), "sampling changed the tree"
+    assert attach_outcome(p, data) == "ok"
 
 
 # --------------------------------------------------------------------------- handle-table words
 
 
-_ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), E_TREE_FIRST, E_TREE_LAST, 104, 120]
+_ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), E_TREE_CHANGES, E_TREE_CHANGES,
+                  *E_UNUSED]
 _ENTRY_VALUES = st.one_of(
     st.integers(0, U64), _BOUNDARY, st.integers(0, 2 * CAP), st.integers(U64 - 2 * CAP, U64),
     st.integers(2**63 - CAP, 2**63 + CAP), st.integers(MAX_TICKET - CAP, MAX_TICKET + CAP),
@@ -1922,13 +2274,25 @@ _SLOT_STATES = st.sampled_from(["keep", "busy", "busy-first", "committed-first"]
 @example(state="partial", writes=[(0, E_FIRSTS, U64)], intents=[(0, 2, None, "committed-first")], used=None)
 @example(state="partial", writes=[(0, E_FIRSTS, 2**63 - 1), (1, E_FIRSTS, 2**63 - 1)], intents=[], used=2)
 @example(state="full", writes=[(0, E_COUNTER["inserts"], U64), (1, E_COUNTER["inserts"], 5)], intents=[], used=MAX_HANDLES)
+# a dead writer with a change of the tree in flight (entry 1; entry 0 while it holds an
+# overwrite, so that attach takes entry 1): sample repairs the tree first
+@example(state="full", writes=[(1, E_TREE_CHANGES, 1)], intents=[(1, 8, None, "busy")], used=2)
+@example(state="full", writes=[(0, E_TREE_CHANGES, U64)], intents=[(0, 9, None, "busy"), (0, 10, None, "busy")], used=None)
+@example(state="partial", writes=[(2, E_TREE_CHANGES, 3)], intents=[(2, 1, None, "busy")], used=3)
+# ... on the entry attach takes, which repairs it before it registers
+@example(state="full", writes=[(0, E_TREE_CHANGES, 2)], intents=[(0, 9, None, "busy-first")], used=None)
+# ... on an entry past those used: nobody looks at it
+@example(state="full", writes=[(5, E_TREE_CHANGES, 1)], intents=[(5, 10, None, "busy")], used=None)
 def test_corrupted_entry_words(rings, state, writes, intents, used):
     """``firsts``, the counters, intents and owners of handle-table entries (and the count of
     entries used) set to anything, with intents naming slots that hold their entry's busy or
     first-commit word (what a writer killed mid-insert leaves, with a snapshot that matches or
     not): nothing crashes or hangs -- attach, len, stats, processes, reads, sample and add all
     work; ``len`` stays within [0, capacity] and len and stats report what those words say
-    (wrapping sums), before and after attach settles its entry and after an insert."""
+    (wrapping sums), before and after attach settles its entry and after an insert. In a
+    prioritized buffer, an entry counting changes of the tree in flight has the whole tree
+    recomputed (and the leaves of the slots it left busy retagged with no value): by attach if
+    it is the entry attach takes, else by the first sample if it is among the entries used."""
     p = rings[state]
     buf = bytearray(p.data)
     for e, offset, value in writes:
@@ -1956,13 +2320,15 @@ def test_hostile_handle_table_does_not_hang(pristine):
     """Every handle-table entry names a live process that holds no handle (pid 1, with its real
     start time and our PID namespace), all of them counted as used, and eight of them announce
     overwrites of the eight slots, whose version words say they are being written (as if eight
-    writers had died mid-copy; in a prioritized buffer with the ranges of leaves they were
-    changing, which writers record before they claim). Owners are judged by their entry locks,
-    not by these words: attach, reads, sampling and inserts finish at once instead of waiting
-    for those "writers", and pid 1 is not reported as attached. (Layout 2's counterpart was a
-    hostile reaper word.) In a prioritized buffer the first sample repairs the tree: the leaves
-    of the slots the dead writers claimed lose their values (keeping the tags of the records
-    being written), so nothing is drawable and sample raises EmptyBufferError."""
+    writers had died mid-copy; in a prioritized buffer each with a change of the tree in flight,
+    which writers count before they claim). Owners are judged by their entry locks, not by
+    these words: attach, reads, sampling and inserts finish at once instead of waiting for those
+    "writers", and pid 1 is not reported as attached. (Layout 2's counterpart was a hostile
+    reaper word.) In a prioritized buffer the first sample repairs the tree for each of those
+    entries (the whole tree, recomputed): the leaves of the slots the dead writers claimed lose
+    their values (taking the tags of the records being written), so nothing is drawable by
+    priority, sample falls back to uniform draws and, with no readable slot, raises
+    EmptyBufferError."""
     p = pristine
     buf = bytearray(p.data)
     pid1 = (_start_ticks(1) & 0xFFFFFFFF) << 32 | 1
@@ -1978,20 +2344,24 @@ def test_hostile_handle_table_does_not_hang(pristine):
         put(buf, p.entry(e, E_INTENT), (ticket + 1) << TICKET_SHIFT | word(buf, p.entry(e, E_FIRSTS)) & SNAPSHOT_MASK)
         put(buf, p.seq(i), busy(ticket, e, False))
         if p.sampler is not None:
-            put(buf, p.entry(e, E_TREE_FIRST), i + 1)
-            put(buf, p.entry(e, E_TREE_LAST), i)
+            put(buf, p.entry(e, E_TREE_CHANGES), 1)
     data = bytes(buf)
     assert View(data).size() == 0 and not View(data).claimed_readable()
     assert run_forked(lambda: attach_outcome(p, data), timeout=15) == "ok"
     if p.sampler is None:
         return
     write_victim(p, data)
-    before = View(data).tree
-    assert before.total() > 0 and _spins(View(data)) == "a row can reach no drawable record"
+    before = View(data)
+    assert before.tree.total() > 0 and not before.drawable()
+    attached, mine = _attached(data)
+    assert mine == 0 and attached.tree.section() == before.tree.section()
+    expected = _repaired(attached, mine)
     assert _try_in_child(p, lambda h: h.sample(4)) == "EmptyBufferError"
-    after = View(read_file(p.path)).tree
-    assert [after.leaf(i) for i in range(CAP)] == [(after.tag(t), 0, 0) for t in tickets]
-    assert after.total() == after.minimum() == 0
+    after = View(read_file(p.path))
+    assert after.tree.section() == expected.tree.section()
+    assert [after.tree.leaf(i) for i in range(CAP)] == [(after.tree.tag(t), 0, 0) for t in tickets]
+    assert after.tree.total() == after.tree.minimum() == 0
+    assert all(after.tree_changes(e) == 0 for e in range(MAX_HANDLES))
 
 
 # --------------------------------------------------------------------------- known core problems

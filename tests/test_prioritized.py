@@ -1466,3 +1466,19 @@ def test_cli_info_names_the_sampler(tmp_path):
         proc = _cli("info", "plain", "--path", str(tmp_path))
         assert proc.returncode == 0, proc.stderr
         assert "prioritized" not in proc.stdout.lower(), proc.stdout
+
+
+def test_rows_an_extend_overwrites_itself_set_no_maximum(name_factory: Any) -> None:
+    """An extend longer than the ring never writes its first rows (the same call overwrites
+    them): their priorities are not "set", so they neither raise max_priority nor give later
+    inserts their default."""
+    buf = create(name_factory(), 4, Prioritized())
+    try:
+        buf.extend(make_rows(range(5)), priority=[100.0, 1.0, 1.0, 1.0, 1.0])
+        assert buf.stats()["max_priority"] == 1.0
+        buf.add(**one_row(5))
+        _, info = buf.sample(64, return_info=True)
+        assert np.all(info["priority"] == 1.0), info["priority"]
+    finally:
+        buf.unlink()
+        buf.close()

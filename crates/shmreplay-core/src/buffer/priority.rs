@@ -82,12 +82,12 @@ impl RowPriorities {
         }
     }
 
-    /// The largest raw priority among the rows.
-    fn largest(&self) -> f64 {
+    /// The largest raw priority among the rows from `first` on.
+    fn largest(&self, first: usize) -> f64 {
         match self {
             RowPriorities::Uniform => 0.0,
             RowPriorities::All(_, raw) => f64::from_bits(*raw),
-            RowPriorities::Each(each) => each
+            RowPriorities::Each(each) => each[first.min(each.len())..]
                 .iter()
                 .map(|&(_, raw)| f64::from_bits(raw))
                 .fold(0.0, f64::max),
@@ -226,10 +226,12 @@ impl ReplayBuffer {
         true
     }
 
-    /// After an insert wrote rows: the largest raw priority ever set takes theirs into account.
-    pub(crate) fn inserted_priorities(&self, priorities: &RowPriorities) {
+    /// After an insert wrote rows from row `first` on (the rows before it, overwritten by the
+    /// same call, were never written): the largest raw priority ever set takes theirs into
+    /// account.
+    pub(crate) fn inserted_priorities(&self, priorities: &RowPriorities, first: usize) {
         if let Some(tree) = self.tree() {
-            tree.raise_max_raw(priorities.largest());
+            tree.raise_max_raw(priorities.largest(first));
         }
     }
 
@@ -430,7 +432,8 @@ impl ReplayBuffer {
             0 => batch_min,
             m => m.min(batch_min),
         } as f64;
-        let (total, beta) = (total as f64, -beta as f32);
+        // The total the call last read: the one it started with unless a resync changed it.
+        let (total, beta) = (total_now as f64, -beta as f32);
         let rows = values
             .iter()
             .zip(info.probability.iter_mut().zip(info.weight.iter_mut()));

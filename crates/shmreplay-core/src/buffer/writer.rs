@@ -172,7 +172,7 @@ impl ReplayBuffer {
         self.count(entry, Counter::Superseded, writer.superseded);
         self.count(entry, Counter::Lost, writer.lost);
         if writer.inserted > 0 {
-            self.inserted_priorities(&priorities);
+            self.inserted_priorities(&priorities, skipped);
         }
         drop(handle);
         result
