@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -84,6 +84,10 @@ bench: dev bench-deps
 
 bench-quick: dev bench-deps
 	$(PY) benches/run.py --quick $(BENCH_ARGS)
+
+# Prioritized replay against cpprb (benches/README.md#prioritized-replay): about 5 minutes.
+bench-prioritized: dev bench-deps
+	$(PY) benches/prioritized.py $(BENCH_ARGS)
 
 # Reliability soak (not part of `make test`): `make soak MINUTES=10`.
 MINUTES ?= 10

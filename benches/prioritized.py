@@ -35,7 +35,6 @@ import itertools
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -53,6 +52,7 @@ import numpy as np  # noqa: E402
 import harness  # noqa: E402
 import report  # noqa: E402
 import sysinfo  # noqa: E402
+import run  # noqa: E402
 from run import SHM_DIR, cleanup  # noqa: E402
 from workloads import PREFILL_WID, WORKLOADS, Batch, Workload  # noqa: E402
 
@@ -683,39 +683,8 @@ def job_timeout(job: dict) -> float:
 
 
 def run_job(job: dict, prefix: str) -> dict:
-    """One job in a fresh process group (as run.run_job): always ends the group and removes
-    every file of this run from /dev/shm."""
-    ctx = mp.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=job_entry, args=(dict(job, prefix=prefix), send))
-    t0 = time.monotonic()
-    proc.start()
-    send.close()
-    timeout = job_timeout(job)
-    try:
-        if recv.poll(timeout):
-            result = recv.recv()
-        else:
-            result = {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    except EOFError:
-        proc.join(5)
-        result = {"ok": False, "error": f"the job process died (exit code {proc.exitcode})"}
-    finally:
-        proc.join(10)
-        try:
-            if proc.pid is not None:  # never 0: that would be our own group
-                os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if proc.is_alive():
-            proc.kill()
-        proc.join(10)
-        recv.close()
-        leftovers = cleanup(prefix)
-    result["wall_s"] = time.monotonic() - t0
-    if leftovers:
-        result["leftovers_removed"] = leftovers
-    return result
+    """One job in a fresh process group, as the suite runs its own (``run.run_job``)."""
+    return run.run_job(job, prefix, entry=job_entry, timeout=job_timeout(job))
 
 
 # ---------------------------------------------------------------------------------------

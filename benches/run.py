@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import uuid
+from typing import Any, Callable
 from dataclasses import asdict, dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,15 +144,22 @@ def cleanup(prefix: str) -> list[str]:
     return left
 
 
-def run_job(job: dict, prefix: str) -> dict:
-    """Runs one job in a fresh process group; always ends the group and removes its files."""
+def run_job(
+    job: dict,
+    prefix: str,
+    entry: Callable[[dict, Any], None] = harness.job_entry,
+    timeout: float | None = None,
+) -> dict:
+    """Runs one job (``entry(job, pipe end)``, by default the suite's) in a fresh process group
+    for at most ``timeout`` seconds (default: ``job_timeout(job)``); always ends the group and
+    removes its files."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=harness.job_entry, args=(dict(job, prefix=prefix), send))
+    proc = ctx.Process(target=entry, args=(dict(job, prefix=prefix), send))
     t0 = time.monotonic()
     proc.start()
     send.close()
-    timeout = job_timeout(job)
+    timeout = job_timeout(job) if timeout is None else timeout
     try:
         if recv.poll(timeout):
             result = recv.recv()
@@ -163,7 +171,8 @@ def run_job(job: dict, prefix: str) -> dict:
     finally:
         proc.join(10)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the job's own group: its leftovers, if any
+            if proc.pid is not None:  # never 0: that would be our own group
+                os.killpg(proc.pid, signal.SIGKILL)  # the job's own group: its leftovers
         except (ProcessLookupError, PermissionError):
             pass
         if proc.is_alive():
