@@ -3,12 +3,11 @@
 //! itself, and why it needs no lock, is `protocol::priority`.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Blocking, NoBlocking, OutColumn, ReplayBuffer, WAIT_LIMIT};
+use super::{Blocking, NoBlocking, OutColumn, ReplayBuffer};
 use crate::error::{Error, Result};
 use crate::layout::{self, Prioritized, Sampler};
-use crate::platform::interrupt::Patience;
 use crate::platform::liveness::Liveness;
 use crate::platform::locks::LockKind;
 use crate::platform::mapping::Segment;
@@ -366,8 +365,7 @@ impl ReplayBuffer {
             tree.prefetch_leaf(index);
         }
         let mut retries = 0u64;
-        let mut started = None;
-        let mut patience = Patience::new();
+        let mut redraws = super::sampler::Redraws::new();
         let mut total_now = total;
         let mut resynced = false;
         let mut values = vec![0u64; n];
@@ -405,17 +403,7 @@ impl ReplayBuffer {
                         if total_now == 0 {
                             return Ok(false); // nothing drawable by priority any more
                         }
-                        std::thread::yield_now();
-                        if patience.interrupted() {
-                            return Err(Error::Interrupted);
-                        }
-                        if started.get_or_insert_with(Instant::now).elapsed() > WAIT_LIMIT {
-                            return Err(Error::Contended(format!(
-                                "sample: no consistent row after {misses} draws in {} s: every \
-                                 slot drawn was being written",
-                                WAIT_LIMIT.as_secs()
-                            )));
-                        }
+                        redraws.pause(misses)?;
                     }
                     drawn[row] = tree.descend(target(row, total_now));
                 }
@@ -662,7 +650,7 @@ mod tests {
     use super::*;
     use crate::layout::schema::{DType, Schema};
     use crate::platform::memory::{Input, Output};
-    use crate::NoBlocking;
+    use std::time::Instant;
 
     fn buffer(capacity: u64) -> ReplayBuffer {
         let schema = Schema::new(&[("x", DType::U64, vec![])]).unwrap();

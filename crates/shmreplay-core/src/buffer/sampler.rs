@@ -70,8 +70,7 @@ impl ReplayBuffer {
         let entry = self.ensure_registered(blocking)?;
         let mut rng = self.rng_for_call();
         let mut retries = 0u64;
-        let mut started = None;
-        let mut patience = Patience::new();
+        let mut redraws = Redraws::new();
         // Every slot is drawn first, and the one `PREFETCH_AHEAD` rows ahead is prefetched
         // while a row is copied: random rows miss the cache, and this keeps several misses in
         // flight instead of waiting for one at a time (1M control slots, `cargo bench ... sample`:
@@ -108,17 +107,7 @@ impl ReplayBuffer {
                         {
                             return Err(Error::Empty);
                         }
-                        std::thread::yield_now();
-                        if patience.interrupted() {
-                            return Err(Error::Interrupted);
-                        }
-                        if started.get_or_insert_with(Instant::now).elapsed() > WAIT_LIMIT {
-                            return Err(Error::Contended(format!(
-                                "sample: no consistent row after {misses} draws in {} s: every \
-                                 slot drawn was being written; use a larger capacity",
-                                WAIT_LIMIT.as_secs()
-                            )));
-                        }
+                        redraws.pause(misses)?;
                     }
                 };
                 index[row] = slot_index as u64;
@@ -235,5 +224,37 @@ impl ReplayBuffer {
             );
         }
         slot::read_validate(seq, begun).then(|| slot::ticket_of(begun))
+    }
+}
+
+/// The patience of a sampler redrawing slots that were busy: asked every few dozen misses, it
+/// yields the CPU, answers the interrupt check, and gives up after [`WAIT_LIMIT`].
+pub(super) struct Redraws {
+    patience: Patience,
+    started: Option<Instant>,
+}
+
+impl Redraws {
+    pub(super) fn new() -> Redraws {
+        Redraws {
+            patience: Patience::new(),
+            started: None,
+        }
+    }
+
+    /// After `misses` misses for one row: go on, or why not.
+    pub(super) fn pause(&mut self, misses: u64) -> Result<()> {
+        std::thread::yield_now();
+        if self.patience.interrupted() {
+            return Err(Error::Interrupted);
+        }
+        if self.started.get_or_insert_with(Instant::now).elapsed() > WAIT_LIMIT {
+            return Err(Error::Contended(format!(
+                "sample: no consistent row after {misses} draws in {} s: every slot drawn was \
+                 being written; use a larger capacity",
+                WAIT_LIMIT.as_secs()
+            )));
+        }
+        Ok(())
     }
 }
