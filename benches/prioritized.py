@@ -858,13 +858,7 @@ def table(doc: dict) -> str:
         out.append(report._grid(["contender", "capacity", "us/sample", "vs smallest"], body))
     if doc["targets"]:
         out.append("\ntargets (prioritized replay), shmreplay:")
-        body = []
-        for t in doc["targets"]:
-            v = t["value"]
-            shown = "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-            verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-            body.append([t["target"], shown, t["required_text"], verdict])
-        out.append(report._grid(["target", "measured", "required", ""], body))
+        out.append(report.targets_grid(doc["targets"]))
     for k, why in doc["skipped"].items():
         out.append(f"\nskipped {label(k)}: {why}")
     for e in doc["errors"]:

@@ -257,6 +257,17 @@ def _fmt_ratio(r: float | None) -> str:
     return "" if r is None else f"({r:.2f})"
 
 
+def targets_grid(targets: list[dict]) -> str:
+    """The table of targets: each one's measured value, what it requires, PASS/FAIL/n/a."""
+    body = []
+    for t in targets:
+        v = t["value"]
+        shown = "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+        verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        body.append([t["target"], shown, t["required_text"], verdict])
+    return _grid(["target", "measured", "required", ""], body)
+
+
 def _grid(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -296,13 +307,7 @@ def table(doc: dict) -> str:
         out.append(_grid(["contender", "capacity", "us/sample", "vs smallest", "fds", "shared mappings"], body))
     if doc["targets"]:
         out.append("\ntargets (issue 10), shmreplay:")
-        body = []
-        for t in doc["targets"]:
-            v = t["value"]
-            shown = "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-            verdict = "n/a" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
-            body.append([t["target"], shown, t["required_text"], verdict])
-        out.append(_grid(["target", "measured", "required", ""], body))
+        out.append(targets_grid(doc["targets"]))
     for k, why in doc["skipped"].items():
         out.append(f"\nskipped {rn(k)}: {why}")
     for e in doc["errors"]:

@@ -64,27 +64,24 @@ pub struct PriorityStats {
     pub max_priority: f64,
 }
 
-/// The fixed-point values of the rows of one insert.
+/// The fixed-point values of the rows of one insert into a prioritized buffer.
 pub(crate) enum RowPriorities {
-    Uniform,
     /// One `(q, raw bits)` for every row.
     All(u64, u64),
     Each(Vec<(u64, u64)>),
 }
 
 impl RowPriorities {
-    pub(crate) fn of(&self, row: usize) -> Option<(u64, u64)> {
+    fn of(&self, row: usize) -> (u64, u64) {
         match self {
-            RowPriorities::Uniform => None,
-            RowPriorities::All(q, raw) => Some((*q, *raw)),
-            RowPriorities::Each(each) => Some(each[row]),
+            RowPriorities::All(q, raw) => (*q, *raw),
+            RowPriorities::Each(each) => each[row],
         }
     }
 
     /// The largest raw priority among the rows from `first` on.
     fn largest(&self, first: usize) -> f64 {
         match self {
-            RowPriorities::Uniform => 0.0,
             RowPriorities::All(_, raw) => f64::from_bits(*raw),
             RowPriorities::Each(each) => each[first.min(each.len())..]
                 .iter()
@@ -146,36 +143,33 @@ impl ReplayBuffer {
         }
     }
 
-    /// The fixed-point values of an insert's rows: `priorities` holds one raw priority for
-    /// every row or one for all; `None` gives every row the largest raw priority ever set.
-    /// Validated whole before anything is written.
+    /// The fixed-point values of an insert's rows (`None` in a uniform buffer): `priorities`
+    /// holds one raw priority for every row or one for all; `None` gives every row the largest
+    /// raw priority ever set. Validated whole before anything is written.
     pub(crate) fn row_priorities(
         &self,
         priorities: Option<&[f64]>,
         rows: usize,
-    ) -> Result<RowPriorities> {
-        if self.layout.sampler == Sampler::Uniform {
-            return match priorities {
-                None => Ok(RowPriorities::Uniform),
-                Some(_) => Err(self.prioritized("an insert with priorities").err().unwrap()),
-            };
+    ) -> Result<Option<RowPriorities>> {
+        if self.layout.sampler == Sampler::Uniform && priorities.is_none() {
+            return Ok(None);
         }
-        let (p, tree) = self.prioritized("priorities")?;
+        let (p, tree) = self.prioritized("an insert with priorities")?;
         match priorities {
             None => {
                 let (q, raw) = self.quantize(p, &tree, tree.max_raw())?;
-                Ok(RowPriorities::All(q, raw))
+                Ok(Some(RowPriorities::All(q, raw)))
             }
             Some([raw]) => {
                 let (q, raw) = self.quantize(p, &tree, *raw)?;
-                Ok(RowPriorities::All(q, raw))
+                Ok(Some(RowPriorities::All(q, raw)))
             }
             Some(each) if each.len() == rows => {
                 let values = each
                     .iter()
                     .map(|&raw| self.quantize(p, &tree, raw))
                     .collect::<Result<Vec<_>>>()?;
-                Ok(RowPriorities::Each(values))
+                Ok(Some(RowPriorities::Each(values)))
             }
             Some(each) => Err(Error::InvalidArgument(format!(
                 "{} priorities for {rows} rows (give one per row, or one for all)",
@@ -223,15 +217,6 @@ impl ReplayBuffer {
             changes.store(0, Ordering::SeqCst);
         }
         true
-    }
-
-    /// After an insert wrote rows from row `first` on (the rows before it, overwritten by the
-    /// same call, were never written): the largest raw priority ever set takes theirs into
-    /// account.
-    pub(crate) fn inserted_priorities(&self, priorities: &RowPriorities, first: usize) {
-        if let Some(tree) = self.tree() {
-            tree.raise_max_raw(priorities.largest(first));
-        }
     }
 
     /// Every `REPAIR_EVERY`, looks for entries whose process died with a change of the tree in
@@ -604,18 +589,22 @@ impl ReplayBuffer {
     }
 }
 
-/// What the writer does to a slot's leaf.
+/// What the writer of a prioritized buffer does to its slots' leaves.
 pub(crate) struct LeafWriter<'a> {
     tree: Tree<'a, Section<'a>>,
     capacity: u64,
+    priorities: RowPriorities,
 }
 
 impl<'a> LeafWriter<'a> {
-    pub(crate) fn new(buffer: &'a ReplayBuffer) -> Option<LeafWriter<'a>> {
-        Some(LeafWriter {
-            tree: buffer.tree()?,
+    pub(crate) fn new(buffer: &'a ReplayBuffer, priorities: RowPriorities) -> LeafWriter<'a> {
+        LeafWriter {
+            tree: buffer
+                .tree()
+                .expect("row priorities exist only in prioritized buffers"),
             capacity: buffer.capacity(),
-        })
+            priorities,
+        }
     }
 
     /// The slot was claimed for `ticket`: its old record's value is gone.
@@ -624,10 +613,17 @@ impl<'a> LeafWriter<'a> {
             .retag(index, self.tree.geometry.scale.tag(ticket, self.capacity));
     }
 
-    /// The record of `ticket` is written, about to be committed: its value goes in.
-    pub(crate) fn written(&self, index: usize, ticket: u64, (q, raw): (u64, u64)) {
+    /// Row `row`, the record of `ticket`, is written, about to be committed: its value goes in.
+    pub(crate) fn written(&self, index: usize, ticket: u64, row: usize) {
         let tag = self.tree.geometry.scale.tag(ticket, self.capacity);
+        let (q, raw) = self.priorities.of(row);
         self.tree.store(index, Leaf { tag, q, raw });
+    }
+
+    /// The insert wrote rows from row `first` on (the rows before it, overwritten by the same
+    /// call, were never written): the largest raw priority ever set takes theirs into account.
+    pub(crate) fn inserted(&self, first: usize) {
+        self.tree.raise_max_raw(self.priorities.largest(first));
     }
 
     /// The leaves `first..first + count` (wrapping) changed: recompute their ancestors.

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::priority::{LeafWriter, RowPriorities};
+use super::priority::LeafWriter;
 use super::{Backoff, Blocking, InColumn, NoBlocking, Orphan, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
 use crate::layout::{self, STAGED_RECORD_BYTES};
@@ -116,8 +116,7 @@ impl ReplayBuffer {
             buffer: self,
             columns,
             entry,
-            leaves: LeafWriter::new(self),
-            priorities: &priorities,
+            leaves: priorities.map(|p| LeafWriter::new(self, p)),
             inserted: 0,
             recovered: 0,
             superseded: skipped as u64,
@@ -171,8 +170,8 @@ impl ReplayBuffer {
         self.count(entry, Counter::Recovered, writer.recovered);
         self.count(entry, Counter::Superseded, writer.superseded);
         self.count(entry, Counter::Lost, writer.lost);
-        if writer.inserted > 0 {
-            self.inserted_priorities(&priorities, skipped);
+        if let (Some(leaves), true) = (&writer.leaves, writer.inserted > 0) {
+            leaves.inserted(skipped);
         }
         drop(handle);
         result
@@ -202,9 +201,8 @@ struct RowWriter<'a> {
     buffer: &'a ReplayBuffer,
     columns: &'a [InColumn<'a>],
     entry: usize,
-    /// The priority tree's leaves, in a prioritized buffer.
+    /// The priority tree's leaves and the rows' values, in a prioritized buffer.
     leaves: Option<LeafWriter<'a>>,
-    priorities: &'a RowPriorities,
     inserted: u64,
     recovered: u64,
     superseded: u64,
@@ -252,8 +250,8 @@ impl RowWriter<'_> {
         // A test hook pauses the first row written, then no more.
         let mut pause = pause.take();
         self.copy_row(row, index, &mut pause);
-        if let (Some(leaves), Some(value)) = (&self.leaves, self.priorities.of(row)) {
-            leaves.written(index, ticket, value);
+        if let Some(leaves) = &self.leaves {
+            leaves.written(index, ticket, row);
         }
         if !slot::commit(seq, ticket, self.entry, first) {
             self.lost += 1;
