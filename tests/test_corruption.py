@@ -237,9 +237,9 @@ def sampler_words(sampler: PrioritizedParams | None) -> list[tuple[int, int]]:
 
 def quantize(v: float, fraction_bits: int) -> int:
     """Mirror of ``Scale::quantize`` for a finite ``v >= 0`` (without its upper bound): ``v`` in
-    fixed point, rounded (halves away from zero), at least 1 if ``v > 0``."""
-    x = v * 2.0**fraction_bits
-    q = math.floor(x) + (x - math.floor(x) >= 0.5)
+    fixed point, rounded half up (``+ 0.5`` in floating point, then truncated), at least 1 if
+    ``v > 0``."""
+    q = int(v * 2.0**fraction_bits + 0.5)
     return max(q, 1) if v > 0 else 0
 
 
@@ -876,11 +876,11 @@ class TreeView:
     # ---- changes, as the core makes them (on a bytearray)
 
     def _summary(self, level: int, node: int) -> tuple[int, int]:
-        """Mirror of ``Tree::summary``: the saturating sum of the children that exist and their
+        """Mirror of ``Tree::summary``: the wrapping sum of the children that exist and their
         smallest positive minimum (at level 1 the values themselves), 0 if none."""
         sums = self.child_words(level, node)
         minima = sums if level == 1 else self.child_words(level, node, "mins")
-        return min(sum(sums), U64), min((m for m in minima if m), default=0)
+        return sum(sums) & U64, min((m for m in minima if m), default=0)
 
     def propagate(self, leaves, everything: bool) -> None:
         """Mirror of ``Tree::propagate``: level 0's copies of ``leaves`` (sorted), then their

@@ -258,11 +258,11 @@ impl TreeMirror {
         (ticket / self.capacity as u64 + 1) & (u64::MAX >> self.q_bits)
     }
 
-    /// `q` of raw priority `raw` under `sampler`: `round((raw + eps)^alpha · 2^f)`, at least 1
-    /// if positive.
+    /// `q` of raw priority `raw` under `sampler`: `(raw + eps)^alpha · 2^f` rounded half up
+    /// (`+ 0.5`, truncated), at least 1 if positive.
     fn quantize(&self, sampler: SamplerWords, raw: f64) -> u64 {
         let v = (raw + sampler.eps()).powf(sampler.alpha());
-        let q = (v * self.one()).round();
+        let q = (v * self.one() + 0.5).trunc();
         assert!(
             v.is_finite() && q <= self.q_max() as f64,
             "{raw} is out of range"

@@ -515,7 +515,7 @@ impl ReplayBuffer {
         for (i, &(index, key, _, q, raw)) in updates.iter().enumerate() {
             // The leaves a few keys ahead are random memory: start loading them.
             if let Some(&(ahead, ..)) = updates.get(i + PREFETCH_AHEAD) {
-                tree.prefetch_leaf(ahead as usize);
+                tree.prefetch_update(ahead as usize);
             }
             // The leaf's tag decides: a writer retags the leaf as soon as it claims the slot, so
             // a key whose record is being or has been overwritten no longer matches. (The

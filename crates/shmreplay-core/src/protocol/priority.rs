@@ -27,9 +27,10 @@
 //! and store of this node, contradicting "last". (The node's storer stores, then loads the
 //! children; the child's changer stores, then loads the node: the store-buffering pattern, where
 //! each must see the other's store or be seen. A `SeqCst` fence between the stores and the loads
-//! after them guarantees that; `SeqCst` loads and stores alone would too in C++20, but loom
-//! models them as acquire/release, and the fence is what it checks. One fence serves a whole
-//! batch of nodes of one level.) A recompute that finds its node already right stops climbing:
+//! after them guarantees that, even for relaxed stores, which is what the nodes get: a `SeqCst`
+//! store is a locked instruction on x86 that waits for every load before it, so a batch's cache
+//! misses could not overlap. One fence serves a whole batch of nodes of one level; loom finds
+//! the lost update when it is taken out.) A recompute that finds its node already right stops climbing:
 //! whoever stored that value climbs.
 //!
 //! Recomputing is idempotent, which is what makes dead processes harmless: a process killed
@@ -105,8 +106,10 @@ impl Scale {
         if !(v.is_finite() && v >= 0.0) {
             return None;
         }
-        let q = (v * self.one()).round();
-        if q > self.q_max() as f64 {
+        // Rounded half up by adding 0.5 and truncating (exact: `v · 2^f` is at most about 2^40
+        // here); `f64::round` is a call into libm on baseline x86-64.
+        let q = v * self.one() + 0.5;
+        if q >= (1u64 << self.q_bits) as f64 {
             return None;
         }
         Some(if v > 0.0 { (q as u64).max(1) } else { 0 })
@@ -295,6 +298,14 @@ impl<M: TreeMemory> Tree<'_, M> {
             .prefetch(self.geometry.leaf_offset(index), LEAF_BYTES);
     }
 
+    /// Starts loading what changing leaf `index` reads: the leaf, and its 16 siblings' values
+    /// in level 0 (its own copy, and what its parent is recomputed from).
+    pub fn prefetch_update(&self, index: usize) {
+        self.prefetch_leaf(index);
+        self.memory
+            .prefetch(self.geometry.children_offset(1, index / FANOUT), FANOUT * 8);
+    }
+
     /// The sum over every leaf, as the root says.
     pub fn total(&self) -> u64 {
         let top = self.geometry.levels[self.geometry.depth() - 1];
@@ -370,22 +381,31 @@ impl<M: TreeMemory> Tree<'_, M> {
     /// `(sum, smallest positive)` of node `node` of level `level`'s children.
     fn summary(&self, level: usize, node: usize) -> (u64, u64) {
         let (sums, count) = self.children(level, node);
-        let sums = &sums[..count];
-        // Saturating: only scribbled memory can exceed 2^62, and it must not panic.
-        let sum = sums
-            .iter()
-            .fold(0u64, |a, b| a.saturating_add(b.load(Ordering::SeqCst)));
         let minima = if level == 1 {
             sums
         } else {
             let below = self.geometry.levels[level - 2];
-            self.memory
-                .words(below.mins + node * FANOUT * 8, sums.len())
+            self.memory.words(below.mins + node * FANOUT * 8, FANOUT)
         };
-        (
-            sum,
-            positive_min(minima.iter().map(|m| m.load(Ordering::SeqCst))),
-        )
+        // Loaded into plain arrays first (atomic loads are never vectorised), every one of
+        // the FANOUT words with the absent children counted as 0: fixed-length loops with no
+        // branch, which the compiler vectorises.
+        let mut sum_of = [0u64; FANOUT];
+        let mut min_of = [0u64; FANOUT];
+        for k in 0..FANOUT {
+            let present = k < count;
+            sum_of[k] = if present {
+                sums[k].load(Ordering::SeqCst)
+            } else {
+                0
+            };
+            min_of[k] = if present {
+                minima[k].load(Ordering::SeqCst)
+            } else {
+                0
+            };
+        }
+        (wrapping_sum(&sum_of), positive_min(&min_of))
     }
 
     /// What level 0's copy of leaf `index` should hold, and the word holding it.
@@ -428,8 +448,12 @@ impl<M: TreeMemory> Tree<'_, M> {
                     .zip(want)
                     .any(|(word, want)| word.load(Ordering::SeqCst) != want);
                 if differs {
+                    // Relaxed: the fence opening the next pass orders these stores before
+                    // its loads, which is all the protocol needs (a SeqCst store on x86 is a
+                    // locked instruction that waits for every load before it, so the misses of
+                    // a batch could not overlap).
                     for (word, want) in words.iter().zip(want) {
-                        word.store(want, Ordering::SeqCst);
+                        word.store(want, Ordering::Relaxed);
                     }
                 }
                 differs
@@ -441,11 +465,29 @@ impl<M: TreeMemory> Tree<'_, M> {
         stored
     }
 
+    /// Starts loading what recomputing `items` of `level` (0: level 0's values) reads, all of
+    /// them at once, so that their cache misses overlap instead of following one another.
+    fn prefetch_inputs(&self, level: usize, items: &[usize]) {
+        for &item in items {
+            if level == 0 {
+                self.prefetch_update(item);
+            } else if level > 1 {
+                // (Level 1's inputs are level 0's values: loaded with level 0.)
+                self.memory
+                    .prefetch(self.geometry.children_offset(level, item), FANOUT * 8);
+                let below = self.geometry.levels[level - 2];
+                self.memory
+                    .prefetch(below.mins + item * FANOUT * 8, FANOUT * 8);
+            }
+        }
+    }
+
     /// Brings level 0 and the ancestors of the changed leaves `leaves` (sorted) up to date.
     /// With `all`, every ancestor is recomputed even where a level below was already right (a
     /// repair: the process that changed them may have died between two levels).
     pub fn propagate(&self, leaves: impl IntoIterator<Item = usize>, all: bool) {
         let leaves: Vec<usize> = leaves.into_iter().collect();
+        self.prefetch_inputs(0, &leaves);
         let stored = self.settle(&leaves, |i| self.value_of(i));
         let mut changed = if all { leaves } else { stored };
         for level in 1..=self.geometry.depth() {
@@ -456,6 +498,7 @@ impl<M: TreeMemory> Tree<'_, M> {
             if nodes.is_empty() {
                 return;
             }
+            self.prefetch_inputs(level, &nodes);
             let stored = self.settle(&nodes, |n| self.node_of(level, n));
             changed = if all { nodes } else { stored };
         }
@@ -614,8 +657,21 @@ fn pick(ends: &[u64; FANOUT], target: u64) -> Option<(usize, u64)> {
     Some((child, target.wrapping_sub(start)))
 }
 
-fn positive_min(values: impl Iterator<Item = u64>) -> u64 {
-    values.filter(|&v| v > 0).min().unwrap_or(0)
+/// The sum of `values`, wrapping: only scribbled memory can exceed 2^62, and it must not panic
+/// (the descent copes with a node that disagrees with its children).
+#[inline(always)]
+fn wrapping_sum(values: &[u64; FANOUT]) -> u64 {
+    values.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+}
+
+/// The smallest positive value of `values`, 0 if none: 0 becomes the largest `u64` by the
+/// wrapping `- 1`, and back by the `+ 1` (no branch, so the compiler vectorises it).
+#[inline(always)]
+fn positive_min(values: &[u64; FANOUT]) -> u64 {
+    values
+        .iter()
+        .fold(u64::MAX, |m, &v| m.min(v.wrapping_sub(1)))
+        .wrapping_add(1)
 }
 
 /// Appends `value` unless it is the last element (the inputs come sorted).
@@ -891,7 +947,8 @@ mod loom_tests {
         assert!(t.is_consistent(), "a node does not match its children");
         let leaves: Vec<u64> = (0..CAPACITY as usize).map(|i| t.leaf(i).q).collect();
         assert_eq!(t.total(), leaves.iter().sum::<u64>());
-        assert_eq!(t.minimum(), positive_min(leaves.iter().copied()));
+        let positive = leaves.iter().copied().filter(|&q| q > 0);
+        assert_eq!(t.minimum(), positive.min().unwrap_or(0));
     }
 
     #[test]
