@@ -10,22 +10,29 @@ from __future__ import annotations
 
 from . import _core
 from ._buffer import ReplayBuffer, _dir_arg
-from ._samplers import Prioritized, Sampler, Uniform
+from ._limiters import Limiter, MinSize, SampleToInsertRatio
+from ._samplers import Prioritized, Queue, Sampler, Uniform
 from ._errors import (
     ContendedError,
     CorruptSegmentError,
     EmptyBufferError,
     InsufficientSpaceError,
     ShmReplayError,
+    ShutdownError,
     TooManyHandlesError,
 )
-from ._types import BufferInfo, DTypeLike, FieldSpec, PathLike, SampleInfo, Shape, Stats
+from ._types import BufferInfo, DTypeLike, FieldSpec, LimiterInfo, PathLike, SampleInfo, Shape, Stats
 
 __all__ = [
     "ReplayBuffer",
     "Uniform",
     "Prioritized",
+    "Queue",
     "Sampler",
+    "MinSize",
+    "SampleToInsertRatio",
+    "Limiter",
+    "ShutdownError",
     "ShmReplayError",
     "InsufficientSpaceError",
     "EmptyBufferError",
@@ -38,6 +45,7 @@ __all__ = [
     "DEFAULT_DIR",
     "SampleInfo",
     "Stats",
+    "LimiterInfo",
     "BufferInfo",
     "FieldSpec",
     "Shape",

@@ -11,8 +11,9 @@ from typing import Any, Literal, Mapping, overload
 import numpy as np
 
 from . import _core
-from ._samplers import Prioritized, Sampler, Uniform, sampler_args, sampler_of
-from ._types import FieldSpec, PathLike, SampleInfo, Stats
+from ._limiters import Limiter, limiter_args, limiter_of
+from ._samplers import Prioritized, Queue, Sampler, Uniform, sampler_args, sampler_of
+from ._types import FieldSpec, LimiterInfo, PathLike, SampleInfo, Stats
 
 FieldTypes = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -20,8 +21,9 @@ _KINDS = {"b": "bool", "u": "unsigned integer", "i": "signed integer", "f": "flo
 _CODES = {"b1", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"}
 _MAX_DIMENSION = 1 << 40
 _DEFAULT_BETA = 0.4
-# The keyword that carries priorities in add/extend: no field may take its name.
+# The keywords add takes besides the fields: no field may take their names.
 _PRIORITY = "priority"
+_TIMEOUT = "timeout"
 
 
 def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
@@ -67,9 +69,9 @@ def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
     for name, spec in fields.items():
         if not isinstance(name, str):
             raise TypeError(f"field names must be strings, got {name!r}")
-        if name == _PRIORITY:
+        if name in (_PRIORITY, _TIMEOUT):
             raise ValueError(
-                "a field may not be named 'priority': add/extend take priorities under that name"
+                f"a field may not be named {name!r}: add/extend take their {name} under that name"
             )
         if not isinstance(spec, (tuple, list)) or len(spec) != 2:
             raise TypeError(f"field {name!r}: expected a (shape, dtype) pair, got {spec!r}")
@@ -90,6 +92,18 @@ def _int_arg(name: str, value: Any, minimum: int | None, maximum: int | None = N
     if maximum is not None and n > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {n}")
     return n
+
+
+def _timeout(value: Any) -> float | None:
+    """A flow-control timeout in seconds: None (wait until allowed) or a number >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"timeout must be None or a number of seconds, got {type(value).__name__}")
+    seconds = float(value)
+    if not seconds >= 0.0:
+        raise ValueError(f"timeout must be None or >= 0 seconds, got {value}")
+    return None if math.isinf(seconds) else seconds
 
 
 def _dir_arg(path: Any) -> str | None:
@@ -192,7 +206,7 @@ class ReplayBuffer:
     (or pass it to a child process: it pickles by name).
     """
 
-    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner", "_sampler")
+    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner", "_sampler", "_limiter")
 
     def __init__(self, raw: _core.RawBuffer, path: str | None, owner: bool) -> None:
         """Internal: use :meth:`create` or :meth:`attach`."""
@@ -206,6 +220,7 @@ class ReplayBuffer:
         }
         self._names = frozenset(self._fields)
         self._sampler: Sampler = sampler_of(raw.sampler)
+        self._limiter: Limiter | None = limiter_of(raw.limiter)
 
     # ---- construction ----
 
@@ -218,6 +233,7 @@ class ReplayBuffer:
         fields: Mapping[str, FieldSpec],
         path: PathLike | None = None,
         sampler: Sampler | None = None,
+        limiter: Limiter | None = None,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -227,23 +243,36 @@ class ReplayBuffer:
             fields: ``{name: (shape, dtype)}``; shape ``()`` for scalars, dtype any numpy
                 bool/int/uint/float dtype or its name.
             path: directory for the segment file (default ``/dev/shm``).
-            sampler: :class:`Uniform` (the default) or :class:`Prioritized`; fixed for the
-                buffer's life, and what every process that attaches gets.
+            sampler: :class:`Uniform` (the default), :class:`Prioritized` or :class:`Queue`;
+                fixed for the buffer's life, and what every process that attaches gets.
+            limiter: ``None`` (the default: nothing ever waits), :class:`MinSize` or
+                :class:`SampleToInsertRatio`: when samples and inserts may proceed (calls that
+                may not yet wait; see ``timeout=``). A :class:`Queue` has its own flow control
+                and takes none.
 
         Raises:
             FileExistsError: the name is taken.
             InsufficientSpaceError: the filesystem cannot hold the segment (nothing is created).
-            ValueError, TypeError: invalid name, capacity or fields.
+            ValueError, TypeError: invalid name, capacity, fields, sampler or limiter (a
+                limiter's ``min_size`` above the capacity, a limiter with a :class:`Queue`).
         """
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
         sampling = sampler_args(sampler)
+        limiting = limiter_args(limiter)
+        if limiting is not None:
+            if isinstance(sampler, Queue):
+                raise ValueError("a Queue() has its own flow control: it takes no limiter")
+            if limiting[2] > capacity:
+                raise ValueError(
+                    f"{limiting[0]}: min_size {limiting[2]} is larger than the capacity {capacity}"
+                )
         directory = _dir_arg(path)
         if name is None:
             name = _core.unique_name()
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling)
+        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling, limiting)
         return cls(raw, directory, owner=True)
 
     @classmethod
@@ -307,8 +336,15 @@ class ReplayBuffer:
 
     @property
     def sampler(self) -> Sampler:
-        """How this buffer samples: :class:`Uniform` or :class:`Prioritized` (fixed at creation)."""
+        """How this buffer samples: :class:`Uniform`, :class:`Prioritized` or :class:`Queue`
+        (fixed at creation)."""
         return self._sampler
+
+    @property
+    def limiter(self) -> Limiter | None:
+        """The rate limiter (fixed at creation): ``None`` without one, and for a :class:`Queue`
+        (whose flow control is its own)."""
+        return self._limiter
 
     @property
     def priority_range(self) -> tuple[float, float] | None:
@@ -328,7 +364,8 @@ class ReplayBuffer:
         return self._raw.closed
 
     def __len__(self) -> int:
-        """Number of slots holding a committed record."""
+        """Number of slots holding a committed record; in a :class:`Queue`, the rows inserted
+        (or being inserted) and not yet delivered."""
         return len(self._raw)
 
     def __repr__(self) -> str:
@@ -389,43 +426,77 @@ class ReplayBuffer:
                 raise ValueError(f"fields have different numbers of rows: {rows}")
         return columns
 
-    def add(self, /, *, priority: float | None = None, **values: Any) -> None:
+    def add(self, /, *, priority: float | None = None, timeout: float | None = None, **values: Any) -> None:
         """Inserts one transition: one keyword argument per field.
 
         ``priority``: the raw priority ``p >= 0`` of a :class:`Prioritized` buffer; omitted,
         the largest of 1.0 and every raw priority ever set in the buffer (new transitions are
         drawn at least once soon, as in the PER paper). ``TypeError`` on a uniform buffer.
 
+        ``timeout``: with a limiter or a :class:`Queue`, how long to wait for the insert to be
+        allowed: ``None`` (the default) waits until it is (Ctrl-C interrupts), ``0`` never
+        waits, a number of seconds raises ``TimeoutError`` when it runs out. Without flow
+        control nothing waits.
+
         Raises ``ValueError``/``TypeError`` naming the field (and writes nothing) on a missing
         or unknown field, a wrong shape, or a dtype numpy's ``same_kind`` casting refuses, and
-        ``ValueError`` on a negative, NaN or infinite priority.
+        ``ValueError`` on a negative, NaN or infinite priority. ``TimeoutError`` and
+        :class:`ShutdownError` (the buffer was shut down and the insert would have to wait)
+        insert nothing.
         """
         if priority is not None:
             self._require_prioritized("priority=")
         priorities = _priorities(priority, None)
-        if not self._raw.put(values, None, priorities):
-            self._raw.extend([c.reshape((1,) + c.shape) for c in self._columns(values, ())], priorities)
+        seconds = _timeout(timeout)
+        if not self._raw.put(values, None, priorities, seconds):
+            self._raw.extend(
+                [c.reshape((1,) + c.shape) for c in self._columns(values, ())], priorities, seconds
+            )
 
-    def extend(self, batch: Mapping[str, Any], *, priority: Any = None) -> None:
+    def extend(self, batch: Mapping[str, Any], *, priority: Any = None, timeout: float | None = None) -> None:
         """Inserts N transitions given as ``{field: array of N rows}`` (wrapping around the ring).
 
         ``priority``: raw priorities of a :class:`Prioritized` buffer, one number for all rows or
-        an array of N; omitted, as in :meth:`add`.
+        an array of N; omitted, as in :meth:`add`. ``timeout``: as in :meth:`add`; with flow
+        control the N rows are admitted together, so a timeout inserts none of them.
 
         Validates every field and priority before writing anything; errors as for :meth:`add`.
+        An extend that could never be allowed (more rows than a queue's capacity, or rows whose
+        ``N * samples_per_insert`` exceeds the limiter's window) raises ``ValueError``.
         """
         if priority is not None:
             self._require_prioritized("priority=")
+        seconds = _timeout(timeout)
         if type(batch) is dict:
             rows = _rows(batch)
             if rows is not None:
                 priorities = _priorities(priority, rows)
-                if self._raw.put(batch, rows, priorities):
+                if self._raw.put(batch, rows, priorities, seconds):
                     return
         if not isinstance(batch, Mapping):
             raise TypeError(f"extend takes a mapping {{field: array}}, got {type(batch).__name__}")
         columns = self._columns(batch, (-1,))
-        self._raw.extend(columns, _priorities(priority, columns[0].shape[0]))
+        self._raw.extend(columns, _priorities(priority, columns[0].shape[0]), seconds)
+
+    # ---- flow control ----
+
+    def can_sample(self, batch_size: int) -> bool:
+        """Whether ``sample(batch_size)`` would proceed now without waiting (without flow
+        control: whether the buffer holds a record). Another process may change the answer
+        at once."""
+        return self._raw.can_sample(_int_arg("batch_size", batch_size, 0))
+
+    def can_insert(self, rows: int) -> bool:
+        """Whether an insert of ``rows`` rows would proceed now without waiting (always True
+        without flow control)."""
+        return self._raw.can_insert(_int_arg("rows", rows, 0))
+
+    def shutdown(self) -> None:
+        """Shuts the buffer down, for every process: every call waiting for flow control
+        raises :class:`ShutdownError` (within milliseconds), and so does every later call that
+        cannot proceed at once, whatever its timeout. Calls that need not wait still succeed (a
+        consumer can drain a queue). Permanent for the buffer's life."""
+        self._raw.shutdown()
 
     # ---- reading ----
 
@@ -437,6 +508,7 @@ class ReplayBuffer:
         beta: float | None = ...,
         return_info: Literal[False] = ...,
         out: Mapping[str, np.ndarray] | None = ...,
+        timeout: float | None = ...,
     ) -> dict[str, np.ndarray]: ...
     @overload
     def sample(
@@ -446,6 +518,7 @@ class ReplayBuffer:
         beta: float | None = ...,
         return_info: Literal[True],
         out: Mapping[str, np.ndarray] | None = ...,
+        timeout: float | None = ...,
     ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
     @overload
     def sample(
@@ -455,6 +528,7 @@ class ReplayBuffer:
         beta: float | None = ...,
         return_info: bool,
         out: Mapping[str, np.ndarray] | None = ...,
+        timeout: float | None = ...,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]: ...
     def sample(
         self,
@@ -463,6 +537,7 @@ class ReplayBuffer:
         beta: float | None = None,
         return_info: bool = False,
         out: Mapping[str, np.ndarray] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]:
         """Draws ``batch_size`` rows, with replacement, from the committed slots: uniformly, or
         by priority in a :class:`Prioritized` buffer.
@@ -483,10 +558,23 @@ class ReplayBuffer:
         cost page faults): one C-contiguous, writable array per field, of the field's dtype and
         shape ``(batch_size, *shape)``. The returned dict then holds those same arrays.
 
+        A :class:`Queue` returns its next ``batch_size`` rows in insert order instead (each
+        row to exactly one call), waiting until they are there.
+
+        ``timeout``: with a limiter or a :class:`Queue`, how long to wait until the sample is
+        allowed: ``None`` (the default) waits (Ctrl-C interrupts), ``0`` never waits, a number
+        of seconds raises ``TimeoutError`` when it runs out; nothing is taken then.
+
         Raises:
-            EmptyBufferError: nothing has been committed yet.
+            EmptyBufferError: nothing has been committed yet (only without flow control: with
+                a limiter or a queue, the call waits instead).
+            TimeoutError: flow control did not allow the sample in time.
+            ShutdownError: the buffer was shut down and the sample would have to wait.
+            ValueError: a batch that could never be allowed (wider than the limiter's window,
+                or more rows than a queue's capacity).
         """
         n = _int_arg("batch_size", batch_size, 1)
+        seconds = _timeout(timeout)
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
         prioritized = isinstance(self._sampler, Prioritized)
@@ -509,7 +597,7 @@ class ReplayBuffer:
         if prioritized:
             b = _DEFAULT_BETA if beta is None else float(beta)
             index, key, probability, weight, priority = self._raw.sample_prioritized_into(
-                list(arrays.values()), n, b
+                list(arrays.values()), n, b, seconds
             )
             if return_info:
                 info: SampleInfo = {
@@ -521,7 +609,7 @@ class ReplayBuffer:
                 }
                 return arrays, info
             return arrays
-        index, key = self._raw.sample_into(list(arrays.values()), n)
+        index, key = self._raw.sample_into(list(arrays.values()), n, seconds)
         if return_info:
             info = {"index": index.view(np.int64), "key": key}
             return arrays, info
@@ -606,10 +694,39 @@ class ReplayBuffer:
 
     def stats(self) -> Stats:
         """Counters over all processes: capacity, size, inserts, samples (rows), retries,
-        recovered, superseded, lost, stale_updates, attached (live handles); a prioritized
-        buffer adds priority_total (the sum of ``v`` over its records, exact when no call is in
-        flight) and max_priority (the largest raw priority ever set, at least 1.0)."""
-        return self._raw.stats()  # type: ignore[return-value]
+        recovered, superseded, lost, stale_updates, attached (live handles), deletes (rows
+        overwritten, or delivered from a queue), insert_wait_s and sample_wait_s (seconds
+        spent waiting for flow control, timeouts included), and limiter (``None``, or a dict of
+        kind, samples_per_insert, min_size, min_diff, max_diff: a queue's are Reverb's
+        ``Queue``: 1.0, 1, 0, capacity). A prioritized buffer adds priority_total (the sum of
+        ``v`` over its records, exact when no call is in flight) and max_priority (the largest
+        raw priority ever set, at least 1.0)."""
+        stats = self._raw.stats()
+        for side in ("insert", "sample"):
+            stats[f"{side}_wait_s"] = stats.pop(f"{side}_wait_ns") / 1e9
+        stats["limiter"] = self._limiter_info()
+        return stats  # type: ignore[no-any-return]
+
+    def _limiter_info(self) -> LimiterInfo | None:
+        if isinstance(self._sampler, Queue):
+            return {
+                "kind": "Queue",
+                "samples_per_insert": 1.0,
+                "min_size": 1,
+                "min_diff": 0.0,
+                "max_diff": float(self.capacity),
+            }
+        args = limiter_args(self._limiter)
+        if args is None:
+            return None
+        kind, spi, min_size, min_diff, max_diff = args
+        return {
+            "kind": kind,
+            "samples_per_insert": spi,
+            "min_size": min_size,
+            "min_diff": min_diff,
+            "max_diff": max_diff,
+        }
 
     def processes(self) -> list[int]:
         """Pids of the live processes holding a handle to this buffer."""

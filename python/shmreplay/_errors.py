@@ -18,6 +18,7 @@ __all__ = [
     "CorruptSegmentError",
     "ContendedError",
     "TooManyHandlesError",
+    "ShutdownError",
 ]
 
 
@@ -76,4 +77,14 @@ class TooManyHandlesError(ShmReplayError, RuntimeError):
     or a process's first use of an inherited one) while the buffer's fixed table of handle
     entries is full. Entries of processes that have exited are reused, so closing handles, or
     letting processes that hold them exit, makes room.
+    """
+
+
+class ShutdownError(ShmReplayError, RuntimeError):
+    """The buffer was shut down (:meth:`ReplayBuffer.shutdown`, from any process).
+
+    Raised by every call that was waiting for flow control (a rate limiter or a queue) when the
+    shutdown came, and by every later call that cannot proceed at once, whatever its timeout.
+    Nothing was inserted or taken. Calls that need not wait still succeed, so a consumer can
+    drain a queue after its producers were shut down.
     """

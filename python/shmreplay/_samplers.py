@@ -1,11 +1,12 @@
-"""How a buffer draws its samples: :class:`Uniform` or :class:`Prioritized`, fixed at creation."""
+"""How a buffer draws its samples: :class:`Uniform`, :class:`Prioritized` or :class:`Queue`,
+fixed at creation."""
 
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Tuple, Union
 
 
 @dataclass(frozen=True)
@@ -48,24 +49,46 @@ class Prioritized:
             raise TypeError(f"Prioritized: stratified must be a bool, got {type(self.stratified).__name__}")
 
 
-Sampler = Union[Uniform, Prioritized]
+@dataclass(frozen=True)
+class Queue:
+    """First in, first out: ``sample(n)`` takes the next ``n`` rows in insert order, each row
+    delivered to exactly one ``sample`` call (of any process), and waits until ``n`` rows are
+    there. Rows are never overwritten before they are delivered: ``add``/``extend`` wait while
+    the ring is full. As Reverb's ``Queue`` (for IMPALA-style on-policy learners).
+
+    A consumer killed after taking rows loses them (at most once delivery); a producer killed
+    while writing never stalls the queue: its unwritten rows are skipped once its death is
+    proved, and the rows it committed are delivered.
+    """
+
+
+Sampler = Union[Uniform, Prioritized, Queue]
 """What ``ReplayBuffer.create(sampler=...)`` takes."""
 
+SamplerArgs = Union[None, Tuple[float, float, bool], str]
+"""A sampler in the core's form."""
 
-def sampler_args(sampler: Any) -> tuple[float, float, bool] | None:
-    """The core's form of a sampler: ``None`` (uniform) or ``(alpha, eps, stratified)``."""
+
+def sampler_args(sampler: Any) -> SamplerArgs:
+    """The core's form of a sampler: ``None`` (uniform), ``(alpha, eps, stratified)`` or
+    ``"queue"``."""
     if sampler is None or isinstance(sampler, Uniform):
         return None
     if isinstance(sampler, Prioritized):
         return (sampler.alpha, sampler.eps, sampler.stratified)
+    if isinstance(sampler, Queue):
+        return "queue"
     raise TypeError(
-        f"sampler must be shmreplay.Uniform() or shmreplay.Prioritized(...), got {sampler!r}"
+        "sampler must be shmreplay.Uniform(), shmreplay.Prioritized(...) or shmreplay.Queue(), "
+        f"got {sampler!r}"
     )
 
 
-def sampler_of(args: tuple[float, float, bool] | None) -> Sampler:
+def sampler_of(args: SamplerArgs) -> Sampler:
     """The sampler the core describes."""
     if args is None:
         return Uniform()
+    if args == "queue":
+        return Queue()
     alpha, eps, stratified = args
     return Prioritized(alpha=alpha, eps=eps, stratified=stratified)

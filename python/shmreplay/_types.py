@@ -35,6 +35,17 @@ class SampleInfo(TypedDict):
     priority: NotRequired[npt.NDArray[np.float64]]
 
 
+class LimiterInfo(TypedDict):
+    """A buffer's flow control, as :meth:`ReplayBuffer.stats` reports it (Reverb's terms)."""
+
+    kind: str
+    """``"MinSize"``, ``"SampleToInsertRatio"`` or ``"Queue"``."""
+    samples_per_insert: float
+    min_size: int
+    min_diff: float
+    max_diff: float
+
+
 class Stats(TypedDict):
     """Counters of a buffer, summed over every process that used it."""
 
@@ -48,6 +59,10 @@ class Stats(TypedDict):
     lost: int
     stale_updates: int
     attached: int
+    deletes: int
+    insert_wait_s: float
+    sample_wait_s: float
+    limiter: Optional[LimiterInfo]
     priority_total: NotRequired[float]
     max_priority: NotRequired[float]
 
@@ -68,5 +83,5 @@ class BufferInfo(TypedDict):
     attached: int
     creator_pid: int
     stale: bool
-    sampler: Optional[Tuple[float, float, bool]]
-    """``None`` (uniform) or ``(alpha, eps, stratified)``."""
+    sampler: Union[None, Tuple[float, float, bool], str]
+    """``None`` (uniform), ``(alpha, eps, stratified)`` or ``"queue"``."""

@@ -49,6 +49,13 @@ pub enum Error {
     WrongSampler(String),
     #[error("interrupted")]
     Interrupted,
+    /// Flow control did not allow the call within its timeout; nothing was inserted or taken.
+    #[error("{0}")]
+    Timeout(String),
+    /// The buffer was shut down and the call could not proceed at once; nothing was inserted
+    /// or taken.
+    #[error("the replay buffer was shut down: calls that would wait fail")]
+    Shutdown,
     #[error("{context}: {source}")]
     Io {
         context: String,

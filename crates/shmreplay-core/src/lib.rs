@@ -100,13 +100,13 @@ pub use buffer::PauseAt;
 #[cfg(not(loom))]
 pub use buffer::{
     Blocking, Builder, InColumn, NoBlocking, OutColumn, PriorityOutputs, PriorityStats,
-    ReplayBuffer, SegmentInfo, Stats,
+    ReplayBuffer, SegmentInfo, Stats, WaitUpTo,
 };
 pub use error::{human_bytes, Error, Result};
 #[cfg(not(loom))]
 pub use layout::schema::{DType, Field, Schema};
 #[cfg(not(loom))]
-pub use layout::{Prioritized, Sampler, LAYOUT_VERSION, MAX_CAPACITY, MAX_HANDLES};
+pub use layout::{Flow, Limiter, Prioritized, Sampler, LAYOUT_VERSION, MAX_CAPACITY, MAX_HANDLES};
 #[cfg(not(loom))]
 pub use platform::{copy, interrupt};
 #[cfg(not(loom))]

@@ -7,16 +7,18 @@
 use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArray};
 use pyo3::exceptions::{
     PyFileExistsError, PyFileNotFoundError, PyIndexError, PyKeyboardInterrupt, PyMemoryError,
-    PyOSError, PyPermissionError, PyTypeError, PyValueError,
+    PyOSError, PyPermissionError, PyTimeoutError, PyTypeError, PyValueError,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 use shmreplay_core::{
-    Blocking, DType, Error, Prioritized, PriorityOutputs, ReplayBuffer, Sampler, Schema,
+    Blocking, DType, Error, Limiter, Prioritized, PriorityOutputs, ReplayBuffer, Sampler, Schema,
+    WaitUpTo,
 };
 
 mod arrays;
@@ -29,24 +31,87 @@ type U64Array<'py> = Bound<'py, PyArray1<u64>>;
 type F64Array<'py> = Bound<'py, PyArray1<f64>>;
 type F32Array<'py> = Bound<'py, PyArray1<f32>>;
 
-/// A sampler as the Python package passes it: `None` (uniform) or `(alpha, eps, stratified)`.
-type SamplerArgs = Option<(f64, f64, bool)>;
+/// A sampler as the Python package passes it: `None` (uniform), `(alpha, eps, stratified)`
+/// (prioritized) or `"queue"`.
+#[derive(FromPyObject, IntoPyObject)]
+enum SamplerArgs {
+    Prioritized((f64, f64, bool)),
+    Named(String),
+}
 
-fn sampler_of(args: SamplerArgs) -> Sampler {
-    match args {
+fn sampler_of(args: Option<SamplerArgs>) -> PyResult<Sampler> {
+    Ok(match args {
         None => Sampler::Uniform,
-        Some((alpha, eps, stratified)) => Sampler::Prioritized(Prioritized {
-            alpha,
-            eps,
-            stratified,
-        }),
+        Some(SamplerArgs::Prioritized((alpha, eps, stratified))) => {
+            Sampler::Prioritized(Prioritized {
+                alpha,
+                eps,
+                stratified,
+            })
+        }
+        Some(SamplerArgs::Named(name)) if name == "queue" => Sampler::Queue,
+        Some(SamplerArgs::Named(name)) => {
+            return Err(PyValueError::new_err(format!("unknown sampler {name:?}")))
+        }
+    })
+}
+
+fn sampler_args(sampler: Sampler) -> Option<SamplerArgs> {
+    match sampler {
+        Sampler::Uniform => None,
+        Sampler::Prioritized(p) => Some(SamplerArgs::Prioritized((p.alpha, p.eps, p.stratified))),
+        Sampler::Queue => Some(SamplerArgs::Named("queue".into())),
     }
 }
 
-fn sampler_args(sampler: Sampler) -> SamplerArgs {
-    sampler
-        .prioritized()
-        .map(|p| (p.alpha, p.eps, p.stratified))
+/// A limiter as the Python package passes it: `(kind, samples_per_insert, min_size, min_diff,
+/// max_diff)`, kind `"MinSize"` or `"SampleToInsertRatio"`.
+type LimiterArgs = (String, f64, u64, f64, f64);
+
+fn limiter_of(args: Option<LimiterArgs>) -> PyResult<Option<Limiter>> {
+    Ok(match args {
+        None => None,
+        Some((kind, _, min_size, _, _)) if kind == "MinSize" => Some(Limiter::MinSize(min_size)),
+        Some((kind, samples_per_insert, min_size, min_diff, max_diff))
+            if kind == "SampleToInsertRatio" =>
+        {
+            Some(Limiter::SampleToInsertRatio {
+                samples_per_insert,
+                min_size,
+                min_diff,
+                max_diff,
+            })
+        }
+        Some((kind, ..)) => return Err(PyValueError::new_err(format!("unknown limiter {kind:?}"))),
+    })
+}
+
+fn limiter_args(limiter: Option<Limiter>) -> Option<LimiterArgs> {
+    limiter.map(|limiter| {
+        let l = limiter.limits();
+        let kind = match limiter {
+            Limiter::MinSize(_) => "MinSize",
+            Limiter::SampleToInsertRatio { .. } => "SampleToInsertRatio",
+        };
+        (
+            kind.into(),
+            l.samples_per_insert,
+            l.min_size,
+            l.min_diff,
+            l.max_diff,
+        )
+    })
+}
+
+/// A flow-control timeout in seconds (`None`: wait until allowed; the package validates it).
+fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s == f64::INFINITY => Ok(None),
+        Some(s) => Duration::try_from_secs_f64(s)
+            .map(Some)
+            .map_err(|_| PyValueError::new_err(format!("timeout must be >= 0, got {s}"))),
+    }
 }
 
 /// The keys of a 1-d uint64 or int64 array (`ValueError` for a negative one); None for
@@ -88,11 +153,15 @@ fn zeroed<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
 
 /// Waits with the GIL released: every wait of a core call goes through here, so no Python
 /// thread is ever stopped by a shmreplay call that waits.
-struct ReleaseGil<'py>(Python<'py>);
+struct ReleaseGil<'py>(Python<'py>, Option<Duration>);
 
 impl Blocking for ReleaseGil<'_> {
     fn block(&mut self, wait: &mut (dyn FnMut() + Send)) {
         self.0.detach(wait)
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.1
     }
 }
 
@@ -153,6 +222,8 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
         Error::Contended(_) => ours("ContendedError"),
         Error::TooManyHandles(_) => ours("TooManyHandlesError"),
         Error::WrongSampler(_) => PyTypeError::new_err(message),
+        Error::Timeout(_) => PyTimeoutError::new_err(message),
+        Error::Shutdown => ours("ShutdownError"),
         Error::Interrupted => PENDING_SIGNAL
             .with(|pending| pending.borrow_mut().take())
             .unwrap_or_else(|| PyKeyboardInterrupt::new_err(message)),
@@ -221,17 +292,21 @@ impl RawBuffer {
 #[pymethods]
 impl RawBuffer {
     /// Creates a buffer; `fields` is a list of `(name, dtype code, shape)`, `sampler` None
-    /// (uniform) or `(alpha, eps, stratified)`.
+    /// (uniform), `(alpha, eps, stratified)` or `"queue"`, `limiter` None or `(kind,
+    /// samples_per_insert, min_size, min_diff, max_diff)`.
     #[staticmethod]
-    #[pyo3(signature = (name, dir, capacity, fields, sampler=None))]
+    #[pyo3(signature = (name, dir, capacity, fields, sampler=None, limiter=None))]
     fn create(
         py: Python<'_>,
         name: &str,
         dir: Option<PathBuf>,
         capacity: u64,
         fields: Vec<(String, String, Vec<usize>)>,
-        sampler: SamplerArgs,
+        sampler: Option<SamplerArgs>,
+        limiter: Option<LimiterArgs>,
     ) -> PyResult<RawBuffer> {
+        let sampler = sampler_of(sampler)?;
+        let limiter = limiter_of(limiter)?;
         let parsed = fields
             .into_iter()
             .map(|(n, code, shape)| Ok((n, DType::from_code(&code)?, shape)))
@@ -243,7 +318,8 @@ impl RawBuffer {
                 .dir_opt(dir.as_deref())
                 .capacity(capacity)
                 .schema(parsed)
-                .sampler(sampler_of(sampler))
+                .sampler(sampler)
+                .limiter(limiter)
                 .create()
         })
     }
@@ -297,10 +373,40 @@ impl RawBuffer {
             .collect())
     }
 
-    /// None (uniform) or `(alpha, eps, stratified)`.
+    /// None (uniform), `(alpha, eps, stratified)` or `"queue"`.
     #[getter]
-    fn sampler(&self) -> PyResult<SamplerArgs> {
+    fn sampler(&self) -> PyResult<Option<SamplerArgs>> {
         Ok(sampler_args(self.get()?.sampler()))
+    }
+
+    /// None or `(kind, samples_per_insert, min_size, min_diff, max_diff)`.
+    #[getter]
+    fn limiter(&self) -> PyResult<Option<LimiterArgs>> {
+        Ok(limiter_args(self.get()?.limiter()))
+    }
+
+    /// Whether `sample(n)` would proceed now without waiting.
+    fn can_sample(&self, py: Python<'_>, n: u64) -> PyResult<bool> {
+        let buffer = self.get()?;
+        Ok(py.detach(|| buffer.can_sample(n)))
+    }
+
+    /// Whether an insert of `k` rows would proceed now without waiting.
+    fn can_insert(&self, py: Python<'_>, k: u64) -> PyResult<bool> {
+        let buffer = self.get()?;
+        Ok(py.detach(|| buffer.can_insert(k)))
+    }
+
+    /// Makes every waiting call (in every process) fail with `ShutdownError`.
+    fn shutdown(&self) -> PyResult<()> {
+        self.get()?.shutdown();
+        Ok(())
+    }
+
+    /// `(I, S, D)`: the flow-control counters.
+    fn flow_counts(&self) -> PyResult<(u64, u64, u64)> {
+        let c = self.get()?.flow_counts();
+        Ok((c.inserts, c.samples, c.deletes))
     }
 
     #[getter]
@@ -317,21 +423,23 @@ impl RawBuffer {
 
     /// Inserts rows given as one C-contiguous array per field (already of the field's dtype),
     /// with float64 raw priorities (one per row, or one for all) or none.
-    #[pyo3(signature = (columns, priorities=None))]
+    #[pyo3(signature = (columns, priorities=None, timeout=None))]
     fn extend(
         &self,
         py: Python<'_>,
         columns: Vec<Bound<'_, PyUntypedArray>>,
         priorities: Option<PyReadonlyArray1<'_, f64>>,
+        timeout: Option<f64>,
     ) -> PyResult<usize> {
         let buffer = self.get()?;
         let columns = inputs(&columns)?;
         let priorities = priorities.map(|p| p.to_vec()).transpose()?;
+        let timeout = timeout_of(timeout)?;
         py.detach(|| {
             buffer.extend_columns_with_priorities(
                 &columns,
                 priorities.as_deref(),
-                &mut shmreplay_core::NoBlocking,
+                &mut WaitUpTo(timeout),
             )
         })
         .map_err(|e| to_py(py, e))
@@ -341,15 +449,17 @@ impl RawBuffer {
     /// returns True if every value is an array of its field's shape or a scalar whose dtype
     /// converts to the field's under numpy's `same_kind` rule with every value fitting (see
     /// `rows.rs`); otherwise returns False and writes nothing.
-    #[pyo3(signature = (values, rows=None, priorities=None))]
+    #[pyo3(signature = (values, rows=None, priorities=None, timeout=None))]
     fn put(
         &self,
         py: Python<'_>,
         values: &Bound<'_, PyDict>,
         rows: Option<usize>,
         priorities: Option<PyReadonlyArray1<'_, f64>>,
+        timeout: Option<f64>,
     ) -> PyResult<bool> {
         let buffer = self.get()?;
+        let timeout = timeout_of(timeout)?;
         let mut arrays = Vec::new();
         let Some(columns) = rows::columns(buffer.schema(), &self.names, values, rows, &mut arrays)
         else {
@@ -360,46 +470,54 @@ impl RawBuffer {
         // Small inserts are quicker than releasing and retaking the GIL; they release it only
         // if they have to wait (for another thread on this handle, or a slot's writer).
         let inserted = if columns.iter().map(|c| c.len()).sum::<usize>() < 64 << 10 {
-            buffer.extend_columns_with_priorities(&columns, priorities, &mut ReleaseGil(py))
+            buffer.extend_columns_with_priorities(
+                &columns,
+                priorities,
+                &mut ReleaseGil(py, timeout),
+            )
         } else {
             let priorities = priorities.map(<[f64]>::to_vec);
             py.detach(|| {
                 buffer.extend_columns_with_priorities(
                     &columns,
                     priorities.as_deref(),
-                    &mut shmreplay_core::NoBlocking,
+                    &mut WaitUpTo(timeout),
                 )
             })
         };
         inserted.map(|_| true).map_err(|e| to_py(py, e))
     }
 
-    /// Fills one fresh array per field with a random batch; returns uint64 `(index, key)`.
+    /// Fills one fresh array per field with a batch (uniform, or a queue's next rows);
+    /// returns uint64 `(index, key)`.
+    #[pyo3(signature = (out, batch_size, timeout=None))]
     fn sample_into<'py>(
         &self,
         py: Python<'py>,
         out: Vec<Bound<'py, PyUntypedArray>>,
         batch_size: usize,
+        timeout: Option<f64>,
     ) -> PyResult<(U64Array<'py>, U64Array<'py>)> {
         let buffer = self.get()?;
         let out = outputs(&out)?;
         let (mut index, mut key) = (zeroed(batch_size)?, zeroed(batch_size)?);
-        py.detach(|| {
-            buffer.sample_columns(&out, &mut index, &mut key, &mut shmreplay_core::NoBlocking)
-        })
-        .map_err(|e| to_py(py, e))?;
+        let timeout = timeout_of(timeout)?;
+        py.detach(|| buffer.sample_columns(&out, &mut index, &mut key, &mut WaitUpTo(timeout)))
+            .map_err(|e| to_py(py, e))?;
         Ok((PyArray1::from_vec(py, index), PyArray1::from_vec(py, key)))
     }
 
     /// Fills one fresh array per field with a batch drawn by priority; returns `(index, key,
     /// probability, weight, priority)`.
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (out, batch_size, beta, timeout=None))]
     fn sample_prioritized_into<'py>(
         &self,
         py: Python<'py>,
         out: Vec<Bound<'py, PyUntypedArray>>,
         batch_size: usize,
         beta: f64,
+        timeout: Option<f64>,
     ) -> PyResult<(
         U64Array<'py>,
         U64Array<'py>,
@@ -415,6 +533,7 @@ impl RawBuffer {
             zeroed(batch_size)?,
             zeroed(batch_size)?,
         );
+        let timeout = timeout_of(timeout)?;
         py.detach(|| {
             let info = PriorityOutputs {
                 probability: &mut probability,
@@ -427,7 +546,7 @@ impl RawBuffer {
                 &mut key,
                 info,
                 beta,
-                &mut shmreplay_core::NoBlocking,
+                &mut WaitUpTo(timeout),
             )
         })
         .map_err(|e| to_py(py, e))?;

@@ -2,6 +2,7 @@
 //! processes. This module holds the handle's life (create, open, register, fork, drop); the
 //! writer, the sampler and the statistics have a module each.
 
+mod flow;
 mod priority;
 mod sampler;
 mod stats;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::layout::schema::Schema;
-use crate::layout::{self, Layout, Sampler, ENTRY_BYTES, MAX_HANDLES};
+use crate::layout::{self, Layout, Limiter, Sampler, ENTRY_BYTES, MAX_HANDLES};
 use crate::platform::copy::Kernel;
 use crate::platform::interrupt::Patience;
 use crate::platform::liveness::{self, Identity, Liveness};
@@ -37,6 +38,12 @@ pub use writer::PauseAt;
 pub trait Blocking {
     /// Runs `wait`, which may take long (it polls the interrupt check).
     fn block(&mut self, wait: &mut (dyn FnMut() + Send));
+
+    /// How long the call may wait for flow control (a rate limiter or a queue) before it fails
+    /// with [`Error::Timeout`]: `None` (the default) waits until allowed, zero never waits.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Waits in place: for callers that hold nothing another thread could need.
@@ -45,6 +52,19 @@ pub struct NoBlocking;
 impl Blocking for NoBlocking {
     fn block(&mut self, wait: &mut (dyn FnMut() + Send)) {
         wait()
+    }
+}
+
+/// Waits in place, for flow control at most the given time (`None`: until allowed).
+pub struct WaitUpTo(pub Option<Duration>);
+
+impl Blocking for WaitUpTo {
+    fn block(&mut self, wait: &mut (dyn FnMut() + Send)) {
+        wait()
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.0
     }
 }
 
@@ -136,6 +156,7 @@ pub struct Builder {
     capacity: Option<u64>,
     schema: Option<Schema>,
     sampler: Sampler,
+    limiter: Option<Limiter>,
 }
 
 impl Builder {
@@ -169,6 +190,13 @@ impl Builder {
         self
     }
 
+    /// The rate limiter (create only; default none: nothing waits). A [`Sampler::Queue`] has
+    /// its own flow control and takes none.
+    pub fn limiter(mut self, limiter: Option<Limiter>) -> Builder {
+        self.limiter = limiter;
+        self
+    }
+
     /// Creates the buffer. Fails with [`Error::AlreadyExists`] if the name is taken and
     /// [`Error::InsufficientSpace`] if the filesystem cannot hold it (nothing is left behind).
     pub fn create(self) -> Result<ReplayBuffer> {
@@ -183,6 +211,7 @@ impl Builder {
             capacity,
             schema,
             self.sampler,
+            self.limiter,
         )
     }
 
@@ -234,6 +263,7 @@ impl ReplayBuffer {
             capacity: None,
             schema: None,
             sampler: Sampler::Uniform,
+            limiter: None,
         }
     }
 
@@ -244,7 +274,7 @@ impl ReplayBuffer {
         capacity: u64,
         schema: Schema,
     ) -> Result<ReplayBuffer> {
-        Self::create_at(name, dir, capacity, schema, Sampler::Uniform)
+        Self::create_at(name, dir, capacity, schema, Sampler::Uniform, None)
     }
 
     /// Attaches to existing buffer `name` in `dir`; see [`Builder::open`].
@@ -263,10 +293,17 @@ impl ReplayBuffer {
         capacity: u64,
         schema: Schema,
         sampler: Sampler,
+        limiter: Option<Limiter>,
     ) -> Result<ReplayBuffer> {
         let path = segment_path(name, dir)?;
         let text = schema.encode();
-        let layout = Layout::new(capacity, schema.record_bytes(), text.len(), sampler)?;
+        let layout = Layout::new(
+            capacity,
+            schema.record_bytes(),
+            text.len(),
+            sampler,
+            limiter,
+        )?;
         check_atomics(&layout)?;
         let me = liveness::current();
         // The creator's lock and entry are taken before the segment is published, so that no
@@ -598,6 +635,9 @@ impl ReplayBuffer {
                 }
             }
             entry.end();
+            // A dead owner's queue claim: its tickets are skipped from now on.
+            self.entry_word(e, handles::E_QUEUE_CLAIM)
+                .store(0, Ordering::SeqCst);
             // Its dead owner may have been changing priorities: finish that first.
             self.repair_entry(e, true);
             write_owner(&self.segment, &self.layout, e, me);

@@ -112,10 +112,14 @@ impl ReplayBuffer {
     fn prioritized(&self, what: &str) -> Result<(Prioritized, Tree<'_, Section<'_>>)> {
         match (self.layout.sampler, self.tree()) {
             (Sampler::Prioritized(p), Some(tree)) => Ok((p, tree)),
-            _ => Err(Error::WrongSampler(format!(
-                "{what} needs a prioritized buffer; {} samples uniformly (create it with \
+            (sampler, _) => Err(Error::WrongSampler(format!(
+                "{what} needs a prioritized buffer; {} is {} (create it with \
                  sampler=Prioritized(...))",
-                self.name
+                self.name,
+                match sampler {
+                    Sampler::Queue => "a queue",
+                    _ => "sampled uniformly",
+                }
             ))),
         }
     }
@@ -151,7 +155,7 @@ impl ReplayBuffer {
         priorities: Option<&[f64]>,
         rows: usize,
     ) -> Result<Option<RowPriorities>> {
-        if self.layout.sampler == Sampler::Uniform && priorities.is_none() {
+        if self.layout.sampler.prioritized().is_none() && priorities.is_none() {
             return Ok(None);
         }
         let (p, tree) = self.prioritized("an insert with priorities")?;
@@ -319,6 +323,7 @@ impl ReplayBuffer {
         if n == 0 {
             return Ok(());
         }
+        self.admit_sample(n as u64, blocking)?;
         self.repair_if_due(blocking);
         let total = tree.total();
         if total == 0 {
@@ -449,7 +454,7 @@ impl ReplayBuffer {
         tree: &Tree<'_, Section<'_>>,
         blocking: &mut dyn Blocking,
     ) -> Result<()> {
-        self.sample_columns(out, index, key, blocking)?;
+        self.draw_uniform(out, index, key, blocking)?;
         let size = self.len().max(1) as f64;
         let scale = tree.geometry.scale;
         for row in 0..index.len() {

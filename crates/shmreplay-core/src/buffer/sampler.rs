@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use super::{Backoff, Blocking, NoBlocking, Orphan, OutColumn, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
-use crate::layout::{self, STAGED_RECORD_BYTES};
+use crate::layout::{self, Flow, STAGED_RECORD_BYTES};
 use crate::platform::interrupt::Patience;
 use crate::protocol::handles::Counter;
 use crate::protocol::slot;
@@ -56,6 +56,25 @@ impl ReplayBuffer {
         if n == 0 {
             return Ok(());
         }
+        match self.flow() {
+            Flow::Queue(_) => return self.take_from_queue(out, index, key, blocking),
+            Flow::Limited(_) => self.admit_sample(n as u64, blocking)?,
+            Flow::Free => {}
+        }
+        self.draw_uniform(out, index, key, blocking)
+    }
+
+    /// The uniform draws of [`sample_columns`](Self::sample_columns), its arguments checked
+    /// and its flow control passed (also the fallback of a prioritized buffer whose every
+    /// priority is 0).
+    pub(super) fn draw_uniform(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let n = index.len();
         // Slots past the cursor were never claimed. Read once per call (writers hammer that
         // cache line), and again after a miss while the ring is still filling.
         let claimed_slots = || {

@@ -33,12 +33,18 @@ pub struct Stats {
     pub stale_updates: u64,
     /// Live handles, over all processes.
     pub attached: u64,
+    /// Rows deleted: overwritten (a ring), or delivered and skipped (a queue).
+    pub deletes: u64,
+    /// Nanoseconds inserts spent waiting for flow control, over all processes.
+    pub insert_wait_ns: u64,
+    /// Nanoseconds samples spent waiting for flow control, over all processes.
+    pub sample_wait_ns: u64,
 }
 
 impl Stats {
     /// `(name, value)` of every counter, in a fixed order: the one definition of the stats'
     /// shape, which the Python binding turns into its dict.
-    pub fn items(&self) -> [(&'static str, u64); 10] {
+    pub fn items(&self) -> [(&'static str, u64); 13] {
         [
             ("capacity", self.capacity),
             ("size", self.size),
@@ -50,6 +56,9 @@ impl Stats {
             ("lost", self.lost),
             ("stale_updates", self.stale_updates),
             ("attached", self.attached),
+            ("deletes", self.deletes),
+            ("insert_wait_ns", self.insert_wait_ns),
+            ("sample_wait_ns", self.sample_wait_ns),
         ]
     }
 }
@@ -77,8 +86,12 @@ pub struct SegmentInfo {
 impl ReplayBuffer {
     /// Slots that hold a committed record: first fills counted in every entry, plus the
     /// adjustments of inserts in progress (see `protocol::handles`). Exact when no insert is in
-    /// flight, whoever died where.
+    /// flight, whoever died where. In a queue: the rows admitted and not yet delivered.
     pub fn len(&self) -> u64 {
+        if let crate::layout::Flow::Queue(_) = self.flow() {
+            // Admitted, not yet delivered (rows still being written included).
+            return self.flow_counts().size().min(self.capacity());
+        }
         let mut size = 0i64;
         for e in 0..self.entries_used() {
             let (firsts, adjustment) = self.entry(e).size_terms(|t| self.seq_of_ticket(t));
@@ -104,7 +117,8 @@ impl ReplayBuffer {
                 );
             }
         }
-        let [inserts, samples, retries, recovered, superseded, lost, stale_updates] = totals;
+        let [inserts, samples, retries, recovered, superseded, lost, stale_updates, insert_wait_ns, sample_wait_ns] =
+            totals;
         Stats {
             capacity: self.capacity(),
             size: self.len(),
@@ -116,6 +130,9 @@ impl ReplayBuffer {
             lost,
             stale_updates,
             attached: self.held_entries().len() as u64,
+            deletes: self.flow_counts().deletes,
+            insert_wait_ns,
+            sample_wait_ns,
         }
     }
 

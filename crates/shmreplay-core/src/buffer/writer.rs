@@ -106,7 +106,17 @@ impl ReplayBuffer {
             return Ok(0);
         }
         self.repair_if_due(blocking);
-        let mut handle = self.lock_handle(blocking)?;
+        // With flow control the call takes all its tickets when it is admitted.
+        let admitted = self.admit_insert(n as u64, blocking)?;
+        let mut handle = match self.lock_handle(blocking) {
+            Ok(handle) => handle,
+            Err(e) => {
+                if admitted.is_some() {
+                    self.inserted_rows(self.registered_entry().expect("admission registers"));
+                }
+                return Err(e);
+            }
+        };
         let entry = self
             .prepare(&mut handle, blocking, true, false)?
             .expect("registered");
@@ -126,7 +136,7 @@ impl ReplayBuffer {
         let mut row = skipped;
         // Rows the call overwrites itself still take their tickets (keys count every row),
         // but write nothing.
-        if skipped > 0 {
+        if skipped > 0 && admitted.is_none() {
             if let Err(e) = self.take_tickets(skipped as u64) {
                 row = n;
                 result = Err(e);
@@ -134,12 +144,15 @@ impl ReplayBuffer {
         }
         'chunks: while row < n {
             let take = ((n - row) as u64).min(CLAIM_CHUNK);
-            let first_ticket = match self.take_tickets(take) {
-                Ok(t) => t,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+            let first_ticket = match admitted {
+                Some(first) => first + row as u64,
+                None => match self.take_tickets(take) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                },
             };
             let first_index = (first_ticket % self.capacity()) as usize;
             if writer.leaves.is_some() {
@@ -174,6 +187,7 @@ impl ReplayBuffer {
             leaves.inserted(skipped);
         }
         drop(handle);
+        self.inserted_rows(entry);
         result
     }
 

@@ -5,10 +5,13 @@
 //! 0      header words: magic, layout version, ready flag, checksum, kind, features, sizes,
 //!        creator, section count
 //! 136    section directory: up to 8 entries of (tag, offset, length, version)
-//! 392    the sampler: kind (0 uniform, 1 prioritized), alpha, eps, stratified
+//! 392    the sampler: kind (0 uniform, 1 prioritized, 2 queue), alpha, eps, stratified
+//! 424    the rate limiter: kind (0 none, 1 min size, 2 sample-to-insert ratio), samples per
+//!        insert, min size, min diff, max diff
 //! 512    schema text
 //! ...    sections, each at the offset its directory entry gives:
-//!   control   the insert cursor and other buffer-wide words, each on its own cache lines
+//!   control   the insert cursor and other buffer-wide words (flow control's counters, the
+//!             shutdown flag, the futex words waiters sleep on), each on its own cache lines
 //!   handles   MAX_HANDLES entries of 128 bytes: owner, intent, counters (see `protocol::handles`)
 //!   slots     capacity slots: the slot's version word (its seqlock, see `protocol::slot`), then
 //!             its record (records of 1 KiB or more start on the slot's second cache line, and
@@ -35,20 +38,27 @@ use crate::error::{Error, Result};
 use crate::platform::copy::Kernel;
 use crate::platform::liveness::Identity;
 use crate::platform::mapping::Segment;
+use crate::protocol::flow::Limits;
 use crate::protocol::priority::Geometry;
 use schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
-/// Version 3: section directory, lock-based handle table, per-entry counters.
-pub const LAYOUT_VERSION: u64 = 3;
+/// Version 3: section directory, lock-based handle table, per-entry counters. Version 4: flow
+/// control (the control section's counters and futex words, two more entry counters).
+pub const LAYOUT_VERSION: u64 = 4;
 const READY: u64 = 1;
 /// `kind` of a plain ring of records.
 pub(crate) const KIND_RING: u64 = 1;
 /// Feature bit: the buffer samples by priority (it has a `priority` section). Versions that do
 /// not know it refuse such a buffer instead of sampling it uniformly.
 const FEATURE_PRIORITIZED: u64 = 1;
+/// Feature bit: calls wait for the rate limiter of header words `H_LIMITER..`. Versions that do
+/// not know it refuse the buffer instead of ignoring its limits.
+const FEATURE_LIMITED: u64 = 2;
+/// Feature bit: the buffer is a queue (each row delivered once, in order).
+const FEATURE_QUEUE: u64 = 4;
 /// Feature bits this version understands.
-const KNOWN_FEATURES: u64 = FEATURE_PRIORITIZED;
+const KNOWN_FEATURES: u64 = FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE;
 
 pub const MAX_CAPACITY: u64 = 1 << 40;
 /// Live handles (in any process) a buffer can have at once.
@@ -80,6 +90,11 @@ const H_SAMPLER: usize = 392;
 const H_ALPHA: usize = 400;
 const H_EPS: usize = 408;
 const H_STRATIFIED: usize = 416;
+const H_LIMITER: usize = 424;
+const H_SAMPLES_PER_INSERT: usize = 432;
+const H_MIN_SIZE: usize = 440;
+const H_MIN_DIFF: usize = 448;
+const H_MAX_DIFF: usize = 456;
 const HEADER_END: usize = 512;
 const SCHEMA_TEXT: usize = HEADER_END;
 
@@ -96,7 +111,17 @@ pub(crate) const STAGED_RECORD_BYTES: usize = 256;
 pub(crate) const C_CURSOR: usize = 0;
 /// One more than the highest handle entry ever registered: sums over entries stop there.
 pub(crate) const C_ENTRIES_USED: usize = 128;
-const CONTROL_BYTES: usize = 256;
+/// Flow control's `S`: rows admitted to sampling (rate-limited rings).
+pub(crate) const C_SAMPLED: usize = 256;
+/// A queue's head: tickets below it were delivered (or skipped: their writer died).
+pub(crate) const C_HEAD: usize = 384;
+/// Nonzero once `shutdown` was called: calls that would wait fail instead.
+pub(crate) const C_SHUTDOWN: usize = 512;
+/// The futex word (32 bits) inserts wait on, and the count of its waiters (the next 32 bits).
+pub(crate) const C_INSERT_EVENT: usize = 640;
+/// The same for samples.
+pub(crate) const C_SAMPLE_EVENT: usize = 768;
+const CONTROL_BYTES: usize = 896;
 
 /// A region of the segment named in the section directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +154,9 @@ pub enum Sampler {
     Uniform,
     /// In proportion to `v = (p + eps)^alpha` of each record's priority `p`.
     Prioritized(Prioritized),
+    /// First in, first out: each row is delivered to exactly one sample call, in insert order,
+    /// and never overwritten before (inserts wait while the ring is full).
+    Queue,
 }
 
 /// The parameters of prioritized sampling (Schaul et al., 2016).
@@ -169,10 +197,123 @@ impl Sampler {
 
     pub fn prioritized(&self) -> Option<&Prioritized> {
         match self {
-            Sampler::Uniform => None,
             Sampler::Prioritized(p) => Some(p),
+            Sampler::Uniform | Sampler::Queue => None,
         }
     }
+}
+
+/// When samples and inserts may proceed (Reverb's rate limiters); fixed at creation. Calls
+/// that are not allowed yet wait (see `protocol::flow`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limiter {
+    /// Samples wait until the buffer holds `min_size` rows; inserts never wait.
+    MinSize(u64),
+    /// Keeps `I·samples_per_insert − S` (inserts `I`, sampled rows `S`) within
+    /// `[min_diff, max_diff]` once `min_size` rows are in: samples wait when it would drop
+    /// below, inserts when it would rise above.
+    SampleToInsertRatio {
+        samples_per_insert: f64,
+        min_size: u64,
+        min_diff: f64,
+        max_diff: f64,
+    },
+}
+
+impl Limiter {
+    /// Reverb's symmetric error buffer: `[spi·min_size − error_buffer, spi·min_size +
+    /// error_buffer]`.
+    pub fn sample_to_insert_ratio(
+        samples_per_insert: f64,
+        min_size: u64,
+        error_buffer: f64,
+    ) -> Limiter {
+        let center = samples_per_insert * min_size as f64;
+        Limiter::SampleToInsertRatio {
+            samples_per_insert,
+            min_size,
+            min_diff: center - error_buffer,
+            max_diff: center + error_buffer,
+        }
+    }
+
+    /// The formulas' parameters.
+    pub fn limits(&self) -> Limits {
+        match *self {
+            Limiter::MinSize(min_size) => Limits {
+                samples_per_insert: 1.0,
+                min_size,
+                min_diff: f64::NEG_INFINITY,
+                max_diff: f64::INFINITY,
+            },
+            Limiter::SampleToInsertRatio {
+                samples_per_insert,
+                min_size,
+                min_diff,
+                max_diff,
+            } => Limits {
+                samples_per_insert,
+                min_size,
+                min_diff,
+                max_diff,
+            },
+        }
+    }
+
+    /// Refuses limits that could deadlock or make no sense (Reverb's rules).
+    pub fn validate(&self, capacity: u64) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidArgument(why));
+        let l = self.limits();
+        let name = match self {
+            Limiter::MinSize(_) => "MinSize",
+            Limiter::SampleToInsertRatio { .. } => "SampleToInsertRatio",
+        };
+        if l.min_size < 1 || l.min_size > capacity {
+            return bad(format!(
+                "{name}: min_size must be between 1 and the capacity ({capacity}), got {}",
+                l.min_size
+            ));
+        }
+        if let Limiter::SampleToInsertRatio { .. } = self {
+            let spi = l.samples_per_insert;
+            if !(spi.is_finite() && spi > 0.0) {
+                return bad(format!(
+                    "{name}: samples_per_insert must be a finite number > 0, got {spi}"
+                ));
+            }
+            if l.min_diff.is_nan() || l.max_diff.is_nan() {
+                return bad(format!("{name}: the error buffer must not be NaN"));
+            }
+            if l.window() < 2.0 * spi.max(1.0) {
+                return bad(format!(
+                    "{name}: max_diff − min_diff = {} is below 2·max(1, samples_per_insert) = {}: \
+                     inserts and samples could block each other forever",
+                    l.window(),
+                    2.0 * spi.max(1.0)
+                ));
+            }
+            if l.min_diff > spi * l.min_size as f64 {
+                return bad(format!(
+                    "{name}: min_diff {} is above samples_per_insert·min_size = {}: the first \
+                     sample could never be allowed",
+                    l.min_diff,
+                    spi * l.min_size as f64
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a buffer controls the flow of its calls.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Flow {
+    /// Nothing ever waits.
+    Free,
+    /// A rate limiter on a ring.
+    Limited(Limits),
+    /// A queue: Reverb's `Queue(capacity)` limits, `D` the rows delivered.
+    Queue(Limits),
 }
 
 /// Where everything is in a segment of a given capacity and schema.
@@ -192,6 +333,7 @@ pub(crate) struct Layout {
     /// The priority tree's section and geometry (prioritized buffers only).
     pub priority: Option<(usize, Geometry)>,
     pub sampler: Sampler,
+    pub limiter: Option<Limiter>,
     pub sections: Vec<Section>,
     pub total_bytes: usize,
 }
@@ -202,8 +344,17 @@ impl Layout {
         record_bytes: usize,
         schema_len: usize,
         sampler: Sampler,
+        limiter: Option<Limiter>,
     ) -> Result<Layout> {
         sampler.validate()?;
+        if let Some(limiter) = &limiter {
+            if sampler == Sampler::Queue {
+                return Err(Error::InvalidArgument(
+                    "a Queue() has its own flow control: it takes no limiter".into(),
+                ));
+            }
+            limiter.validate(capacity)?;
+        }
         if capacity == 0 || capacity > MAX_CAPACITY {
             return Err(Error::InvalidArgument(format!(
                 "capacity must be between 1 and {MAX_CAPACITY}, got {capacity}"
@@ -278,9 +429,24 @@ impl Layout {
             slots_offset,
             priority,
             sampler,
+            limiter,
             sections,
             total_bytes,
         })
+    }
+
+    /// How calls wait.
+    pub fn flow(&self) -> Flow {
+        match (self.sampler, self.limiter) {
+            (Sampler::Queue, _) => Flow::Queue(Limits {
+                samples_per_insert: 1.0,
+                min_size: 1,
+                min_diff: 0.0,
+                max_diff: self.capacity as f64,
+            }),
+            (_, Some(limiter)) => Flow::Limited(limiter.limits()),
+            (_, None) => Flow::Free,
+        }
     }
 
     /// Records copied whole through a private buffer (see [`STAGED_RECORD_BYTES`]).
@@ -307,8 +473,9 @@ pub(crate) fn write_header(
     creator: Identity,
     created_unix_ns: u64,
 ) {
-    let (features, sampler_words) = match layout.sampler {
+    let (mut features, sampler_words) = match layout.sampler {
         Sampler::Uniform => (0, [0; 4]),
+        Sampler::Queue => (FEATURE_QUEUE, [2, 0, 0, 0]),
         Sampler::Prioritized(p) => (
             FEATURE_PRIORITIZED,
             [
@@ -318,6 +485,24 @@ pub(crate) fn write_header(
                 u64::from(p.stratified),
             ],
         ),
+    };
+    let limiter_words = match layout.limiter {
+        None => [0; 5],
+        Some(limiter) => {
+            features |= FEATURE_LIMITED;
+            let l = limiter.limits();
+            let kind = match limiter {
+                Limiter::MinSize(_) => 1,
+                Limiter::SampleToInsertRatio { .. } => 2,
+            };
+            [
+                kind,
+                l.samples_per_insert.to_bits(),
+                l.min_size,
+                l.min_diff.to_bits(),
+                l.max_diff.to_bits(),
+            ]
+        }
     };
     let mut words = vec![
         (H_KIND, KIND_RING),
@@ -337,6 +522,11 @@ pub(crate) fn write_header(
         (H_ALPHA, sampler_words[1]),
         (H_EPS, sampler_words[2]),
         (H_STRATIFIED, sampler_words[3]),
+        (H_LIMITER, limiter_words[0]),
+        (H_SAMPLES_PER_INSERT, limiter_words[1]),
+        (H_MIN_SIZE, limiter_words[2]),
+        (H_MIN_DIFF, limiter_words[3]),
+        (H_MAX_DIFF, limiter_words[4]),
     ];
     for (i, s) in layout.sections.iter().enumerate() {
         let at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES;
@@ -418,10 +608,12 @@ pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Lay
     if schema.hash() != word(H_SCHEMA_HASH) {
         return Err(corrupt("schema hash mismatch".into()));
     }
-    let prioritized = word(H_FEATURES) & FEATURE_PRIORITIZED != 0;
-    let sampler = match (word(H_SAMPLER), prioritized) {
-        (0, false) => Sampler::Uniform,
-        (1, true) => Sampler::Prioritized(Prioritized {
+    let features = word(H_FEATURES);
+    let sampler_features = features & (FEATURE_PRIORITIZED | FEATURE_QUEUE);
+    let sampler = match (word(H_SAMPLER), sampler_features) {
+        (0, 0) => Sampler::Uniform,
+        (2, FEATURE_QUEUE) => Sampler::Queue,
+        (1, FEATURE_PRIORITIZED) => Sampler::Prioritized(Prioritized {
             alpha: f64::from_bits(word(H_ALPHA)),
             eps: f64::from_bits(word(H_EPS)),
             stratified: match word(H_STRATIFIED) {
@@ -432,13 +624,48 @@ pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Lay
         }),
         (kind, _) => {
             return Err(corrupt(format!(
-                "sampler kind {kind} does not match the feature bits {:#x}",
-                word(H_FEATURES)
+                "sampler kind {kind} does not match the feature bits {features:#x}"
             )))
         }
     };
-    let layout = Layout::new(word(H_CAPACITY), schema.record_bytes(), text.len(), sampler)
-        .map_err(|e| corrupt(e.to_string()))?;
+    let float = |offset| f64::from_bits(word(offset));
+    let limiter = match (word(H_LIMITER), features & FEATURE_LIMITED != 0) {
+        (0, false) => None,
+        (1, true) => Some(Limiter::MinSize(word(H_MIN_SIZE))),
+        (2, true) => Some(Limiter::SampleToInsertRatio {
+            samples_per_insert: float(H_SAMPLES_PER_INSERT),
+            min_size: word(H_MIN_SIZE),
+            min_diff: float(H_MIN_DIFF),
+            max_diff: float(H_MAX_DIFF),
+        }),
+        (kind, _) => {
+            return Err(corrupt(format!(
+                "limiter kind {kind} does not match the feature bits {features:#x}"
+            )))
+        }
+    };
+    // The limiter's words must be exactly what creating it writes (MinSize's unused words too).
+    if let Some(limiter) = limiter {
+        let l = limiter.limits();
+        let expected = [
+            (H_SAMPLES_PER_INSERT, l.samples_per_insert.to_bits()),
+            (H_MIN_DIFF, l.min_diff.to_bits()),
+            (H_MAX_DIFF, l.max_diff.to_bits()),
+        ];
+        if let Some((offset, _)) = expected.iter().find(|&&(o, bits)| word(o) != bits) {
+            return Err(corrupt(format!(
+                "limiter word at byte {offset} does not match the limiter's kind"
+            )));
+        }
+    }
+    let layout = Layout::new(
+        word(H_CAPACITY),
+        schema.record_bytes(),
+        text.len(),
+        sampler,
+        limiter,
+    )
+    .map_err(|e| corrupt(e.to_string()))?;
     let stored = [
         (H_RECORD_BYTES, layout.record_bytes),
         (H_SLOT_BYTES, layout.slot_bytes),
@@ -521,8 +748,9 @@ mod tests {
             for sampler in [
                 Sampler::Uniform,
                 Sampler::Prioritized(Prioritized::default()),
+                Sampler::Queue,
             ] {
-                let layout = Layout::new(capacity, record, 300, sampler).unwrap();
+                let layout = Layout::new(capacity, record, 300, sampler, None).unwrap();
                 let mut end = SCHEMA_TEXT + 300;
                 for s in &layout.sections {
                     assert!(s.offset >= end, "{s:?} overlaps what comes before");

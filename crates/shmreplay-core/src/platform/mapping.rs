@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use memmap2::{Advice, MmapRaw};
 use rustix::io::Errno;
@@ -193,6 +193,21 @@ impl Segment {
         // (this type and `copy`), which is what `from_ptr` requires. The file is never shrunk
         // while mapped: only `ReplayBuffer::create` sizes it, before anyone can attach.
         unsafe { AtomicU64::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
+    }
+
+    /// The 32-bit word at byte `offset` (4-aligned): the futex words of flow control, which
+    /// are only ever accessed as 32-bit words.
+    pub(crate) fn word32(&self, offset: usize) -> &AtomicU32 {
+        assert!(
+            offset % 4 == 0
+                && offset
+                    .checked_add(4)
+                    .is_some_and(|end| end <= self.map.len()),
+            "segment access out of bounds: 32-bit word at {offset}, mapping {} bytes",
+            self.map.len()
+        );
+        // SAFETY: as in `word`, for 4 bytes at a 4-aligned offset (checked).
+        unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(offset).cast()) }
     }
 
     /// The `count` 64-bit words from byte `offset` on (one bounds check for all of them).

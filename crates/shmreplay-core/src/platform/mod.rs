@@ -4,6 +4,7 @@
 //! * `mapping`: a segment file mapped into memory, with bounds-checked atomic access.
 //! * [`copy`]: copy kernels between private memory and live shared memory.
 //! * [`memory`]: the caller's memory as raw, bounds-checked byte ranges.
+//! * `futex`: sleeping on a word of the segment until another process changes it.
 //! * `files`: creating segment files whole, reserving their space, removing them safely.
 //! * `locks`: kernel-held tokens (OFD byte-range locks) that prove a handle's death.
 //! * [`liveness`]: process identity and three-valued liveness.
@@ -11,6 +12,7 @@
 
 pub mod copy;
 pub(crate) mod files;
+pub(crate) mod futex;
 pub mod interrupt;
 pub mod liveness;
 pub(crate) mod locks;

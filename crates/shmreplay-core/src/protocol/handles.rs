@@ -8,9 +8,11 @@
 //! namespace  that process's PID namespace
 //! intent     the insert in progress: (ticket + 1) << 12 | (firsts & 0xfff), or 0
 //! firsts     how many slots were first filled through this entry (monotone, never reset)
-//! counters   inserts, samples, retries, recovered, superseded, lost, stale updates (monotone,
+//! counters   inserts, samples, retries, recovered, superseded, lost, stale updates, and
+//!            nanoseconds spent waiting for flow control by inserts and by samples (monotone,
 //!            never reset)
 //! changes    how many changes of the priority tree the entry's process has in flight
+//! claim      a queue's insert in progress: its first ticket + 1, or 0 (see `buffer::flow`)
 //! ```
 //!
 //! Who owns an entry is decided by a kernel lock (see `platform::locks`), not by these words.
@@ -48,7 +50,11 @@ pub(crate) const E_COUNTERS: usize = 32;
 /// `protocol::priority`) this entry's process has in flight, over all its threads: if it dies
 /// with any, whoever finds it dead recomputes the tree.
 pub(crate) const E_TREE_CHANGES: usize = E_COUNTERS + 8 * Counter::ALL.len();
-const _: () = assert!(E_TREE_CHANGES + 8 <= 128, "an entry is 128 bytes");
+/// A queue producer's insert in progress: its first ticket + 1, stored before it takes its
+/// tickets and cleared after its last commit (0: none). A consumer waiting for a ticket at or
+/// after it waits for this entry while its process lives, and skips the ticket once it is dead.
+pub(crate) const E_QUEUE_CLAIM: usize = E_TREE_CHANGES + 8;
+const _: () = assert!(E_QUEUE_CLAIM + 8 <= 128, "an entry is 128 bytes");
 
 /// Per-entry event counters, summed over all entries for the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,10 +73,14 @@ pub enum Counter {
     Lost,
     /// Priority updates ignored because their record had been overwritten.
     StaleUpdates,
+    /// Nanoseconds inserts spent waiting for flow control (timeouts included).
+    InsertWaitNs,
+    /// Nanoseconds samples spent waiting for flow control (timeouts included).
+    SampleWaitNs,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Inserts,
         Counter::Samples,
         Counter::Retries,
@@ -78,6 +88,8 @@ impl Counter {
         Counter::Superseded,
         Counter::Lost,
         Counter::StaleUpdates,
+        Counter::InsertWaitNs,
+        Counter::SampleWaitNs,
     ];
 
     pub(crate) fn offset(self) -> usize {

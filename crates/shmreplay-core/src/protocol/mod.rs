@@ -4,9 +4,11 @@
 //! * [`slot`]: the per-slot seqlock: claim, commit, read, validate.
 //! * [`handles`]: the handle table's intents and counters, which keep the size exact whoever
 //!   dies where.
+//! * [`flow`]: the rate limiter's formulas and the wait/wake handshake of flow control.
 //! * `gate`: the attach / gc handshake that never removes a buffer someone holds.
 //! * `priority`: the sum tree of priorities, exact and lock-free, repaired after deaths.
 
+pub mod flow;
 pub(crate) mod gate;
 pub mod handles;
 pub(crate) mod priority;

@@ -1,0 +1,453 @@
+//! Flow control: rate limiters and the queue, on the counters and futex words of the control
+//! section (see `protocol::flow` for the formulas and the wait/wake handshake).
+//!
+//! * A rate-limited ring admits an insert of `k` rows by moving the insert cursor `I` by `k` at
+//!   once (the call takes all its tickets together), and a sample of `n` rows by moving `S` by
+//!   `n`, each with a compare-and-swap of the value its check read. `D = max(0, I − capacity)`.
+//! * A queue is Reverb's `Queue(capacity)`: `S = D` = its head, the tickets delivered (or
+//!   skipped). An insert is admitted while `I + k − head ≤ capacity`, so no row is overwritten
+//!   before it is delivered. A sample copies the `n` rows at the head (validating each with its
+//!   seqlock), then moves the head past them with one compare-and-swap: the rows are delivered
+//!   exactly once, to the consumer whose swap succeeded; a consumer that loses the race, or dies
+//!   before its swap, takes nothing. A ticket whose writer died is skipped once its death is
+//!   proved: the writer's entry announces the first ticket of its insert (`E_QUEUE_CLAIM`) before
+//!   taking its tickets, and clears it after its last commit, so a consumer waits for a ticket
+//!   while some live entry's claim is at or before it, and skips it when none is.
+//! * Waits sleep on a futex word (inserts on one, samples on the other) in slices of
+//!   [`SLICE`], asking the interrupt check after each; `shutdown` sets a flag and wakes everyone.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{Blocking, OutColumn, ReplayBuffer};
+use crate::error::{Error, Result};
+use crate::layout::{self, Flow, Limiter};
+use crate::platform::futex;
+use crate::platform::interrupt::Patience;
+use crate::platform::liveness::Liveness;
+use crate::platform::locks::LockFile;
+use crate::protocol::flow::{Counts, Event, Limits};
+use crate::protocol::handles::{self, Counter};
+use crate::protocol::slot;
+
+/// The longest a waiting call sleeps before it checks for Ctrl-C, its deadline and shutdown.
+const SLICE: Duration = Duration::from_millis(10);
+
+/// Which side of the limiter a call is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Insert,
+    Sample,
+}
+
+impl ReplayBuffer {
+    /// How this buffer's calls wait (fixed at creation).
+    pub fn flow(&self) -> Flow {
+        self.layout.flow()
+    }
+
+    /// The rate limiter, if any (a queue's flow control is its sampler's).
+    pub fn limiter(&self) -> Option<Limiter> {
+        self.layout.limiter
+    }
+
+    /// The flow-control counters right now (`I`, `S`, `D`).
+    pub fn flow_counts(&self) -> Counts {
+        let load = |word| self.word(self.control(word)).load(Ordering::SeqCst);
+        let inserts = load(layout::C_CURSOR);
+        match self.flow() {
+            Flow::Queue(_) => {
+                let head = load(layout::C_HEAD);
+                Counts {
+                    inserts,
+                    samples: head,
+                    deletes: head,
+                }
+            }
+            Flow::Free | Flow::Limited(_) => Counts {
+                inserts,
+                samples: load(layout::C_SAMPLED),
+                deletes: inserts.saturating_sub(self.capacity()),
+            },
+        }
+    }
+
+    /// Whether `sample(n)` would proceed now without waiting (with no flow control: whether
+    /// the buffer holds a record).
+    pub fn can_sample(&self, n: u64) -> bool {
+        match self.flow() {
+            Flow::Free => n == 0 || !self.is_empty(),
+            Flow::Limited(l) | Flow::Queue(l) => l.can_sample(self.flow_counts(), n),
+        }
+    }
+
+    /// Whether an insert of `k` rows would proceed now without waiting.
+    pub fn can_insert(&self, k: u64) -> bool {
+        match self.flow() {
+            Flow::Free => true,
+            Flow::Limited(l) | Flow::Queue(l) => l.can_insert(self.flow_counts(), k),
+        }
+    }
+
+    /// Every call that waits for flow control, in every process, fails with
+    /// [`Error::Shutdown`], and so does every later call that cannot proceed at once. Calls
+    /// that need not wait still succeed (a consumer can drain a queue). Permanent.
+    pub fn shutdown(&self) {
+        self.word(self.control(layout::C_SHUTDOWN))
+            .store(1, Ordering::SeqCst);
+        for side in [Side::Insert, Side::Sample] {
+            let event = self.event(side);
+            event.sequence.fetch_add(1, Ordering::SeqCst);
+            futex::wake_all(event.sequence);
+        }
+    }
+
+    /// True once [`shutdown`](Self::shutdown) was called (by any process).
+    pub fn is_shut_down(&self) -> bool {
+        self.word(self.control(layout::C_SHUTDOWN))
+            .load(Ordering::SeqCst)
+            != 0
+    }
+
+    /// The futex word a call of `side` waits on: inserts wait for samples, samples for inserts.
+    fn event(&self, side: Side) -> Event<'_> {
+        let at = self.control(match side {
+            Side::Insert => layout::C_INSERT_EVENT,
+            Side::Sample => layout::C_SAMPLE_EVENT,
+        });
+        Event {
+            sequence: self.segment.word32(at),
+            waiters: self.segment.word32(at + 4),
+        }
+    }
+
+    /// Wakes the calls of `side` waiting for a change (only if any is registered).
+    fn wake(&self, side: Side) {
+        let event = self.event(side);
+        if event.notify() {
+            futex::wake_all(event.sequence);
+        }
+    }
+
+    /// Inserts of `k` rows: refuses sizes that could never be admitted.
+    fn check_insert_size(&self, k: u64) -> Result<()> {
+        match self.flow() {
+            Flow::Free => Ok(()),
+            Flow::Queue(_) if k > self.capacity() => Err(Error::InvalidArgument(format!(
+                "an insert of {k} rows into a queue of capacity {} could never be admitted \
+                 (rows are not overwritten before they are delivered)",
+                self.capacity()
+            ))),
+            Flow::Limited(l) if k as f64 * l.samples_per_insert > l.window() => {
+                Err(Error::InvalidArgument(format!(
+                    "an insert of {k} rows moves I·samples_per_insert by {}, more than the \
+                     limiter's window max_diff − min_diff = {}: it could wait forever; insert \
+                     smaller batches",
+                    k as f64 * l.samples_per_insert,
+                    l.window()
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Samples of `n` rows: refuses sizes that could never be admitted (acme#233).
+    pub(super) fn check_sample_size(&self, n: u64) -> Result<()> {
+        match self.flow() {
+            Flow::Free => Ok(()),
+            Flow::Queue(_) if n > self.capacity() => Err(Error::InvalidArgument(format!(
+                "sample({n}) from a queue of capacity {} could never be admitted",
+                self.capacity()
+            ))),
+            Flow::Limited(l) if n as f64 > l.window() => Err(Error::InvalidArgument(format!(
+                "sample({n}) is larger than the limiter's window max_diff − min_diff = {}: it \
+                 could never be admitted; sample smaller batches",
+                l.window()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Admits an insert of `k` rows: with flow control, waits until the limiter allows it and
+    /// takes all `k` tickets at once, returning the first; without, returns `None` (the insert
+    /// takes its tickets itself, as it goes).
+    pub(super) fn admit_insert(&self, k: u64, blocking: &mut dyn Blocking) -> Result<Option<u64>> {
+        let limits = match self.flow() {
+            Flow::Free => return Ok(None),
+            Flow::Limited(l) | Flow::Queue(l) => l,
+        };
+        self.check_insert_size(k)?;
+        let entry = self.ensure_registered(blocking)?;
+        let queue = matches!(self.flow(), Flow::Queue(_));
+        let claim = self.entry_word(entry, handles::E_QUEUE_CLAIM);
+        let cursor = self.word(self.control(layout::C_CURSOR));
+        // Whether this call holds the entry's claim word (a queue's: one insert per entry at
+        // a time announces its tickets there; another thread of this process waits its turn).
+        let mut holding = false;
+        let admitted = self.wait_for(Side::Insert, blocking, &limits, k, || loop {
+            let counts = self.flow_counts();
+            if !limits.can_insert(counts, k) {
+                if holding {
+                    claim.store(0, Ordering::SeqCst);
+                    holding = false;
+                }
+                return Ok(None);
+            }
+            let first = counts.inserts;
+            let end = first
+                .checked_add(k)
+                .filter(|&end| end <= slot::MAX_TICKET)
+                .ok_or_else(|| {
+                    Error::InvalidArgument("the insert counter of this buffer is exhausted".into())
+                })?;
+            if queue {
+                if holding {
+                    claim.store(first + 1, Ordering::SeqCst);
+                } else if claim
+                    .compare_exchange(0, first + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    holding = true;
+                } else {
+                    return Ok(None);
+                }
+            }
+            if cursor
+                .compare_exchange(first, end, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Ok(Some(first));
+            }
+        });
+        if admitted.is_err() && holding {
+            claim.store(0, Ordering::SeqCst);
+        }
+        admitted.map(Some)
+    }
+
+    /// After an insert: clears its queue claim and wakes the samples waiting for rows.
+    pub(super) fn inserted_rows(&self, entry: usize) {
+        if let Flow::Free = self.flow() {
+            return;
+        }
+        if let Flow::Queue(_) = self.flow() {
+            self.entry_word(entry, handles::E_QUEUE_CLAIM)
+                .store(0, Ordering::SeqCst);
+        }
+        self.wake(Side::Sample);
+    }
+
+    /// Admits a sample of `n` rows from a rate-limited ring (moves `S` by `n`); no-op without
+    /// a limiter.
+    pub(super) fn admit_sample(&self, n: u64, blocking: &mut dyn Blocking) -> Result<()> {
+        let Flow::Limited(limits) = self.flow() else {
+            return Ok(());
+        };
+        self.check_sample_size(n)?;
+        let sampled = self.word(self.control(layout::C_SAMPLED));
+        self.wait_for(Side::Sample, blocking, &limits, n, || loop {
+            let counts = self.flow_counts();
+            if !limits.can_sample(counts, n) {
+                return Ok(None);
+            }
+            if sampled
+                .compare_exchange(
+                    counts.samples,
+                    counts.samples.wrapping_add(n),
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+            {
+                return Ok(Some(()));
+            }
+        })?;
+        self.wake(Side::Insert);
+        Ok(())
+    }
+
+    /// Takes the `n = index.len()` rows at the head of a queue into `out` (their slots into
+    /// `index`, their tickets into `key`), waiting until `n` rows are there.
+    pub(super) fn take_from_queue(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let Flow::Queue(limits) = self.flow() else {
+            unreachable!("only queues are taken from");
+        };
+        let n = index.len() as u64;
+        self.check_sample_size(n)?;
+        let entry = self.ensure_registered(blocking)?;
+        let lock = self.current_lock_file();
+        self.wait_for(Side::Sample, blocking, &limits, n, || {
+            Ok(self.try_take(out, index, key, &lock))
+        })?;
+        self.count(entry, Counter::Samples, n);
+        self.wake(Side::Insert);
+        Ok(())
+    }
+
+    /// One attempt at taking the rows at the head: `None` if they are not all there yet.
+    fn try_take(
+        &self,
+        out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        lock: &LockFile,
+    ) -> Option<()> {
+        let head_word = self.word(self.control(layout::C_HEAD));
+        let cursor = self.word(self.control(layout::C_CURSOR));
+        let capacity = self.capacity();
+        'attempt: loop {
+            let head = head_word.load(Ordering::SeqCst);
+            let end = cursor.load(Ordering::SeqCst);
+            if end.saturating_sub(head) < index.len() as u64 {
+                return None;
+            }
+            let mut ticket = head;
+            let mut row = 0;
+            while row < index.len() {
+                if ticket >= end {
+                    return None; // skipped tickets left too few rows
+                }
+                // Another consumer took these rows meanwhile: start again at the new head.
+                if row % 16 == 15 && head_word.load(Ordering::SeqCst) != head {
+                    continue 'attempt;
+                }
+                let slot_index = (ticket % capacity) as usize;
+                match self.try_read(slot_index, out, row) {
+                    Some(found) if found == ticket => {
+                        index[row] = slot_index as u64;
+                        key[row] = ticket;
+                        row += 1;
+                        ticket += 1;
+                    }
+                    // Overwritten: the head moved past it since we read it.
+                    Some(found) if found > ticket => continue 'attempt,
+                    _ => {
+                        if head_word.load(Ordering::SeqCst) != head {
+                            continue 'attempt;
+                        }
+                        if !self.abandoned(ticket, lock) {
+                            return None; // its writer is (or may be) still at it
+                        }
+                        ticket += 1;
+                    }
+                }
+            }
+            if head_word
+                .compare_exchange(head, ticket, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                return Some(());
+            }
+        }
+    }
+
+    /// True if no process can still write queue ticket `ticket` (admitted, not committed):
+    /// its slot is busy for it by a dead writer, or no live entry claims tickets at or before it.
+    fn abandoned(&self, ticket: u64, lock: &LockFile) -> bool {
+        let seq = self.seq((ticket % self.capacity()) as usize);
+        let holds_ticket =
+            |word: u64| slot::names_a_ticket(word) && slot::ticket_of(word) == ticket;
+        let word = seq.load(Ordering::SeqCst);
+        if holds_ticket(word) {
+            return slot::is_busy(word)
+                && self.orphan(word, lock) == super::Orphan::Yes
+                && seq.load(Ordering::SeqCst) == word;
+        }
+        let claimed_by_the_living = (0..self.entries_used()).any(|e| {
+            let claim = self
+                .entry_word(e, handles::E_QUEUE_CLAIM)
+                .load(Ordering::SeqCst);
+            claim != 0 && claim - 1 <= ticket && self.entry_liveness(e, lock) != Liveness::Dead
+        });
+        // A writer commits before it clears its claim: look at the slot again.
+        !claimed_by_the_living && !holds_ticket(seq.load(Ordering::SeqCst))
+    }
+
+    /// Runs `attempt` until it admits the call (`Some`), sleeping on the futex of `side`
+    /// between tries: up to the timeout of `blocking` ([`Error::Timeout`]), until Ctrl-C
+    /// ([`Error::Interrupted`]) or shutdown ([`Error::Shutdown`]). Counts the time waited.
+    fn wait_for<T: Send>(
+        &self,
+        side: Side,
+        blocking: &mut dyn Blocking,
+        limits: &Limits,
+        size: u64,
+        mut attempt: impl FnMut() -> Result<Option<T>> + Send,
+    ) -> Result<T> {
+        if let Some(admitted) = attempt()? {
+            return Ok(admitted);
+        }
+        let timeout = blocking.timeout();
+        let started = Instant::now();
+        let event = self.event(side);
+        let mut outcome = None;
+        blocking.block(&mut || {
+            outcome = Some(loop {
+                if self.is_shut_down() {
+                    break Err(Error::Shutdown);
+                }
+                let sequence = event.register();
+                let admitted = attempt();
+                let now = Instant::now();
+                let left = timeout.map(|t| t.saturating_sub(now - started));
+                match admitted {
+                    Ok(None) if !self.is_shut_down() && left != Some(Duration::ZERO) => {
+                        futex::wait(event.sequence, sequence, left.unwrap_or(SLICE).min(SLICE));
+                    }
+                    _ => {}
+                }
+                event.unregister();
+                match admitted {
+                    Ok(Some(admitted)) => break Ok(admitted),
+                    Err(e) => break Err(e),
+                    Ok(None) => {}
+                }
+                if self.is_shut_down() {
+                    break Err(Error::Shutdown);
+                }
+                if left == Some(Duration::ZERO) {
+                    break Err(self.timed_out(side, limits, size, timeout.unwrap_or_default()));
+                }
+                if Patience::interrupted_now() {
+                    break Err(Error::Interrupted);
+                }
+            });
+        });
+        if let Some(entry) = self.registered_entry() {
+            let counter = match side {
+                Side::Insert => Counter::InsertWaitNs,
+                Side::Sample => Counter::SampleWaitNs,
+            };
+            self.count(entry, counter, started.elapsed().as_nanos() as u64);
+        }
+        outcome.expect("block runs its closure")
+    }
+
+    /// The timeout error of a call of `side` for `size` rows, with the limiter's state.
+    fn timed_out(&self, side: Side, l: &Limits, size: u64, timeout: Duration) -> Error {
+        let c = self.flow_counts();
+        let call = match side {
+            Side::Insert => format!("an insert of {size} rows"),
+            Side::Sample => format!("sample({size})"),
+        };
+        Error::Timeout(format!(
+            "{call} was not allowed within {:.3} s: size {}, inserts I = {}, sampled S = {}, \
+             deleted D = {}, samples_per_insert {}, min_size {}, min_diff {}, max_diff {}",
+            timeout.as_secs_f64(),
+            c.size(),
+            c.inserts,
+            c.samples,
+            c.deletes,
+            l.samples_per_insert,
+            l.min_size,
+            l.min_diff,
+            l.max_diff
+        ))
+    }
+}
