@@ -52,7 +52,7 @@ import struct
 import subprocess
 import sys
 from decimal import Decimal
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -66,11 +66,13 @@ from shmreplay import CorruptSegmentError, EmptyBufferError, ReplayBuffer
 # --------------------------------------------------------------------------- the format (mirror)
 
 MAGIC = int.from_bytes(b"SHMRPLY\0", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 READY = 1
 KIND_RING = 1
 FEATURE_PRIORITIZED = 1  # the buffer samples by priority and has a "priority" section
-KNOWN_FEATURES = FEATURE_PRIORITIZED
+FEATURE_LIMITED = 2  # calls wait for the rate limiter of the header's limiter words
+FEATURE_QUEUE = 4  # the buffer is a queue (sampler kind 2; the layout of a uniform ring)
+KNOWN_FEATURES = FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE
 # Header words (layout/mod.rs). The checksum covers bytes CHECKED..HEADER_END and the schema text.
 H_MAGIC, H_VERSION, H_READY, H_CHECKSUM = 0, 8, 16, 24
 H_KIND, H_FEATURES, H_CAPACITY, H_RECORD_BYTES = 32, 40, 48, 56
@@ -80,30 +82,42 @@ H_SECTION_COUNT = 128
 CHECKED = H_KIND
 SECTION_DIRECTORY, MAX_SECTIONS, SECTION_ENTRY_BYTES = 136, 8, 32
 DIRECTORY_END = SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES  # 392
-# The sampler: kind (0 uniform, 1 prioritized), alpha and eps (f64 bits), stratified (0 or 1).
-# All four are 0 in a uniform buffer, whose attach reads only the kind.
+# The sampler: kind (0 uniform, 1 prioritized, 2 queue), alpha and eps (f64 bits), stratified (0
+# or 1). All four are 0 in a uniform buffer (and a queue), whose attach reads only the kind.
 H_SAMPLER, H_ALPHA, H_EPS, H_STRATIFIED = 392, 400, 408, 416
-SAMPLER_UNIFORM, SAMPLER_PRIORITIZED = 0, 1
-RESERVED = H_STRATIFIED + 8  # ..HEADER_END: words nobody writes or reads (checksum only)
+SAMPLER_UNIFORM, SAMPLER_PRIORITIZED, SAMPLER_QUEUE = 0, 1, 2
+QUEUE = "queue"  # what header_sampler says of a queue
+# The rate limiter: kind (0 none, 1 MinSize, 2 SampleToInsertRatio), then samples per insert,
+# min size, min diff and max diff (f64 bits but the size), read only when there is a limiter.
+H_LIMITER, H_SAMPLES_PER_INSERT, H_MIN_SIZE, H_MIN_DIFF, H_MAX_DIFF = 424, 432, 440, 448, 456
+LIMITER_WORDS = range(H_SAMPLES_PER_INSERT, H_MAX_DIFF + 8, 8)
+RESERVED = H_MAX_DIFF + 8  # ..HEADER_END: words nobody writes or reads (checksum only)
 HEADER_END = SCHEMA_TEXT = 512
 # Sections, in directory order: (tag, offset, length, version) each.
 CONTROL, HANDLES, SLOTS = b"control\0", b"handles\0", b"slots\0\0\0"
 PRIORITY = b"priority"  # prioritized buffers only (8 bytes, no NUL)
 SECTION_TAGS = (CONTROL, HANDLES, SLOTS)  # every buffer's; a prioritized one adds PRIORITY
 SECTION_VERSION = 1
-CONTROL_BYTES = 256
+CONTROL_BYTES = 896
 C_CURSOR, C_ENTRIES_USED = 0, 128
+# Flow control: S (rows admitted to sampling), a queue's head, the shutdown flag, and the two
+# futex words with their waiter counts (32-bit words). All 0 in the rings modelled here.
+C_SAMPLED, C_HEAD, C_SHUTDOWN, C_INSERT_EVENT, C_SAMPLE_EVENT = 256, 384, 512, 640, 768
 # Handle table (protocol/handles.rs): MAX_HANDLES entries of ENTRY_BYTES.
 ENTRY_BYTES = 128
 MAX_HANDLES = 1024
 E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS = 0, 8, 16, 24
 COUNTERS = ("inserts", "samples", "retries", "recovered", "superseded", "lost", "stale_updates")
-E_COUNTER = {name: 32 + 8 * i for i, name in enumerate(COUNTERS)}
+# ...then the nanoseconds inserts and samples waited for flow control (stats gives seconds).
+WAIT_COUNTERS = ("insert_wait_ns", "sample_wait_ns")
+E_COUNTER = {name: 32 + 8 * i for i, name in enumerate(COUNTERS + WAIT_COUNTERS)}
 # How many changes of the priority tree the entry's process has in flight (leaves changed,
 # ancestors not yet recomputed; 0 normally): whoever finds the process dead with a nonzero count
 # recomputes the whole tree (and retags to no value the leaves of the slots it left busy).
-E_TREE_CHANGES = 88
-E_UNUSED = range(96, ENTRY_BYTES, 8)
+E_TREE_CHANGES = 104
+# A queue producer's insert in progress: its first ticket + 1 (0 in a ring).
+E_QUEUE_CLAIM = 112
+E_UNUSED = range(120, ENTRY_BYTES, 8)
 SNAPSHOT_MASK = 0xFFF  # an intent word is (ticket + 1) << 12 | (firsts & 0xfff)
 # Slot version word (protocol/slot.rs): ticket + 1 in bits 63..12, FIRST, owner entry, busy.
 BUSY, OWNER_SHIFT, OWNER_MASK, FIRST, TICKET_SHIFT = 1, 1, 0x3FF, 1 << 11, 12
@@ -216,15 +230,52 @@ def header_sampler(data: bytes | bytearray) -> tuple[str | None, PrioritizedPara
     feature bit: ``(reason it is corrupt, None)`` or ``(None, sampler)``. alpha and eps are not
     validated here (``Layout::new`` does that)."""
     kind, features = word(data, H_SAMPLER), word(data, H_FEATURES)
-    prioritized = bool(features & FEATURE_PRIORITIZED)
-    if (kind, prioritized) == (SAMPLER_UNIFORM, False):
+    bits = features & (FEATURE_PRIORITIZED | FEATURE_QUEUE)
+    if (kind, bits) == (SAMPLER_UNIFORM, 0):
         return None, None
-    if (kind, prioritized) == (SAMPLER_PRIORITIZED, True):
+    if (kind, bits) == (SAMPLER_QUEUE, FEATURE_QUEUE):
+        return None, QUEUE
+    if (kind, bits) == (SAMPLER_PRIORITIZED, FEATURE_PRIORITIZED):
         flag = word(data, H_STRATIFIED)
         if flag not in (0, 1):
             return f"sampler flag {flag} is not 0 or 1", None
         return None, PrioritizedParams(f64(word(data, H_ALPHA)), f64(word(data, H_EPS)), bool(flag))
     return f"sampler kind {kind} does not match the feature bits {features:#x}", None
+
+
+def header_limiter_error(data: bytes | bytearray) -> str | None:
+    """Mirror of how ``read_header`` reads the limiter kind (against the feature bit) and, for
+    a MinSize, the words it leaves unused: None if they are consistent, else the reason."""
+    kind, features = word(data, H_LIMITER), word(data, H_FEATURES)
+    if (kind, bool(features & FEATURE_LIMITED)) not in ((0, False), (1, True), (2, True)):
+        return f"limiter kind {kind} does not match the feature bits {features:#x}"
+    if kind == 1:
+        for offset, value in ((H_SAMPLES_PER_INSERT, 1.0), (H_MIN_DIFF, -math.inf), (H_MAX_DIFF, math.inf)):
+            if word(data, offset) != bits_of(value):
+                return f"limiter word at byte {offset} does not match the limiter's kind"
+    return None
+
+
+def limiter_error(data: bytes | bytearray, sampler: Any, capacity: int) -> str | None:
+    """Mirror of ``Layout::new``'s checks of a limiter (``Limiter::validate``): None if there is
+    none or it is valid, else (a piece of) the reason."""
+    kind = word(data, H_LIMITER)
+    if kind == 0:
+        return None
+    spi, min_size = f64(word(data, H_SAMPLES_PER_INSERT)), word(data, H_MIN_SIZE)
+    lo, hi = f64(word(data, H_MIN_DIFF)), f64(word(data, H_MAX_DIFF))
+    if sampler == QUEUE:
+        return "a Queue() has its own flow control"
+    if not 1 <= min_size <= capacity:
+        return "min_size must be between 1 and the capacity"
+    if kind == 2:
+        if not (math.isfinite(spi) and spi > 0.0):
+            return "samples_per_insert must be a finite number > 0"
+        if math.isnan(lo) or math.isnan(hi):
+            return "the error buffer must not be NaN"
+        if hi - lo < 2.0 * max(1.0, spi) or lo > spi * min_size:
+            return ""
+    return None
 
 
 def sampler_words(sampler: PrioritizedParams | None) -> list[tuple[int, int]]:
@@ -430,10 +481,16 @@ def model_check(data: bytes) -> str | None:
     reason, sampler = header_sampler(data)
     if reason is not None:
         return reason
-    reason = sampler_error(sampler)
+    reason = header_limiter_error(data)
     if reason is not None:
         return reason
-    lay = layout(word(data, H_CAPACITY), record_bytes_of(fields), schema_len, sampler)
+    reason = sampler_error(None if sampler == QUEUE else sampler)
+    if reason is not None:
+        return reason
+    reason = limiter_error(data, sampler, word(data, H_CAPACITY))
+    if reason is not None:
+        return reason
+    lay = layout(word(data, H_CAPACITY), record_bytes_of(fields), schema_len, None if sampler == QUEUE else sampler)
     if lay is None:
         return "capacity"
     for offset, expected in header_words(lay)[:5]:
@@ -1044,9 +1101,15 @@ def _check_counts(buf: ReplayBuffer, registered: bool) -> int:
     st_ = buf.stats()
     assert st_["capacity"] == buf.capacity and st_["size"] == n
     assert {c: st_[c] for c in COUNTERS} == {c: view.counter(c) for c in COUNTERS}
+    for side in ("insert", "sample"):
+        assert st_[f"{side}_wait_s"] == view.counter(f"{side}_wait_ns") / 1e9
+    assert st_["deletes"] == max(view.cursor() - buf.capacity, 0) and st_["limiter"] is None
     assert st_["attached"] == int(registered)
     prioritized_keys = set() if view.tree is None else {"priority_total", "max_priority"}
-    assert set(st_) == {"capacity", "size", "attached", *COUNTERS, *prioritized_keys}, "the model misses a counter"
+    flow_keys = {"deletes", "insert_wait_s", "sample_wait_s", "limiter"}
+    assert set(st_) == {"capacity", "size", "attached", *COUNTERS, *flow_keys, *prioritized_keys}, (
+        "the model misses a counter"
+    )
     if view.tree is None:
         assert buf.sampler == shmreplay.Uniform() and "priority_total" not in st_
     else:
@@ -1622,9 +1685,11 @@ def test_busy_version_word_without_ticket_does_not_stall_reads(pristine):
 
 _BOUNDARY = st.sampled_from([0, 1, 2, 7, 8, 9, 63, 64, 511, 512, 4095, 4096, 2**31, 2**32, 2**40, 2**40 + 1, 2**63 - 1, 2**63, U64 - 1, U64])
 # Header words that no check looks at once the checksum is recomputed: the checksum and schema
-# hash themselves (recomputed), the creator's identity and time, the reserved words after the
-# sampler's (and, see sealed_free, the unused directory entries and some sampler words).
-SEALED_FREE = {H_CHECKSUM, H_SCHEMA_HASH, H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED, *range(RESERVED, HEADER_END, 8)}
+# hash themselves (recomputed), the creator's identity and time, the limiter's words but its kind
+# (read only with a limiter: the pristines have none), the reserved words after them (and, see
+# sealed_free, the unused directory entries and some sampler words).
+SEALED_FREE = {H_CHECKSUM, H_SCHEMA_HASH, H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED, *LIMITER_WORDS,
+               *range(RESERVED, HEADER_END, 8)}
 
 
 def sealed_free(p: Pristine, offset: int, value: int) -> bool:
@@ -2251,7 +2316,7 @@ def test_descent_stays_in_the_priority_section(deep_ring):
 
 
 _ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), E_TREE_CHANGES, E_TREE_CHANGES,
-                  *E_UNUSED]
+                  E_QUEUE_CLAIM, *E_UNUSED]
 _ENTRY_VALUES = st.one_of(
     st.integers(0, U64), _BOUNDARY, st.integers(0, 2 * CAP), st.integers(U64 - 2 * CAP, U64),
     st.integers(2**63 - CAP, 2**63 + CAP), st.integers(MAX_TICKET - CAP, MAX_TICKET + CAP),

@@ -35,7 +35,7 @@ use shmreplay_core::{
 // ---- Mirror of src/layout/mod.rs, layout version 3 ----
 
 /// The layout version this mirror describes.
-const MIRRORED_LAYOUT_VERSION: u64 = 3;
+const MIRRORED_LAYOUT_VERSION: u64 = 4;
 const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
 const READY: u64 = 1;
 const KIND_RING: u64 = 1;
@@ -69,6 +69,11 @@ const H_SAMPLER: usize = 392;
 const H_ALPHA: usize = 400;
 const H_EPS: usize = 408;
 const H_STRATIFIED: usize = 416;
+/// The rate limiter: kind (0 none, 1 min size, 2 sample-to-insert ratio), then its samples per
+/// insert, min size, min diff and max diff (read only when the feature bit says there is one;
+/// the buffers mirrored here have none).
+const H_LIMITER: usize = 424;
+const H_MIN_SIZE: usize = 440;
 const HEADER_END: usize = 512;
 const SCHEMA_TEXT: usize = HEADER_END;
 const _: () = assert!(SECTION_DIRECTORY + MAX_SECTIONS * SECTION_ENTRY_BYTES == H_SAMPLER);
@@ -81,7 +86,7 @@ const CONTROL_TAG: [u8; 8] = *b"control\0";
 const HANDLES_TAG: [u8; 8] = *b"handles\0";
 const SLOTS_TAG: [u8; 8] = *b"slots\0\0\0";
 const PRIORITY_TAG: [u8; 8] = *b"priority";
-const CONTROL_BYTES: u64 = 256;
+const CONTROL_BYTES: u64 = 896;
 /// Control words (offsets in the control section).
 const C_CURSOR: usize = 0;
 const C_ENTRIES_USED: usize = 128;
@@ -94,13 +99,16 @@ const E_NAMESPACE: usize = 8;
 const E_INTENT: usize = 16;
 const E_FIRSTS: usize = 24;
 const E_COUNTERS: usize = 32;
-/// Per-entry counters: inserts, samples, retries, recovered, superseded, lost, stale updates.
-const COUNTERS: usize = 7;
+/// Per-entry counters: inserts, samples, retries, recovered, superseded, lost, stale updates,
+/// nanoseconds inserts and samples waited for flow control.
+const COUNTERS: usize = 9;
 /// How many changes of the priority tree the entry's process has in flight (0 when quiet; a
 /// dead entry with any makes its finder recompute the whole tree).
 const E_TREE_CHANGES: usize = E_COUNTERS + 8 * COUNTERS;
+/// A queue producer's claim (first ticket + 1; 0 in the rings mirrored here).
+const E_QUEUE_CLAIM: usize = E_TREE_CHANGES + 8;
 /// Bytes of an entry that hold words; the rest is zero.
-const ENTRY_WORDS_END: usize = E_TREE_CHANGES + 8;
+const ENTRY_WORDS_END: usize = E_QUEUE_CLAIM + 8;
 /// The intent word's snapshot of `firsts` takes its low 12 bits.
 const SNAPSHOT_BITS: u32 = 12;
 
@@ -122,6 +130,8 @@ fn summed(s: Stats) -> [u64; COUNTERS] {
         s.superseded,
         s.lost,
         s.stale_updates,
+        s.insert_wait_ns,
+        s.sample_wait_ns,
     ]
 }
 
@@ -153,6 +163,7 @@ impl SamplerWords {
     fn of(sampler: Sampler) -> Option<SamplerWords> {
         match sampler {
             Sampler::Uniform => None,
+            Sampler::Queue => panic!("this mirror covers rings sampled uniformly or by priority"),
             Sampler::Prioritized(p) => Some(SamplerWords {
                 alpha: p.alpha.to_bits(),
                 eps: p.eps.to_bits(),
@@ -1324,8 +1335,8 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
     let (items, created) = (stats.items(), p.stats.items());
     assert_eq!(
         items.len(),
-        2 + COUNTERS + 1,
-        "capacity, size, the counters, attached"
+        2 + COUNTERS + 2,
+        "capacity, size, the counters, attached, deletes"
     );
     assert_eq!(items[..9], created[..9]);
     assert_eq!(items[9], ("attached", 0));
@@ -1338,6 +1349,8 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
         (Counter::Superseded, 0),
         (Counter::Lost, 0),
         (Counter::StaleUpdates, 0),
+        (Counter::InsertWaitNs, 0),
+        (Counter::SampleWaitNs, 0),
     ] {
         assert_eq!(
             word(data, entry + counter_offset(counter)),
@@ -1350,16 +1363,21 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
         (INSERTED, SAMPLED, CAPACITY)
     );
     assert_eq!(
-        (E_COUNTERS + 8 * Counter::ALL.len(), E_TREE_CHANGES),
-        (88, 88),
-        "an entry's words: 4, then the 7 counters, then the tree changes in flight"
+        (
+            E_COUNTERS + 8 * Counter::ALL.len(),
+            E_TREE_CHANGES,
+            E_QUEUE_CLAIM
+        ),
+        (104, 104, 112),
+        "an entry's words: 4, then the 9 counters, then the tree changes in flight, then a \
+         queue's claim"
     );
-    // A uniform buffer never changes a tree: its E_TREE_CHANGES word stays 0.
+    // A uniform ring never changes a tree, nor claims queue tickets: those words stay 0.
     assert!(
         data[entry + E_COUNTERS + 8 * COUNTERS..m.handles() + MAX_HANDLES * ENTRY_BYTES]
             .iter()
             .all(|&b| b == 0),
-        "only entry 0 was ever used, and only its first 11 words"
+        "only entry 0 was ever used, and only its first 13 words"
     );
     // Slots: version word (the protocol's encoding), then the record.
     let obs = schema().fields()[0].offset;
@@ -1707,6 +1725,8 @@ fn counters_near_overflow_do_not_panic() {
             s.superseded,
             s.lost,
             s.stale_updates,
+            s.insert_wait_ns,
+            s.sample_wait_ns,
         ]
     };
     {
@@ -1840,14 +1860,16 @@ fn check_random_bytes(p: &Pristine, writes: &[(usize, u8)]) -> Result<(), TestCa
 }
 
 /// Header words `attach` does not check: who created the segment and when, unused section
-/// directory entries, the padding after the sampler words up to the schema text, and in a
+/// directory entries, the words after the sampler's up to the schema text but the limiter's
+/// kind (the limiter's others are read only with a limiter, which no mirrored buffer has) and
+/// the padding, and in a
 /// uniform buffer alpha, eps and stratified (`read_header` reads them only for a prioritized
 /// sampler; `write_header` leaves them 0). Changing them (with the checksum resealed) leaves
 /// the segment usable; every other header word is checked, but see [`accepted_sampler_word`].
 fn unchecked_when_sealed(offset: usize, m: &Mirror) -> bool {
     [H_CREATOR, H_CREATOR_NAMESPACE, H_CREATED_UNIX_NS].contains(&offset)
         || (directory_entry(m.sections.len())..H_SAMPLER).contains(&offset)
-        || (H_STRATIFIED + 8..HEADER_END).contains(&offset)
+        || ((H_STRATIFIED + 8..HEADER_END).contains(&offset) && offset != H_LIMITER)
         || (m.sampler.is_none() && [H_ALPHA, H_EPS, H_STRATIFIED].contains(&offset))
 }
 
@@ -2464,7 +2486,32 @@ fn sampler_words_are_checked() {
         (
             u,
             vec![(H_FEATURES, 2)],
-            refused("features this shmreplay does not know (bits 0x2)"),
+            refused("limiter kind 0 does not match the feature bits 0x2"),
+        ),
+        (
+            u,
+            vec![(H_FEATURES, 4)],
+            refused("sampler kind 0 does not match the feature bits 0x4"),
+        ),
+        (
+            u,
+            vec![(H_FEATURES, 8)],
+            refused("features this shmreplay does not know (bits 0x8)"),
+        ),
+        (
+            u,
+            vec![(H_LIMITER, 1)],
+            refused("limiter kind 1 does not match the feature bits 0x0"),
+        ),
+        (
+            u,
+            vec![(H_FEATURES, 2), (H_LIMITER, 3)],
+            refused("limiter kind 3 does not match the feature bits 0x2"),
+        ),
+        (
+            u,
+            vec![(H_FEATURES, 2), (H_LIMITER, 1), (H_MIN_SIZE, 1)],
+            refused("limiter word at byte 432 does not match the limiter's kind"),
         ),
         (
             u,
@@ -2510,7 +2557,7 @@ fn sampler_words_are_checked() {
         (
             pp,
             vec![(H_FEATURES, 3)],
-            refused("features this shmreplay does not know (bits 0x2)"),
+            refused("limiter kind 0 does not match the feature bits 0x3"),
         ),
         // Uniform words, but a priority section: the layout is another.
         (
