@@ -728,17 +728,19 @@ def test_inspect_looks_without_attaching(shm_dir, control_fields):
 
 def test_stats_shape_is_defined_once(name_factory, control_fields):
     """The stats dict the core builds (from ``Stats::items``) has exactly the keys of the typed
-    ``shmreplay.Stats``, in the same order: the counters (ints), then, for a prioritized buffer
-    only, the two priority figures (floats)."""
+    ``shmreplay.Stats``, in the same order: the counters (ints), the seconds waited (floats),
+    the limiter, then, for a prioritized buffer only, the two priority figures (floats)."""
     from shmreplay import Stats
 
     keys = list(Stats.__annotations__)
     floats = ["priority_total", "max_priority"]
-    assert keys[-2:] == floats
+    waits = ["insert_wait_s", "sample_wait_s"]
+    assert keys[-2:] == floats and keys[-5:-3] == waits and keys[-3] == "limiter"
     with ReplayBuffer.create(name_factory(), capacity=4, fields=control_fields) as buf:
         stats = buf.stats()
         assert list(stats) == keys[:-2]
-        assert all(type(v) is int for v in stats.values())
+        assert all(type(stats[k]) is int for k in keys[:-5]) and stats["limiter"] is None
+        assert all(type(stats[k]) is float for k in waits)
     sampler = shmreplay.Prioritized()
     with ReplayBuffer.create(name_factory(), capacity=4, fields=control_fields, sampler=sampler) as buf:
         stats = buf.stats()

@@ -479,6 +479,7 @@ HIERARCHY = [
     (shmreplay.CorruptSegmentError, ValueError, ("/dev/shm/shmreplay.x is not a usable shmreplay segment",)),
     (shmreplay.ContendedError, TimeoutError, ("slot 3 stayed busy for 5 s",)),
     (shmreplay.TooManyHandlesError, RuntimeError, ("all 1024 handle entries of this buffer are in use",)),
+    (shmreplay.ShutdownError, RuntimeError, ("the replay buffer was shut down: calls that would wait fail",)),
 ]
 HIERARCHY_IDS = [cls.__name__ for cls, _, _ in HIERARCHY]
 

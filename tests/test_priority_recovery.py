@@ -18,8 +18,8 @@ import shmreplay
 
 CAP = 4096
 # Where a handle entry counts the tree changes its process has in flight (see
-# protocol/handles.rs): entry bytes 88..96 in the `handles` section.
-ENTRY_BYTES, E_TREE_CHANGES = 128, 88
+# protocol/handles.rs): entry bytes 104..112 in the `handles` section.
+ENTRY_BYTES, E_TREE_CHANGES = 128, 104
 
 
 def _create(name: str) -> shmreplay.ReplayBuffer:

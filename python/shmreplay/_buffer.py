@@ -24,6 +24,8 @@ _DEFAULT_BETA = 0.4
 # The keywords add takes besides the fields: no field may take their names.
 _PRIORITY = "priority"
 _TIMEOUT = "timeout"
+# The stats dict's keys, in the order of the typed dict.
+_STATS_KEYS = tuple(Stats.__annotations__)
 
 
 def _dtype_code(field: str, dtype: Any) -> tuple[np.dtype, str]:
@@ -701,11 +703,11 @@ class ReplayBuffer:
         ``Queue``: 1.0, 1, 0, capacity). A prioritized buffer adds priority_total (the sum of
         ``v`` over its records, exact when no call is in flight) and max_priority (the largest
         raw priority ever set, at least 1.0)."""
-        stats = self._raw.stats()
+        raw = self._raw.stats()
         for side in ("insert", "sample"):
-            stats[f"{side}_wait_s"] = stats.pop(f"{side}_wait_ns") / 1e9
-        stats["limiter"] = self._limiter_info()
-        return stats  # type: ignore[no-any-return]
+            raw[f"{side}_wait_s"] = raw.pop(f"{side}_wait_ns") / 1e9
+        raw["limiter"] = self._limiter_info()
+        return {key: raw[key] for key in _STATS_KEYS if key in raw}  # type: ignore[return-value]
 
     def _limiter_info(self) -> LimiterInfo | None:
         if isinstance(self._sampler, Queue):

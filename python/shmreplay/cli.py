@@ -106,9 +106,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _sampler_name(sampler: Any) -> str:
-    """``uniform`` or ``prioritized(alpha, eps)`` of the core's ``(alpha, eps, stratified)``."""
+    """``uniform``, ``queue`` or ``prioritized(alpha, eps)`` of the core's ``None``, ``"queue"``
+    or ``(alpha, eps, stratified)``."""
     if sampler is None:
         return "uniform"
+    if isinstance(sampler, str):
+        return sampler
     alpha, eps, stratified = sampler
     return f"prioritized(alpha={alpha:g}, eps={eps:g}{'' if stratified else ', iid'})"
 
@@ -157,6 +160,7 @@ def _describe(buf: Any) -> dict[str, Any]:
             {"name": field, "dtype": dt.name, "shape": list(shape), "bytes": dt.itemsize * math.prod(shape)}
         )
     stats = dict(buf.stats())
+    limiter = stats.pop("limiter")
     sampler = buf.sampler
     described: dict[str, Any] = {"kind": type(sampler).__name__.lower()}
     if buf.priority_range is not None:
@@ -177,6 +181,7 @@ def _describe(buf: Any) -> dict[str, Any]:
         "segment_bytes": buf.nbytes,
         "fields": fields,
         "sampler": described,
+        "limiter": limiter,
         "stats": stats,
         "processes": buf.processes(),
     }
@@ -205,7 +210,16 @@ def cmd_info(args: argparse.Namespace) -> int:
             f"up to {sampler['max_value']:,.0f} in steps of {sampler['resolution']:.3g}"
         )
     else:
-        print("sampler       uniform")
+        print(f"sampler       {sampler['kind']}")
+    limiter = info["limiter"]
+    if limiter is None:
+        print("limiter       none (nothing waits)")
+    else:
+        print(
+            f"limiter       {limiter['kind']}: samples_per_insert {limiter['samples_per_insert']:g}, "
+            f"min_size {limiter['min_size']:,}, min_diff {limiter['min_diff']:g}, "
+            f"max_diff {limiter['max_diff']:g}"
+        )
     print()
     rows = [
         [printable(f["name"]), printable(f["dtype"]), str(tuple(f["shape"])), f"{f['bytes']:,}"]
