@@ -88,7 +88,7 @@ def sampler_of(args: SamplerArgs) -> Sampler:
     """The sampler the core describes."""
     if args is None:
         return Uniform()
-    if args == "queue":
+    if isinstance(args, str):
         return Queue()
     alpha, eps, stratified = args
     return Prioritized(alpha=alpha, eps=eps, stratified=stratified)
