@@ -117,6 +117,31 @@ def test_prioritized_demo_updates_priorities(tmp_path: Path) -> None:
     assert sorted(os.listdir(tmp_path)) == ["summary.json"]
 
 
+@pytest.mark.parametrize("spi", [0.25, 4.0])
+def test_rate_limited_demo_keeps_the_ratio(tmp_path: Path, spi: float) -> None:
+    """``--samples-per-insert``: actors and learners wait for each other, so the rows sampled
+    per row inserted end within the limiter's window of the ratio, and the run still stops on
+    time (children waiting for the limiter are released by the shutdown)."""
+    out = tmp_path / "summary.json"
+    started = time.monotonic()
+    proc = run_demo(
+        "--synthetic", "--seconds", "3", "--capacity", "2000", "--samples-per-insert", str(spi),
+        "--path", str(tmp_path), "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 30
+    summary = check_summary(proc.stdout, out)
+    assert "rate limit" in proc.stdout and summary["samples_per_insert"] == spi
+    limiter = demo.rate_limiter(demo.DemoConfig(capacity=2000, samples_per_insert=spi))
+    assert limiter is not None
+    diff = summary["inserts"] * spi - summary["sampled_rows"]
+    assert limiter.min_diff - 32 <= diff <= limiter.max_diff, (diff, limiter)
+    assert summary["inserts"] > limiter.min_size and summary["sampled_rows"] > 0
+    # One side waited for the other: more samples per insert than the learner takes by itself
+    # makes the learner wait, fewer makes the actors wait.
+    assert summary["insert_wait_s"] + summary["sample_wait_s"] > 0
+
+
 def test_uniform_demo_reports_no_priorities(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     proc = run_demo(

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
-from . import EmptyBufferError, Prioritized, ReplayBuffer, Uniform, atari
+from . import EmptyBufferError, Prioritized, ReplayBuffer, SampleToInsertRatio, ShutdownError, Uniform, atari
 from ._format import format_bytes
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class DemoConfig:
     path: str | None = None
     json_path: str | None = None
     prioritized: bool = False
+    samples_per_insert: float | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings the demo cannot run with."""
@@ -79,6 +80,9 @@ class DemoConfig:
             raise ValueError("--capacity must be at least --batch-size")
         if self.seconds < 0 or not math.isfinite(self.seconds):
             raise ValueError("--seconds must be >= 0 (0 runs until Ctrl-C)")
+        spi = self.samples_per_insert
+        if spi is not None and not (math.isfinite(spi) and spi > 0):
+            raise ValueError("--samples-per-insert must be a number > 0")
         if self.start_method not in mp.get_all_start_methods():
             raise ValueError(f"start method {self.start_method!r} is not available here")
 
@@ -118,6 +122,9 @@ class DemoSummary:
     priority_updates: int = 0
     stale_updates: int = 0
     priority_total: float | None = None
+    samples_per_insert: float | None = None
+    insert_wait_s: float = 0.0
+    sample_wait_s: float = 0.0
 
 
 def demo_fields() -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -204,7 +211,10 @@ def actor_main(name: str, cfg: DemoConfig, actor_id: int, stop: Any, reports: An
                 else:
                     obs = next_obs
                 if filled == cfg.chunk:
-                    buf.extend(chunk)
+                    try:
+                        buf.extend(chunk)  # with --samples-per-insert, waits for the learners
+                    except ShutdownError:
+                        break
                     filled = 0
                     if should_stop():
                         break
@@ -322,6 +332,8 @@ def learner_main(
                 except EmptyBufferError:
                     time.sleep(0.01)
                     continue
+                except ShutdownError:  # the run is over (--samples-per-insert: we were waiting)
+                    break
                 batches += 1
                 error = check_batch(
                     batch,
@@ -448,14 +460,22 @@ def _drain(reports: Any, into: list[dict[str, Any]]) -> None:
 
 
 def _stop_children(
-    children: list[tuple[str, BaseProcess]], stop: Any, reports: Any, into: list[dict[str, Any]]
+    children: list[tuple[str, BaseProcess]],
+    stop: Any,
+    reports: Any,
+    into: list[dict[str, Any]],
+    buf: ReplayBuffer,
 ) -> None:
-    """Ask the children to stop, wait up to :data:`JOIN_TIMEOUT`, then terminate, then kill.
+    """Ask the children to stop (and shut a rate-limited buffer down, so that children
+    waiting for the limiter stop waiting), wait up to :data:`JOIN_TIMEOUT`, then terminate,
+    then kill.
 
     A second Ctrl-C while waiting skips straight to terminating. Reports are drained while
     waiting so no child blocks on a full queue.
     """
     stop.set()
+    if buf.limiter is not None:
+        buf.shutdown()
     deadline = time.monotonic() + JOIN_TIMEOUT
     try:
         while any(p.is_alive() for _, p in children) and time.monotonic() < deadline:
@@ -505,6 +525,13 @@ def _summary_lines(s: DemoSummary) -> Iterator[tuple[str, str]]:
             "priorities",
             f"{s.priority_updates:,} updated ({s.stale_updates:,} stale), total {s.priority_total:,.4g}",
         )
+    if s.samples_per_insert is not None:
+        observed = s.sampled_rows / s.inserts if s.inserts else 0.0
+        yield (
+            "rate limit",
+            f"{s.samples_per_insert:g} samples per insert (observed {observed:.2f}); waited "
+            f"{s.insert_wait_s:.1f} s in inserts, {s.sample_wait_s:.1f} s in samples",
+        )
     yield "inserts", f"{s.inserts:,}"
     yield "sampled rows", f"{s.sampled_rows:,}"
     yield "inserts/s", f"{s.inserts_per_s:,.0f}"
@@ -530,6 +557,18 @@ def print_summary(summary: DemoSummary, out: TextIO) -> None:
     out.flush()
 
 
+def rate_limiter(cfg: DemoConfig) -> SampleToInsertRatio | None:
+    """``--samples-per-insert``: learners sample that many rows per row the actors insert, once
+    ``min_size`` rows are in (a tenth of the buffer, at most 1,000, at least one batch), within
+    an error window wide enough for an actor's chunk and a learner's batch."""
+    spi = cfg.samples_per_insert
+    if spi is None:
+        return None
+    min_size = min(cfg.capacity, max(cfg.batch_size, min(1_000, cfg.capacity // 10)))
+    error_buffer = max(2.0 * cfg.batch_size, 2.0 * cfg.chunk * spi, 100.0)
+    return SampleToInsertRatio(samples_per_insert=spi, min_size=min_size, error_buffer=error_buffer)
+
+
 def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
     """Run the demo; return the process exit code (0 = ok, 1 = a check or a child failed)."""
     cfg.validate()
@@ -543,7 +582,12 @@ def run(cfg: DemoConfig, out: TextIO = sys.stdout) -> int:
     try:
         sampler = Prioritized() if cfg.prioritized else Uniform()
         buf = ReplayBuffer.create(
-            name, capacity=cfg.capacity, fields=demo_fields(), path=cfg.path, sampler=sampler
+            name,
+            capacity=cfg.capacity,
+            fields=demo_fields(),
+            path=cfg.path,
+            sampler=sampler,
+            limiter=rate_limiter(cfg),
         )
         with buf:  # the creator unlinks the segment when the block ends, however it ends
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -610,7 +654,7 @@ def _run_with_buffer(
         if interrupted:
             out.write("stopping...\n")
             out.flush()
-        _stop_children(children, stop, reports, collected)
+        _stop_children(children, stop, reports, collected, buf)
     for label, p in children:
         if p.exitcode not in (0, None) and not any(f.startswith(label + " ") for f in failures):
             failures.append(f"{label} (pid {p.pid}) exited with code {p.exitcode}")
@@ -678,6 +722,9 @@ def _summarize(
         priority_updates=sum(r.get("priority_updates", 0) for r in learners),
         stale_updates=stats["stale_updates"],
         priority_total=stats.get("priority_total"),
+        samples_per_insert=cfg.samples_per_insert,
+        insert_wait_s=stats["insert_wait_s"],
+        sample_wait_s=stats["sample_wait_s"],
         interrupted=interrupted,
         child_failures=failures,
     )
@@ -731,6 +778,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="prioritized replay: learners sample by priority and set each row's priority to its TD error",
     )
+    parser.add_argument(
+        "--samples-per-insert",
+        type=float,
+        default=None,
+        metavar="SPI",
+        help="rate-limit the run (shmreplay.SampleToInsertRatio): learners sample SPI rows per row "
+        "inserted, actors and learners wait for each other",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -749,4 +804,5 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         path=getattr(args, "path", None),
         json_path=args.json_path,
         prioritized=args.prioritized,
+        samples_per_insert=args.samples_per_insert,
     )
