@@ -117,7 +117,9 @@ E_COUNTER = {name: 32 + 8 * i for i, name in enumerate(COUNTERS + WAIT_COUNTERS)
 E_TREE_CHANGES = 104
 # A queue producer's insert in progress: its first ticket + 1 (0 in a ring).
 E_QUEUE_CLAIM = 112
-E_UNUSED = range(120, ENTRY_BYTES, 8)
+# Its process's calls waiting for flow control (inserts low half, samples high; 0 in a ring).
+E_WAITERS = 120
+E_UNUSED = range(128, ENTRY_BYTES, 8)  # none: the entry is full
 SNAPSHOT_MASK = 0xFFF  # an intent word is (ticket + 1) << 12 | (firsts & 0xfff)
 # Slot version word (protocol/slot.rs): ticket + 1 in bits 63..12, FIRST, owner entry, busy.
 BUSY, OWNER_SHIFT, OWNER_MASK, FIRST, TICKET_SHIFT = 1, 1, 0x3FF, 1 << 11, 12
@@ -2316,7 +2318,7 @@ def test_descent_stays_in_the_priority_section(deep_ring):
 
 
 _ENTRY_OFFSETS = [E_OWNER, E_NAMESPACE, E_INTENT, E_FIRSTS, *E_COUNTER.values(), E_TREE_CHANGES, E_TREE_CHANGES,
-                  E_QUEUE_CLAIM, *E_UNUSED]
+                  E_QUEUE_CLAIM, E_WAITERS, *E_UNUSED]
 _ENTRY_VALUES = st.one_of(
     st.integers(0, U64), _BOUNDARY, st.integers(0, 2 * CAP), st.integers(U64 - 2 * CAP, U64),
     st.integers(2**63 - CAP, 2**63 + CAP), st.integers(MAX_TICKET - CAP, MAX_TICKET + CAP),

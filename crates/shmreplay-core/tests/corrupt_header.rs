@@ -107,8 +107,10 @@ const COUNTERS: usize = 9;
 const E_TREE_CHANGES: usize = E_COUNTERS + 8 * COUNTERS;
 /// A queue producer's claim (first ticket + 1; 0 in the rings mirrored here).
 const E_QUEUE_CLAIM: usize = E_TREE_CHANGES + 8;
-/// Bytes of an entry that hold words; the rest is zero.
-const ENTRY_WORDS_END: usize = E_QUEUE_CLAIM + 8;
+/// Its process's calls waiting for flow control (0 in the rings mirrored here).
+const E_WAITERS: usize = E_QUEUE_CLAIM + 8;
+/// Bytes of an entry that hold words (all of it).
+const ENTRY_WORDS_END: usize = E_WAITERS + 8;
 /// The intent word's snapshot of `firsts` takes its low 12 bits.
 const SNAPSHOT_BITS: u32 = 12;
 
@@ -1370,7 +1372,7 @@ fn pristine_copy_attaches_and_matches_the_mirror() {
         ),
         (104, 104, 112),
         "an entry's words: 4, then the 9 counters, then the tree changes in flight, then a \
-         queue's claim"
+         queue's claim and the waiters"
     );
     // A uniform ring never changes a tree, nor claims queue tickets: those words stay 0.
     assert!(

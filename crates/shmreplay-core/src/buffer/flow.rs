@@ -32,12 +32,25 @@ use crate::protocol::slot;
 
 /// The longest a waiting call sleeps before it checks for Ctrl-C, its deadline and shutdown.
 const SLICE: Duration = Duration::from_millis(10);
+/// How often a waiting call, or a call that finds waiters to wake, looks for waiters that
+/// died waiting (their share of the counts would make every call wake nobody).
+const FORGET_DEAD_WAITERS_EVERY: Duration = Duration::from_secs(1);
 
 /// Which side of the limiter a call is on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Side {
     Insert,
     Sample,
+}
+
+impl Side {
+    /// One waiter of this side in an entry's `E_WAITERS` word.
+    fn unit(self) -> u64 {
+        match self {
+            Side::Insert => 1,
+            Side::Sample => 1 << 32,
+        }
+    }
 }
 
 impl ReplayBuffer {
@@ -126,6 +139,56 @@ impl ReplayBuffer {
         let event = self.event(side);
         if event.notify() {
             futex::wake_all(event.sequence);
+            self.forget_dead_waiters_if_due();
+        }
+    }
+
+    /// Takes the share of the waiter counts of every entry whose process died waiting off the
+    /// counts; at most once per [`FORGET_DEAD_WAITERS_EVERY`] per handle.
+    fn forget_dead_waiters_if_due(&self) {
+        let now = self.clock.elapsed().as_nanos() as u64;
+        let due = self.waiters_check_due.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .waiters_check_due
+                .compare_exchange(
+                    due,
+                    now + FORGET_DEAD_WAITERS_EVERY.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        let lock = self.current_lock_file();
+        for e in 0..self.entries_used() {
+            if self
+                .entry_word(e, handles::E_WAITERS)
+                .load(Ordering::SeqCst)
+                != 0
+                && self.entry_liveness(e, &lock) == Liveness::Dead
+            {
+                self.forget_waiters_of(e);
+            }
+        }
+    }
+
+    /// Takes entry `e`'s share off the waiter counts (its process is dead, or it is being
+    /// reclaimed).
+    pub(super) fn forget_waiters_of(&self, e: usize) {
+        let share = self
+            .entry_word(e, handles::E_WAITERS)
+            .swap(0, Ordering::SeqCst);
+        for side in [Side::Insert, Side::Sample] {
+            let n = ((share / side.unit()) & u64::from(u32::MAX)) as u32;
+            if n > 0 {
+                let _ = self.event(side).waiters.fetch_update(
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                    |w| Some(w.saturating_sub(n)),
+                );
+            }
         }
     }
 
@@ -386,11 +449,18 @@ impl ReplayBuffer {
         let timeout = blocking.timeout();
         let started = Instant::now();
         let event = self.event(side);
+        // This entry's share of the count: taken off by whoever finds us dead.
+        let share = self
+            .registered_entry()
+            .map(|e| self.entry_word(e, handles::E_WAITERS));
         let mut outcome = None;
         blocking.block(&mut || {
             outcome = Some(loop {
                 if self.is_shut_down() {
                     break Err(Error::Shutdown);
+                }
+                if let Some(share) = share {
+                    share.fetch_add(side.unit(), Ordering::SeqCst);
                 }
                 let sequence = event.register();
                 let admitted = attempt();
@@ -403,6 +473,17 @@ impl ReplayBuffer {
                     _ => {}
                 }
                 event.unregister();
+                if let Some(share) = share {
+                    // Only what we added (a reclaimer may have zeroed the word meanwhile).
+                    let _ = share.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                        Some(if (w / side.unit()) & u64::from(u32::MAX) > 0 {
+                            w - side.unit()
+                        } else {
+                            w
+                        })
+                    });
+                }
+                self.forget_dead_waiters_if_due();
                 match admitted {
                     Ok(Some(admitted)) => break Ok(admitted),
                     Err(e) => break Err(e),

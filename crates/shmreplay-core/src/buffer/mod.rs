@@ -248,6 +248,8 @@ pub struct ReplayBuffer {
     /// When this handle next looks for tree changes left half-done by dead processes
     /// (nanoseconds since `clock`).
     repair_due: AtomicU64,
+    /// When this handle next looks for waiters of dead processes (see `flow`).
+    waiters_check_due: AtomicU64,
     clock: Instant,
     /// `(entry, owner)` of dead processes whose tree changes this process has repaired without
     /// being able to reset them (their entry lock is held by a forked child that lives on).
@@ -387,6 +389,7 @@ impl ReplayBuffer {
             registered: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
             repair_due: AtomicU64::new(0),
+            waiters_check_due: AtomicU64::new(0),
             clock: Instant::now(),
             repaired: Mutex::new(Vec::new()),
         }
@@ -635,9 +638,10 @@ impl ReplayBuffer {
                 }
             }
             entry.end();
-            // A dead owner's queue claim: its tickets are skipped from now on.
+            // A dead owner's queue claim: its tickets are skipped from now on. Its waiters.
             self.entry_word(e, handles::E_QUEUE_CLAIM)
                 .store(0, Ordering::SeqCst);
+            self.forget_waiters_of(e);
             // Its dead owner may have been changing priorities: finish that first.
             self.repair_entry(e, true);
             write_owner(&self.segment, &self.layout, e, me);

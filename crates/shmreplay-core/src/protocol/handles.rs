@@ -13,6 +13,8 @@
 //!            never reset)
 //! changes    how many changes of the priority tree the entry's process has in flight
 //! claim      a queue's insert in progress: its first ticket + 1, or 0 (see `buffer::flow`)
+//! waiters    how many of its process's calls are registered as waiting for flow control:
+//!            inserts in the low 32 bits, samples in the high 32 (see `buffer::flow`)
 //! ```
 //!
 //! Who owns an entry is decided by a kernel lock (see `platform::locks`), not by these words.
@@ -54,7 +56,11 @@ pub(crate) const E_TREE_CHANGES: usize = E_COUNTERS + 8 * Counter::ALL.len();
 /// tickets and cleared after its last commit (0: none). A consumer waiting for a ticket at or
 /// after it waits for this entry while its process lives, and skips the ticket once it is dead.
 pub(crate) const E_QUEUE_CLAIM: usize = E_TREE_CHANGES + 8;
-const _: () = assert!(E_QUEUE_CLAIM + 8 <= 128, "an entry is 128 bytes");
+/// This entry's share of the flow-control waiter counts (inserts in the low half, samples in
+/// the high half): whoever finds the entry's process dead takes its share off the counts, so a
+/// waiter killed while waiting leaves no waiter behind.
+pub(crate) const E_WAITERS: usize = E_QUEUE_CLAIM + 8;
+const _: () = assert!(E_WAITERS + 8 <= 128, "an entry is 128 bytes");
 
 /// Per-entry event counters, summed over all entries for the stats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
