@@ -10,7 +10,7 @@
 //!   kernel-held locks, process liveness, interrupts. All of the crate's `unsafe` is here.
 //! * `layout`: where everything is in a segment (header, section directory, [`Schema`]); pure
 //!   computation.
-//! * [`protocol`]: the concurrency protocols (slot seqlock, handle table, attach/gc
+//! * [`protocol`]: the concurrency protocols (slot seqlock, handle table, flow control, attach/gc
 //!   handshake), each model-checked with loom.
 //! * the buffer ([`ReplayBuffer`]: writer, sampler, stats) and the registry ([`list`],
 //!   [`remove`], [`remove_stale`]).
@@ -77,6 +77,32 @@
 //! // Any process: new priorities for the sampled records (stale keys are ignored).
 //! assert_eq!(buffer.update_priorities(&key[..1], &[8.0], &mut NoBlocking)?, 1);
 //! buffer.unlink()?;
+//! # Ok::<(), shmreplay_core::Error>(())
+//! ```
+//!
+//! Flow control (see `protocol::flow`): a [`Limiter`] makes samples and inserts wait for each
+//! other as Reverb's rate limiters do, and [`Sampler::Queue`] delivers each row once, in insert
+//! order. [`WaitUpTo`] bounds a call's wait; [`ReplayBuffer::shutdown`] ends every wait.
+//!
+//! ```
+//! use std::time::Duration;
+//! use shmreplay_core::{DType, Error, InColumn, OutColumn, ReplayBuffer, Sampler, Schema, WaitUpTo};
+//!
+//! let schema = Schema::new(&[("x", DType::U8, vec![])])?;
+//! let name = shmreplay_core::unique_name();
+//! let queue = ReplayBuffer::builder(&name).dir(std::env::temp_dir()).capacity(4)
+//!     .schema(schema).sampler(Sampler::Queue).create()?;
+//! let never = &mut WaitUpTo(Some(Duration::ZERO));
+//! queue.extend_columns(&[InColumn::from_slice(&[10, 11, 12])], never)?;
+//! // Full after 4 rows: inserts wait (here: time out at once) until consumers take rows.
+//! let refused = queue.extend_columns(&[InColumn::from_slice(&[13, 14])], never);
+//! assert!(matches!(refused, Err(Error::Timeout(_))));
+//!
+//! let (mut x, mut index, mut key) = (vec![0u8; 2], vec![0u64; 2], vec![0u64; 2]);
+//! queue.sample_columns(&[OutColumn::from_slice(&mut x)], &mut index, &mut key, never)?;
+//! assert_eq!((x, key), (vec![10, 11], vec![0, 1])); // in order, each row once
+//! assert_eq!(queue.len(), 1);
+//! queue.unlink()?;
 //! # Ok::<(), shmreplay_core::Error>(())
 //! ```
 

@@ -87,6 +87,7 @@ impl ReplayBuffer {
             return Err(Error::Empty);
         }
         let entry = self.ensure_registered(blocking)?;
+        let limited = !matches!(self.flow(), Flow::Free);
         let mut rng = self.rng_for_call();
         let mut retries = 0u64;
         let mut redraws = Redraws::new();
@@ -121,8 +122,11 @@ impl ReplayBuffer {
                         // Most slots drawn hold nothing: is there anything to draw at all?
                         // The size says so cheaply; once, after many misses, a scan makes sure
                         // (the size words live in shared memory and may have been damaged).
-                        if self.is_empty()
-                            || (misses == MISSES_BEFORE_SCAN && !self.any_readable(claimed))
+                        // (A rate limiter admitted this sample: its rows are being written,
+                        // so it redraws until they are, within the bound, rather than fail.)
+                        if !limited
+                            && (self.is_empty()
+                                || (misses == MISSES_BEFORE_SCAN && !self.any_readable(claimed)))
                         {
                             return Err(Error::Empty);
                         }
