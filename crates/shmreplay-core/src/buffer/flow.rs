@@ -388,8 +388,15 @@ impl ReplayBuffer {
                         row += 1;
                         ticket += 1;
                     }
-                    // Overwritten: the head moved past it since we read it.
-                    Some(found) if found > ticket => continue 'attempt,
+                    // A newer record: the head moved past this ticket since we read it (no
+                    // producer can get that far ahead of the head); if it did not, the word
+                    // is damage, and the ticket's record is gone: skip it.
+                    Some(found) if found > ticket => {
+                        if head_word.load(Ordering::SeqCst) != head {
+                            continue 'attempt;
+                        }
+                        ticket += 1;
+                    }
                     _ => {
                         if head_word.load(Ordering::SeqCst) != head {
                             continue 'attempt;
