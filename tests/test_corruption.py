@@ -98,11 +98,12 @@ CONTROL, HANDLES, SLOTS = b"control\0", b"handles\0", b"slots\0\0\0"
 PRIORITY = b"priority"  # prioritized buffers only (8 bytes, no NUL)
 SECTION_TAGS = (CONTROL, HANDLES, SLOTS)  # every buffer's; a prioritized one adds PRIORITY
 SECTION_VERSION = 1
-CONTROL_BYTES = 896
+CONTROL_BYTES = 1024
 C_CURSOR, C_ENTRIES_USED = 0, 128
-# Flow control: S (rows admitted to sampling), a queue's head, the shutdown flag, and the two
-# futex words with their waiter counts (32-bit words). All 0 in the rings modelled here.
-C_SAMPLED, C_HEAD, C_SHUTDOWN, C_INSERT_EVENT, C_SAMPLE_EVENT = 256, 384, 512, 640, 768
+# Flow control: S (rows admitted to sampling), a queue's head, the shutdown flag, the two futex
+# words with their waiter counts (32-bit words), and the rows a rate-limited ring's inserts have
+# committed. All 0 in the rings modelled here.
+C_SAMPLED, C_HEAD, C_SHUTDOWN, C_INSERT_EVENT, C_SAMPLE_EVENT, C_COMMITTED = 256, 384, 512, 640, 768, 896
 # Handle table (protocol/handles.rs): MAX_HANDLES entries of ENTRY_BYTES.
 ENTRY_BYTES = 128
 MAX_HANDLES = 1024

@@ -90,7 +90,7 @@ class SampleToInsertRatio:
         lo, hi = window
         if math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"{name}: the error window must not be NaN")
-        if hi - lo < 2.0 * max(1.0, spi):
+        if not hi - lo >= 2.0 * max(1.0, spi):  # (negated: a NaN window from infinite ends fails too)
             raise ValueError(
                 f"{name}: max_diff - min_diff = {hi - lo} is below 2 * max(1, samples_per_insert) "
                 f"= {2.0 * max(1.0, spi)}: inserts and samples could block each other forever"

@@ -86,7 +86,7 @@ const CONTROL_TAG: [u8; 8] = *b"control\0";
 const HANDLES_TAG: [u8; 8] = *b"handles\0";
 const SLOTS_TAG: [u8; 8] = *b"slots\0\0\0";
 const PRIORITY_TAG: [u8; 8] = *b"priority";
-const CONTROL_BYTES: u64 = 896;
+const CONTROL_BYTES: u64 = 1024;
 /// Control words (offsets in the control section).
 const C_CURSOR: usize = 0;
 const C_ENTRIES_USED: usize = 128;

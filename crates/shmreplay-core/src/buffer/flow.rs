@@ -85,12 +85,33 @@ impl ReplayBuffer {
         }
     }
 
+    /// The counters a sample is admitted against: those of [`flow_counts`](Self::flow_counts),
+    /// but in a rate-limited ring `I` counts only the rows whose inserts have committed them, so
+    /// that an admitted sample never waits for rows still being written (or never to be, their
+    /// writer dead).
+    fn sample_counts(&self) -> Counts {
+        let counts = self.flow_counts();
+        match self.flow() {
+            Flow::Limited(_) => {
+                let inserts = self
+                    .word(self.control(layout::C_COMMITTED))
+                    .load(Ordering::SeqCst);
+                Counts {
+                    inserts,
+                    deletes: inserts.saturating_sub(self.capacity()),
+                    ..counts
+                }
+            }
+            Flow::Free | Flow::Queue(_) => counts,
+        }
+    }
+
     /// Whether `sample(n)` would proceed now without waiting (with no flow control: whether
     /// the buffer holds a record).
     pub fn can_sample(&self, n: u64) -> bool {
         match self.flow() {
             Flow::Free => n == 0 || !self.is_empty(),
-            Flow::Limited(l) | Flow::Queue(l) => l.can_sample(self.flow_counts(), n),
+            Flow::Limited(l) | Flow::Queue(l) => l.can_sample(self.sample_counts(), n),
         }
     }
 
@@ -231,29 +252,27 @@ impl ReplayBuffer {
         }
     }
 
-    /// Admits an insert of `k` rows: with flow control, waits until the limiter allows it and
-    /// takes all `k` tickets at once, returning the first; without, returns `None` (the insert
-    /// takes its tickets itself, as it goes).
-    pub(super) fn admit_insert(&self, k: u64, blocking: &mut dyn Blocking) -> Result<Option<u64>> {
+    /// Admits an insert of `k` rows through entry `entry` (whose handle the caller holds):
+    /// with flow control, waits until the limiter allows it and takes all `k` tickets at once,
+    /// returning the first; without, returns `None` (the insert takes its tickets itself, as
+    /// it goes).
+    pub(super) fn admit_insert(
+        &self,
+        k: u64,
+        entry: usize,
+        blocking: &mut dyn Blocking,
+    ) -> Result<Option<u64>> {
         let limits = match self.flow() {
             Flow::Free => return Ok(None),
             Flow::Limited(l) | Flow::Queue(l) => l,
         };
         self.check_insert_size(k)?;
-        let entry = self.ensure_registered(blocking)?;
-        let queue = matches!(self.flow(), Flow::Queue(_));
-        let claim = self.entry_word(entry, handles::E_QUEUE_CLAIM);
+        let claim = matches!(self.flow(), Flow::Queue(_))
+            .then(|| self.entry_word(entry, handles::E_QUEUE_CLAIM));
         let cursor = self.word(self.control(layout::C_CURSOR));
-        // Whether this call holds the entry's claim word (a queue's: one insert per entry at
-        // a time announces its tickets there; another thread of this process waits its turn).
-        let mut holding = false;
         let admitted = self.wait_for(Side::Insert, blocking, &limits, k, || loop {
             let counts = self.flow_counts();
             if !limits.can_insert(counts, k) {
-                if holding {
-                    claim.store(0, Ordering::SeqCst);
-                    holding = false;
-                }
                 return Ok(None);
             }
             let first = counts.inserts;
@@ -263,17 +282,10 @@ impl ReplayBuffer {
                 .ok_or_else(|| {
                     Error::InvalidArgument("the insert counter of this buffer is exhausted".into())
                 })?;
-            if queue {
-                if holding {
-                    claim.store(first + 1, Ordering::SeqCst);
-                } else if claim
-                    .compare_exchange(0, first + 1, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-                {
-                    holding = true;
-                } else {
-                    return Ok(None);
-                }
+            // Announced before the tickets are taken: a consumer that finds one of them
+            // unwritten waits for us while we live.
+            if let Some(claim) = claim {
+                claim.store(first + 1, Ordering::SeqCst);
             }
             if cursor
                 .compare_exchange(first, end, Ordering::SeqCst, Ordering::SeqCst)
@@ -282,20 +294,26 @@ impl ReplayBuffer {
                 return Ok(Some(first));
             }
         });
-        if admitted.is_err() && holding {
-            claim.store(0, Ordering::SeqCst);
+        if admitted.is_err() {
+            if let Some(claim) = claim {
+                claim.store(0, Ordering::SeqCst);
+            }
         }
         admitted.map(Some)
     }
 
-    /// After an insert: clears its queue claim and wakes the samples waiting for rows.
-    pub(super) fn inserted_rows(&self, entry: usize) {
-        if let Flow::Free = self.flow() {
-            return;
-        }
-        if let Flow::Queue(_) = self.flow() {
-            self.entry_word(entry, handles::E_QUEUE_CLAIM)
-                .store(0, Ordering::SeqCst);
+    /// After an insert that committed `committed` rows: counts them for a limiter's samples,
+    /// clears the queue claim, and wakes the samples waiting for rows.
+    pub(super) fn inserted_rows(&self, entry: usize, committed: u64) {
+        match self.flow() {
+            Flow::Free => return,
+            Flow::Limited(_) => {
+                self.word(self.control(layout::C_COMMITTED))
+                    .fetch_add(committed, Ordering::SeqCst);
+            }
+            Flow::Queue(_) => self
+                .entry_word(entry, handles::E_QUEUE_CLAIM)
+                .store(0, Ordering::SeqCst),
         }
         self.wake(Side::Sample);
     }
@@ -309,7 +327,7 @@ impl ReplayBuffer {
         self.check_sample_size(n)?;
         let sampled = self.word(self.control(layout::C_SAMPLED));
         self.wait_for(Side::Sample, blocking, &limits, n, || loop {
-            let counts = self.flow_counts();
+            let counts = self.sample_counts();
             if !limits.can_sample(counts, n) {
                 return Ok(None);
             }
@@ -354,6 +372,12 @@ impl ReplayBuffer {
     }
 
     /// One attempt at taking the rows at the head: `None` if they are not all there yet.
+    ///
+    /// First the tickets at the head whose writer died are skipped for good (that delivers
+    /// nothing, so no consumer need take them: dead tickets never hold room in the ring while
+    /// the rows behind them are too few for a take). Then the version words alone say whether
+    /// `n` rows are ready (written, or skipped as dead) before anything is copied; the rows are
+    /// copied and validated, and the head moved past them with one compare-and-swap.
     fn try_take(
         &self,
         out: &[OutColumn<'_>],
@@ -364,49 +388,42 @@ impl ReplayBuffer {
         let head_word = self.word(self.control(layout::C_HEAD));
         let cursor = self.word(self.control(layout::C_CURSOR));
         let capacity = self.capacity();
+        let n = index.len();
+        let mut taken = Vec::with_capacity(n);
         'attempt: loop {
             let head = head_word.load(Ordering::SeqCst);
             let end = cursor.load(Ordering::SeqCst);
-            if end.saturating_sub(head) < index.len() as u64 {
-                return None;
+            let mut tickets = Tickets::new(self, lock, head);
+            if head < end && tickets.state(head) == Ready::Abandoned {
+                if head_word
+                    .compare_exchange(head, head + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    self.wake(Side::Insert);
+                }
+                continue 'attempt;
             }
+            taken.clear();
             let mut ticket = head;
-            let mut row = 0;
-            while row < index.len() {
+            while taken.len() < n {
                 if ticket >= end {
                     return None; // skipped tickets left too few rows
                 }
-                // Another consumer took these rows meanwhile: start again at the new head.
-                if row % 16 == 15 && head_word.load(Ordering::SeqCst) != head {
-                    continue 'attempt;
+                match tickets.state(ticket) {
+                    Ready::Written => taken.push(ticket),
+                    Ready::Abandoned => {}
+                    Ready::Moved => continue 'attempt,
+                    Ready::Pending => return None,
                 }
-                let slot_index = (ticket % capacity) as usize;
-                match self.try_read(slot_index, out, row) {
-                    Some(found) if found == ticket => {
-                        index[row] = slot_index as u64;
-                        key[row] = ticket;
-                        row += 1;
-                        ticket += 1;
-                    }
-                    // A newer record: the head moved past this ticket since we read it (no
-                    // producer can get that far ahead of the head); if it did not, the word
-                    // is damage, and the ticket's record is gone: skip it.
-                    Some(found) if found > ticket => {
-                        if head_word.load(Ordering::SeqCst) != head {
-                            continue 'attempt;
-                        }
-                        ticket += 1;
-                    }
-                    _ => {
-                        if head_word.load(Ordering::SeqCst) != head {
-                            continue 'attempt;
-                        }
-                        if !self.abandoned(ticket, lock) {
-                            return None; // its writer is (or may be) still at it
-                        }
-                        ticket += 1;
-                    }
+                ticket += 1;
+            }
+            for (row, &t) in taken.iter().enumerate() {
+                let slot_index = (t % capacity) as usize;
+                if self.try_read(slot_index, out, row) != Some(t) {
+                    continue 'attempt; // overwritten: the head moved on meanwhile
                 }
+                index[row] = slot_index as u64;
+                key[row] = t;
             }
             if head_word
                 .compare_exchange(head, ticket, Ordering::SeqCst, Ordering::SeqCst)
@@ -417,26 +434,18 @@ impl ReplayBuffer {
         }
     }
 
-    /// True if no process can still write queue ticket `ticket` (admitted, not committed):
-    /// its slot is busy for it by a dead writer, or no live entry claims tickets at or before it.
-    fn abandoned(&self, ticket: u64, lock: &LockFile) -> bool {
-        let seq = self.seq((ticket % self.capacity()) as usize);
-        let holds_ticket =
-            |word: u64| slot::names_a_ticket(word) && slot::ticket_of(word) == ticket;
-        let word = seq.load(Ordering::SeqCst);
-        if holds_ticket(word) {
-            return slot::is_busy(word)
-                && self.orphan(word, lock) == super::Orphan::Yes
-                && seq.load(Ordering::SeqCst) == word;
-        }
-        let claimed_by_the_living = (0..self.entries_used()).any(|e| {
-            let claim = self
-                .entry_word(e, handles::E_QUEUE_CLAIM)
-                .load(Ordering::SeqCst);
-            claim != 0 && claim - 1 <= ticket && self.entry_liveness(e, lock) != Liveness::Dead
-        });
-        // A writer commits before it clears its claim: look at the slot again.
-        !claimed_by_the_living && !holds_ticket(seq.load(Ordering::SeqCst))
+    /// The lowest first ticket claimed by a queue producer whose process may be alive
+    /// (`u64::MAX`: none).
+    fn live_queue_claims_from(&self, lock: &LockFile) -> u64 {
+        (0..self.entries_used())
+            .filter_map(|e| {
+                let claim = self
+                    .entry_word(e, handles::E_QUEUE_CLAIM)
+                    .load(Ordering::SeqCst);
+                (claim != 0 && self.entry_liveness(e, lock) != Liveness::Dead).then(|| claim - 1)
+            })
+            .min()
+            .unwrap_or(u64::MAX)
     }
 
     /// Runs `attempt` until it admits the call (`Some`), sleeping on the futex of `side`
@@ -457,18 +466,15 @@ impl ReplayBuffer {
         let started = Instant::now();
         let event = self.event(side);
         // This entry's share of the count: taken off by whoever finds us dead.
-        let share = self
-            .registered_entry()
-            .map(|e| self.entry_word(e, handles::E_WAITERS));
+        let entry = self.ensure_registered(blocking)?;
+        let share = self.entry_word(entry, handles::E_WAITERS);
         let mut outcome = None;
         blocking.block(&mut || {
             outcome = Some(loop {
                 if self.is_shut_down() {
                     break Err(Error::Shutdown);
                 }
-                if let Some(share) = share {
-                    share.fetch_add(side.unit(), Ordering::SeqCst);
-                }
+                share.fetch_add(side.unit(), Ordering::SeqCst);
                 let sequence = event.register();
                 let admitted = attempt();
                 let now = Instant::now();
@@ -480,16 +486,14 @@ impl ReplayBuffer {
                     _ => {}
                 }
                 event.unregister();
-                if let Some(share) = share {
-                    // Only what we added (a reclaimer may have zeroed the word meanwhile).
-                    let _ = share.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-                        Some(if (w / side.unit()) & u64::from(u32::MAX) > 0 {
-                            w - side.unit()
-                        } else {
-                            w
-                        })
-                    });
-                }
+                // Only what we added (a reclaimer may have zeroed the word meanwhile).
+                let _ = share.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                    Some(if (w / side.unit()) & u64::from(u32::MAX) > 0 {
+                        w - side.unit()
+                    } else {
+                        w
+                    })
+                });
                 self.forget_dead_waiters_if_due();
                 match admitted {
                     Ok(Some(admitted)) => break Ok(admitted),
@@ -507,19 +511,20 @@ impl ReplayBuffer {
                 }
             });
         });
-        if let Some(entry) = self.registered_entry() {
-            let counter = match side {
-                Side::Insert => Counter::InsertWaitNs,
-                Side::Sample => Counter::SampleWaitNs,
-            };
-            self.count(entry, counter, started.elapsed().as_nanos() as u64);
-        }
+        let counter = match side {
+            Side::Insert => Counter::InsertWaitNs,
+            Side::Sample => Counter::SampleWaitNs,
+        };
+        self.count(entry, counter, started.elapsed().as_nanos() as u64);
         outcome.expect("block runs its closure")
     }
 
     /// The timeout error of a call of `side` for `size` rows, with the limiter's state.
     fn timed_out(&self, side: Side, l: &Limits, size: u64, timeout: Duration) -> Error {
-        let c = self.flow_counts();
+        let c = match side {
+            Side::Insert => self.flow_counts(),
+            Side::Sample => self.sample_counts(),
+        };
         let call = match side {
             Side::Insert => format!("an insert of {size} rows"),
             Side::Sample => format!("sample({size})"),
@@ -537,5 +542,74 @@ impl ReplayBuffer {
             l.min_diff,
             l.max_diff
         ))
+    }
+}
+
+/// Where a queue ticket stands, for a consumer at head `head`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ready {
+    /// Its record is committed.
+    Written,
+    /// No process will ever write it: skipped.
+    Abandoned,
+    /// Its writer may still write it: wait.
+    Pending,
+    /// The head moved since it was read: start again.
+    Moved,
+}
+
+/// One attempt's view of the tickets after the head: the lowest first ticket any live
+/// producer has claimed is looked up once, the first time a ticket is not written.
+struct Tickets<'a> {
+    buffer: &'a ReplayBuffer,
+    lock: &'a LockFile,
+    head: u64,
+    live_claims_from: Option<u64>,
+}
+
+impl<'a> Tickets<'a> {
+    fn new(buffer: &'a ReplayBuffer, lock: &'a LockFile, head: u64) -> Tickets<'a> {
+        Tickets {
+            buffer,
+            lock,
+            head,
+            live_claims_from: None,
+        }
+    }
+
+    fn state(&mut self, ticket: u64) -> Ready {
+        let b = self.buffer;
+        let seq = b.seq((ticket % b.capacity()) as usize);
+        let word = seq.load(Ordering::SeqCst);
+        let named = slot::names_a_ticket(word).then(|| slot::ticket_of(word));
+        if named == Some(ticket) && !slot::is_busy(word) {
+            return Ready::Written;
+        }
+        if named.is_some_and(|t| t > ticket) {
+            // No producer gets a lap ahead of the head: unless the head moved, the word is
+            // damage, and the ticket's record is gone.
+            return if b.word(b.control(layout::C_HEAD)).load(Ordering::SeqCst) != self.head {
+                Ready::Moved
+            } else {
+                Ready::Abandoned
+            };
+        }
+        // Tickets below the first claimed by a live producer belong to producers that are done
+        // (committed, or gave up) or dead. A producer commits before it clears its claim, so
+        // the slot is read again after the claims.
+        let live_claims_from = *self
+            .live_claims_from
+            .get_or_insert_with(|| b.live_queue_claims_from(self.lock));
+        let word = seq.load(Ordering::SeqCst);
+        let named = slot::names_a_ticket(word).then(|| slot::ticket_of(word));
+        match (named == Some(ticket), slot::is_busy(word)) {
+            (true, false) => Ready::Written,
+            (true, true) if b.orphan(word, self.lock) == super::Orphan::No(Liveness::Alive) => {
+                Ready::Pending
+            }
+            _ if ticket >= live_claims_from => Ready::Pending,
+            (true, true) if b.orphan(word, self.lock) != super::Orphan::Yes => Ready::Pending,
+            _ => Ready::Abandoned,
+        }
     }
 }

@@ -106,20 +106,14 @@ impl ReplayBuffer {
             return Ok(0);
         }
         self.repair_if_due(blocking);
-        // With flow control the call takes all its tickets when it is admitted.
-        let admitted = self.admit_insert(n as u64, blocking)?;
-        let mut handle = match self.lock_handle(blocking) {
-            Ok(handle) => handle,
-            Err(e) => {
-                if admitted.is_some() {
-                    self.inserted_rows(self.registered_entry().expect("admission registers"));
-                }
-                return Err(e);
-            }
-        };
+        let mut handle = self.lock_handle(blocking)?;
         let entry = self
             .prepare(&mut handle, blocking, true, false)?
             .expect("registered");
+        // With flow control the call takes all its tickets when it is admitted (holding the
+        // handle: another thread of this process inserting through it waits its turn, and the
+        // entry's queue claim is this call's alone).
+        let admitted = self.admit_insert(n as u64, entry, blocking)?;
         // Rows that the same call would overwrite at once are never written.
         let skipped = n.saturating_sub(self.layout.capacity);
         let mut writer = RowWriter {
@@ -186,8 +180,8 @@ impl ReplayBuffer {
         if let (Some(leaves), true) = (&writer.leaves, writer.inserted > 0) {
             leaves.inserted(skipped);
         }
+        self.inserted_rows(entry, writer.inserted);
         drop(handle);
-        self.inserted_rows(entry);
         result
     }
 

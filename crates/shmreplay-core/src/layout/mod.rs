@@ -121,7 +121,10 @@ pub(crate) const C_SHUTDOWN: usize = 512;
 pub(crate) const C_INSERT_EVENT: usize = 640;
 /// The same for samples.
 pub(crate) const C_SAMPLE_EVENT: usize = 768;
-const CONTROL_BYTES: usize = 896;
+/// Rows committed by inserts of a rate-limited ring, counted after their commits: what its
+/// samples are admitted against (never rows still being written, or left by a dead writer).
+pub(crate) const C_COMMITTED: usize = 896;
+const CONTROL_BYTES: usize = 1024;
 
 /// A region of the segment named in the section directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,7 +287,8 @@ impl Limiter {
             if l.min_diff.is_nan() || l.max_diff.is_nan() {
                 return bad(format!("{name}: the error buffer must not be NaN"));
             }
-            if l.window() < 2.0 * spi.max(1.0) {
+            // (Two infinite ends of one sign make the window NaN.)
+            if l.window().is_nan() || l.window() < 2.0 * spi.max(1.0) {
                 return bad(format!(
                     "{name}: max_diff − min_diff = {} is below 2·max(1, samples_per_insert) = {}: \
                      inserts and samples could block each other forever",
