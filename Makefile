@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -88,6 +88,11 @@ bench-quick: dev bench-deps
 # Prioritized replay against cpprb (benches/README.md#prioritized-replay): about 5 minutes.
 bench-prioritized: dev bench-deps
 	$(PY) benches/prioritized.py $(BENCH_ARGS)
+
+# Flow control: limiter overhead, Queue() against multiprocessing.Queue and faster-fifo
+# (benches/README.md#flow-control): about 5 minutes.
+bench-flow: dev bench-deps
+	$(PY) benches/flow.py $(BENCH_ARGS)
 
 # Reliability soak (not part of `make test`): `make soak MINUTES=10`.
 MINUTES ?= 10
