@@ -32,6 +32,9 @@ use crate::protocol::slot;
 
 /// The longest a waiting call sleeps before it checks for Ctrl-C, its deadline and shutdown.
 const SLICE: Duration = Duration::from_millis(10);
+/// How long a queue consumer that copied the rows after another consumer's waits for that one
+/// to deliver (a copy of a batch takes well under this), before it starts again at the head.
+const HANDOVER_WAIT: Duration = Duration::from_millis(5);
 /// How often a waiting call, or a call that finds waiters to wake, looks for waiters that
 /// died waiting (their share of the counts would make every call wake nobody).
 const FORGET_DEAD_WAITERS_EVERY: Duration = Duration::from_secs(1);
@@ -386,6 +389,7 @@ impl ReplayBuffer {
         lock: &LockFile,
     ) -> Option<()> {
         let head_word = self.word(self.control(layout::C_HEAD));
+        let taking = self.word(self.control(layout::C_TAKING));
         let cursor = self.word(self.control(layout::C_CURSOR));
         let capacity = self.capacity();
         let n = index.len();
@@ -403,20 +407,49 @@ impl ReplayBuffer {
                 }
                 continue 'attempt;
             }
-            taken.clear();
-            let mut ticket = head;
-            while taken.len() < n {
-                if ticket >= end {
-                    return None; // skipped tickets left too few rows
+            // The n rows from `from` on that are ready, and the ticket after them.
+            let mut ready = |from: u64, taken: &mut Vec<u64>| -> Plan {
+                taken.clear();
+                let mut ticket = from;
+                while taken.len() < n {
+                    if ticket >= end {
+                        return Plan::NotYet; // skipped tickets left too few rows
+                    }
+                    match tickets.state(ticket) {
+                        Ready::Written => taken.push(ticket),
+                        Ready::Abandoned => {}
+                        Ready::Moved => return Plan::Moved,
+                        Ready::Pending => return Plan::NotYet,
+                    }
+                    ticket += 1;
                 }
-                match tickets.state(ticket) {
-                    Ready::Written => taken.push(ticket),
-                    Ready::Abandoned => {}
-                    Ready::Moved => continue 'attempt,
-                    Ready::Pending => return None,
+                Plan::Until(ticket)
+            };
+            // Another consumer is copying the rows at the head (a hint, nothing more): copy
+            // the rows after them meanwhile, to deliver once it has, instead of the same rows.
+            let mut start = head;
+            if taking.load(Ordering::SeqCst) == head + 1 {
+                match ready(head, &mut taken) {
+                    Plan::Moved => continue 'attempt,
+                    Plan::Until(after) if after < end => start = after,
+                    _ => {}
                 }
-                ticket += 1;
             }
+            let stop = match ready(start, &mut taken) {
+                Plan::Moved => continue 'attempt,
+                Plan::Until(stop) => stop,
+                Plan::NotYet if start == head => return None,
+                // Not enough rows after the other consumer's: take the head's ourselves.
+                Plan::NotYet => match ready(head, &mut taken) {
+                    Plan::Moved => continue 'attempt,
+                    Plan::Until(stop) => {
+                        start = head;
+                        stop
+                    }
+                    Plan::NotYet => return None,
+                },
+            };
+            taking.store(start + 1, Ordering::SeqCst);
             for (row, &t) in taken.iter().enumerate() {
                 let slot_index = (t % capacity) as usize;
                 if self.try_read(slot_index, out, row) != Some(t) {
@@ -425,11 +458,36 @@ impl ReplayBuffer {
                 index[row] = slot_index as u64;
                 key[row] = t;
             }
+            if start != head && !self.head_reaches(start, head) {
+                continue 'attempt; // the consumer before us did not deliver up to our rows
+            }
             if head_word
-                .compare_exchange(head, ticket, Ordering::SeqCst, Ordering::SeqCst)
+                .compare_exchange(start, stop, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
                 return Some(());
+            }
+        }
+    }
+
+    /// Waits briefly (about as long as another consumer's copy takes) for the head to move
+    /// from `from` to `to`; false if it went elsewhere or did not move in time.
+    fn head_reaches(&self, to: u64, from: u64) -> bool {
+        let head_word = self.word(self.control(layout::C_HEAD));
+        let started = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            match head_word.load(Ordering::SeqCst) {
+                h if h == to => return true,
+                h if h != from => return false,
+                _ if started.elapsed() > HANDOVER_WAIT => return false,
+                _ => {}
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
             }
         }
     }
@@ -555,6 +613,16 @@ enum Ready {
     /// Its writer may still write it: wait.
     Pending,
     /// The head moved since it was read: start again.
+    Moved,
+}
+
+/// What a consumer found from a ticket on.
+enum Plan {
+    /// The rows it wants are ready: they end before this ticket.
+    Until(u64),
+    /// Some are not written yet.
+    NotYet,
+    /// The head moved: start again.
     Moved,
 }
 

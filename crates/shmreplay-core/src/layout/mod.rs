@@ -115,6 +115,9 @@ pub(crate) const C_ENTRIES_USED: usize = 128;
 pub(crate) const C_SAMPLED: usize = 256;
 /// A queue's head: tickets below it were delivered (or skipped: their writer died).
 pub(crate) const C_HEAD: usize = 384;
+/// A hint on the head's line: the ticket + 1 from which a queue consumer is copying, so that
+/// another consumer copies the rows after those instead of the same ones.
+pub(crate) const C_TAKING: usize = C_HEAD + 8;
 /// Nonzero once `shutdown` was called: calls that would wait fail instead.
 pub(crate) const C_SHUTDOWN: usize = 512;
 /// The futex word (32 bits) inserts wait on, and the count of its waiters (the next 32 bits).
