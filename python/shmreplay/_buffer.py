@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import os
 from types import TracebackType
@@ -100,9 +101,12 @@ def _timeout(value: Any) -> float | None:
     """A flow-control timeout in seconds: None (wait until allowed) or a number >= 0."""
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
         raise TypeError(f"timeout must be None or a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float: no bound at all
+        return None
     if not seconds >= 0.0:
         raise ValueError(f"timeout must be None or >= 0 seconds, got {value}")
     return None if math.isinf(seconds) else seconds

@@ -107,10 +107,11 @@ fn limiter_args(limiter: Option<Limiter>) -> Option<LimiterArgs> {
 fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
     match seconds {
         None => Ok(None),
-        Some(s) if s == f64::INFINITY => Ok(None),
-        Some(s) => Duration::try_from_secs_f64(s)
-            .map(Some)
-            .map_err(|_| PyValueError::new_err(format!("timeout must be >= 0, got {s}"))),
+        Some(s) if s.is_nan() || s < 0.0 => Err(PyValueError::new_err(format!(
+            "timeout must be None or >= 0 seconds, got {s}"
+        ))),
+        // Beyond what a Duration holds (about 585 billion years): no bound at all.
+        Some(s) => Ok(Duration::try_from_secs_f64(s).ok()),
     }
 }
 

@@ -89,9 +89,9 @@ impl ReplayBuffer {
     }
 
     /// The counters a sample is admitted against: those of [`flow_counts`](Self::flow_counts),
-    /// but in a rate-limited ring `I` counts only the rows whose inserts have committed them, so
-    /// that an admitted sample never waits for rows still being written (or never to be, their
-    /// writer dead).
+    /// but in a rate-limited ring `I` counts only the tickets whose inserts are done with them
+    /// (committed, or overwritten before they were written), so that an admitted sample never
+    /// waits for rows still being written (or never to be, their writer dead).
     fn sample_counts(&self) -> Counts {
         let counts = self.flow_counts();
         match self.flow() {
@@ -305,8 +305,9 @@ impl ReplayBuffer {
         admitted.map(Some)
     }
 
-    /// After an insert that committed `committed` rows: counts them for a limiter's samples,
-    /// clears the queue claim, and wakes the samples waiting for rows.
+    /// After an insert that is done with `committed` tickets (their rows committed, or
+    /// overwritten before they were written): counts them for a limiter's samples, clears the
+    /// queue claim, and wakes the samples waiting for rows.
     pub(super) fn inserted_rows(&self, entry: usize, committed: u64) {
         match self.flow() {
             Flow::Free => return,

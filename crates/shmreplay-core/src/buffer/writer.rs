@@ -180,7 +180,8 @@ impl ReplayBuffer {
         if let (Some(leaves), true) = (&writer.leaves, writer.inserted > 0) {
             leaves.inserted(skipped);
         }
-        self.inserted_rows(entry, writer.inserted);
+        // Every ticket the call is done with: committed, or overwritten before it was written.
+        self.inserted_rows(entry, writer.inserted + writer.superseded + writer.lost);
         drop(handle);
         result
     }

@@ -124,8 +124,9 @@ pub(crate) const C_SHUTDOWN: usize = 512;
 pub(crate) const C_INSERT_EVENT: usize = 640;
 /// The same for samples.
 pub(crate) const C_SAMPLE_EVENT: usize = 768;
-/// Rows committed by inserts of a rate-limited ring, counted after their commits: what its
-/// samples are admitted against (never rows still being written, or left by a dead writer).
+/// Tickets of a rate-limited ring whose inserts are done with them (committed, or overwritten
+/// before they were written), counted after the insert: what its samples are admitted against
+/// (never rows still being written, or left by a dead writer).
 pub(crate) const C_COMMITTED: usize = 896;
 const CONTROL_BYTES: usize = 1024;
 
