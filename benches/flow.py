@@ -920,29 +920,11 @@ def table(doc: dict) -> str:
             out.append(f"\ndrain error ({r['figure']}): {e}")
     for n in doc["notes"]:
         out.append(f"\nnote: {n}")
-    mi = doc["machine"]
-    out.append(f"\nmachine: {mi['cpu']}, {mi['cores_usable']} cores, kernel {mi['kernel']}, Python {mi['python']}, "
-               f"numpy {mi['versions']['numpy']}, faster-fifo {mi['versions'].get('faster-fifo')}; "
-               f"load average {mi['load_avg_start'][0]:.1f} at start, {mi['load_avg_end'][0]:.1f} at end")
+    out.append(report.machine_footer(doc["machine"], "faster-fifo"))
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
-
-
-def parse_figures(text: str | None, ap: argparse.ArgumentParser) -> set[str]:
-    if not text:
-        return set(FIGURES)
-    figs = set()
-    for part in text.split(","):
-        part = part.strip()
-        if part.isdigit() and 1 <= int(part) <= len(FIGURES):
-            figs.add(FIGURES[int(part) - 1])
-        elif part in FIGURES:
-            figs.add(part)
-        else:
-            ap.error(f"unknown figure {part!r}; choose from {','.join(FIGURES)} (or 1-{len(FIGURES)})")
-    return figs
 
 
 def main() -> int:
@@ -965,7 +947,7 @@ def main() -> int:
         cfg.seconds = args.seconds
     if args.ids_only:
         cfg.check = False
-    figs = parse_figures(args.only, ap)
+    figs = report.parse_figures(args.only, FIGURES, ap)
     wanted = args.contenders.split(",") if args.contenders else QUEUE_KEYS
     if set(wanted) - set(QUEUE_KEYS):
         ap.error(f"unknown contender(s) {sorted(set(wanted) - set(QUEUE_KEYS))}; choose from {','.join(QUEUE_KEYS)}")

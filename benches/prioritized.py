@@ -869,29 +869,11 @@ def table(doc: dict) -> str:
             out.append(f"\ntorn rows with {label(r['contender'], True)}, {r['learners']} learner(s): {r['torn_rows']:,}; first: {r['first_torn']}")
     for n in doc["notes"]:
         out.append(f"\nnote: {n}")
-    mi = doc["machine"]
-    out.append(f"\nmachine: {mi['cpu']}, {mi['cores_usable']} cores, kernel {mi['kernel']}, Python {mi['python']}, "
-               f"numpy {mi['versions']['numpy']}, cpprb {mi['versions'].get('cpprb')}; "
-               f"load average {mi['load_avg_start'][0]:.1f} at start, {mi['load_avg_end'][0]:.1f} at end")
+    out.append(report.machine_footer(doc["machine"], "cpprb"))
     return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
-
-
-def parse_figures(text: str | None, ap: argparse.ArgumentParser) -> set[str]:
-    if not text:
-        return set(FIGURES)
-    figs = set()
-    for part in text.split(","):
-        part = part.strip()
-        if part.isdigit() and 1 <= int(part) <= len(FIGURES):
-            figs.add(FIGURES[int(part) - 1])
-        elif part in FIGURES:
-            figs.add(part)
-        else:
-            ap.error(f"unknown figure {part!r}; choose from {','.join(FIGURES)} (or 1-{len(FIGURES)})")
-    return figs
 
 
 def main() -> int:
@@ -910,7 +892,7 @@ def main() -> int:
         cfg.reps = args.reps
     if args.seconds:
         cfg.conc_seconds = args.seconds
-    figs = parse_figures(args.only, ap)
+    figs = report.parse_figures(args.only, FIGURES, ap)
     wanted = args.contenders.split(",") if args.contenders else ORDER
     if set(wanted) - set(ORDER):
         ap.error(f"unknown contender(s) {sorted(set(wanted) - set(ORDER))}; choose from {','.join(ORDER)}")

@@ -8,6 +8,7 @@ the copy kernels shmreplay chose (see sysinfo.py).
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import math
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from typing import Any
 
 import contenders
 import sysinfo
@@ -419,6 +421,32 @@ def chart(doc: dict, path: str) -> str | None:
 # Command line: print the report of a results file (nothing is rewritten)
 # ---------------------------------------------------------------------------------------
 
+
+
+def parse_figures(text: str | None, figures: list[str], ap: argparse.ArgumentParser) -> set[str]:
+    """The figures ``--only`` names (by name, or number from 1), all of them by default; an
+    unknown one is an ``ap.error``."""
+    if not text:
+        return set(figures)
+    chosen = set()
+    for part in text.split(","):
+        part = part.strip()
+        if part.isdigit() and 1 <= int(part) <= len(figures):
+            chosen.add(figures[int(part) - 1])
+        elif part in figures:
+            chosen.add(part)
+        else:
+            ap.error(f"unknown figure {part!r}; choose from {','.join(figures)} (or 1-{len(figures)})")
+    return chosen
+
+
+def machine_footer(mi: dict[str, Any], peer: str) -> str:
+    """The last line of a report: the machine, the versions (and the peer package's), the load."""
+    return (
+        f"\nmachine: {mi['cpu']}, {mi['cores_usable']} cores, kernel {mi['kernel']}, Python {mi['python']}, "
+        f"numpy {mi['versions']['numpy']}, {peer} {mi['versions'].get(peer)}; "
+        f"load average {mi['load_avg_start'][0]:.1f} at start, {mi['load_avg_end'][0]:.1f} at end"
+    )
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
