@@ -3,18 +3,26 @@
 //!
 //! * A rate-limited ring admits an insert of `k` rows by moving the insert cursor `I` by `k` at
 //!   once (the call takes all its tickets together), and a sample of `n` rows by moving `S` by
-//!   `n`, each with a compare-and-swap of the value its check read. `D = max(0, I − capacity)`.
+//!   `n`, each with a compare-and-swap of the value its check read. A sample reads `I` as the
+//!   tickets whose inserts are done with them (`C_COMMITTED`), so it never waits for rows still
+//!   being written. `D = max(0, I − capacity)`.
 //! * A queue is Reverb's `Queue(capacity)`: `S = D` = its head, the tickets delivered (or
 //!   skipped). An insert is admitted while `I + k − head ≤ capacity`, so no row is overwritten
-//!   before it is delivered. A sample copies the `n` rows at the head (validating each with its
-//!   seqlock), then moves the head past them with one compare-and-swap: the rows are delivered
-//!   exactly once, to the consumer whose swap succeeded; a consumer that loses the race, or dies
-//!   before its swap, takes nothing. A ticket whose writer died is skipped once its death is
-//!   proved: the writer's entry announces the first ticket of its insert (`E_QUEUE_CLAIM`) before
-//!   taking its tickets, and clears it after its last commit, so a consumer waits for a ticket
-//!   while some live entry's claim is at or before it, and skips it when none is.
+//!   before it is delivered. A sample checks from the version words alone that the `n` rows at
+//!   the head are written, copies them (validating each with its seqlock), then moves the head
+//!   past them with one compare-and-swap: the rows are delivered exactly once, to the consumer
+//!   whose swap succeeded; a consumer that loses the race, or dies before its swap, takes
+//!   nothing. A consumer that sees another one copying the head (`C_TAKING`, a hint) copies the
+//!   rows after those instead, and swaps once the head reaches them.
+//! * A queue ticket whose writer died is skipped once its death is proved: the writer's entry
+//!   announces the first ticket of its insert (`E_QUEUE_CLAIM`) before taking its tickets, and
+//!   clears it after its last commit, so a consumer waits for an unwritten ticket while some
+//!   live entry's claim is at or before it, and skips it when none is (at once, when it is at
+//!   the head: skipping delivers nothing).
 //! * Waits sleep on a futex word (inserts on one, samples on the other) in slices of
 //!   [`SLICE`], asking the interrupt check after each; `shutdown` sets a flag and wakes everyone.
+//!   Each entry holds its process's share of the waiter counts, which whoever finds the
+//!   process dead takes off.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -170,19 +178,7 @@ impl ReplayBuffer {
     /// Takes the share of the waiter counts of every entry whose process died waiting off the
     /// counts; at most once per [`FORGET_DEAD_WAITERS_EVERY`] per handle.
     fn forget_dead_waiters_if_due(&self) {
-        let now = self.clock.elapsed().as_nanos() as u64;
-        let due = self.waiters_check_due.load(Ordering::Relaxed);
-        if now < due
-            || self
-                .waiters_check_due
-                .compare_exchange(
-                    due,
-                    now + FORGET_DEAD_WAITERS_EVERY.as_nanos() as u64,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
+        if !self.due(&self.waiters_check_due, FORGET_DEAD_WAITERS_EVERY) {
             return;
         }
         let lock = self.current_lock_file();

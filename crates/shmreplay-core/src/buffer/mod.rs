@@ -737,6 +737,22 @@ impl ReplayBuffer {
         }
     }
 
+    /// True at most once per `every` for this handle (and `next`, the time of the next one in
+    /// nanoseconds since `clock`): for the periodic checks ordinary calls make.
+    fn due(&self, next: &AtomicU64, every: Duration) -> bool {
+        let now = self.clock.elapsed().as_nanos() as u64;
+        let due = next.load(Ordering::Relaxed);
+        now >= due
+            && next
+                .compare_exchange(
+                    due,
+                    now + every.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
     /// Entries ever registered (the table is scanned up to here).
     fn entries_used(&self) -> usize {
         (self

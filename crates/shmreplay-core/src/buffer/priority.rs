@@ -227,22 +227,7 @@ impl ReplayBuffer {
     /// flight and repairs it: ordinary calls do it, no special call is needed. The repair reads
     /// the whole tree, so it runs through `blocking` (outside the embedder's lock).
     pub(crate) fn repair_if_due(&self, blocking: &mut dyn Blocking) {
-        if self.layout.priority.is_none() {
-            return;
-        }
-        let now = self.clock.elapsed().as_nanos() as u64;
-        let due = self.repair_due.load(Ordering::Relaxed);
-        if now < due
-            || self
-                .repair_due
-                .compare_exchange(
-                    due,
-                    now + REPAIR_EVERY.as_nanos() as u64,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_err()
-        {
+        if self.layout.priority.is_none() || !self.due(&self.repair_due, REPAIR_EVERY) {
             return;
         }
         let mine = self.registered_entry();
