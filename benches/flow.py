@@ -62,7 +62,7 @@ import harness  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 import sysinfo  # noqa: E402
-from run import SHM_DIR, cleanup  # noqa: E402
+from run import SHM_DIR  # noqa: E402
 from workloads import PREFILL_WID, WORKLOADS, Batch, Workload, take_row  # noqa: E402
 
 FIGURES = ["limiter_overhead", "queue_atari", "queue_control"]  # --only: these names, or 1-3
@@ -980,22 +980,7 @@ def main() -> int:
     n_jobs = sum(len(j) for _, j in groups)
     print(f"{mode}: figures {','.join(f for f in FIGURES if f in figs)}; {n_jobs} jobs per repetition, {cfg.reps} repetition(s); "
           f"files in {SHM_DIR} start with {prefix}", flush=True)
-    raw: list[dict] = []
-    t0 = time.monotonic()
-    try:
-        for rep in range(cfg.reps):
-            for title, jobs in groups:
-                shift = rep % len(jobs)  # rotate who goes first
-                for job in jobs[shift:] + jobs[:shift]:
-                    res = run_job(dict(job, rep=rep), prefix)
-                    raw.append({"rep": rep, "job": job, "result": res})
-                    status = "ok" if res["ok"] else "FAILED: " + res["error"].strip().splitlines()[-1]
-                    print(f"[{time.monotonic() - t0:6.1f} s] rep {rep + 1} {title:<26} {job['contender']:<12} {res['wall_s']:5.1f} s  {status}", flush=True)
-    except KeyboardInterrupt:
-        notes.append("interrupted (Ctrl-C): partial results")
-        print("\ninterrupted: writing partial results", flush=True)
-    finally:
-        cleanup(prefix)
+    raw = run.run_rounds(cfg.reps, groups, lambda job, rep: run_job(dict(job, rep=rep), prefix), prefix, notes)
 
     machine["load_avg_end"] = os.getloadavg()
     doc = {

@@ -144,6 +144,38 @@ def cleanup(prefix: str) -> list[str]:
     return left
 
 
+def run_rounds(
+    reps: int,
+    groups: list[tuple[str, list[dict]]],
+    run: Callable[[dict, int], dict],
+    prefix: str,
+    notes: list[str],
+) -> list[dict]:
+    """Runs every job of ``groups`` (``[(title, jobs)]``) ``reps`` times through ``run(job,
+    rep)``, the jobs of a group taking turns (who goes first rotates from repetition to
+    repetition), printing a line per job. Ctrl-C keeps the partial results (and says so in
+    ``notes``); what the jobs left under ``prefix`` is removed either way. Returns ``[{rep, job,
+    result}]``."""
+    raw: list[dict] = []
+    t0 = time.monotonic()
+    try:
+        for rep in range(reps):
+            for title, jobs in groups:
+                shift = rep % len(jobs)
+                for job in jobs[shift:] + jobs[:shift]:
+                    res = run(job, rep)
+                    raw.append({"rep": rep, "job": job, "result": res})
+                    status = "ok" if res["ok"] else "FAILED: " + res["error"].strip().splitlines()[-1]
+                    print(f"[{time.monotonic() - t0:6.1f} s] rep {rep + 1} {title:<26} {job['contender']:<17} "
+                          f"{res['wall_s']:5.1f} s  {status}", flush=True)
+    except KeyboardInterrupt:
+        notes.append("interrupted (Ctrl-C): partial results")
+        print("\ninterrupted: writing partial results", flush=True)
+    finally:
+        cleanup(prefix)
+    return raw
+
+
 def run_job(
     job: dict,
     prefix: str,
