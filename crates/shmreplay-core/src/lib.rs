@@ -121,6 +121,10 @@ pub mod platform;
 #[cfg(not(loom))]
 mod registry;
 
+#[cfg(not(loom))]
+pub use buffer::episodes::{
+    EpisodeBuffer, EpisodeBuilder, EpisodeWriter, Episodes, SequenceColumns, StepColumns,
+};
 #[cfg(all(not(loom), feature = "test-hooks"))]
 pub use buffer::PauseAt;
 #[cfg(not(loom))]
@@ -132,7 +136,10 @@ pub use error::{human_bytes, Error, Result};
 #[cfg(not(loom))]
 pub use layout::schema::{DType, Field, Schema};
 #[cfg(not(loom))]
-pub use layout::{Flow, Limiter, Prioritized, Sampler, LAYOUT_VERSION, MAX_CAPACITY, MAX_HANDLES};
+pub use layout::{
+    Flow, Limiter, Padding, Prioritized, Sampler, LAYOUT_VERSION, MAX_CAPACITY, MAX_EPISODE_WINDOW,
+    MAX_HANDLES,
+};
 #[cfg(not(loom))]
 pub use platform::{copy, interrupt};
 #[cfg(not(loom))]

@@ -22,24 +22,25 @@ use shmreplay_core::{
 };
 
 mod arrays;
+mod episodes;
 mod rows;
 
 use arrays::{inputs, outputs};
 
 /// A uint64 numpy array (sampled slot indices and keys).
-type U64Array<'py> = Bound<'py, PyArray1<u64>>;
-type F64Array<'py> = Bound<'py, PyArray1<f64>>;
-type F32Array<'py> = Bound<'py, PyArray1<f32>>;
+pub(crate) type U64Array<'py> = Bound<'py, PyArray1<u64>>;
+pub(crate) type F64Array<'py> = Bound<'py, PyArray1<f64>>;
+pub(crate) type F32Array<'py> = Bound<'py, PyArray1<f32>>;
 
 /// A sampler as the Python package passes it: `None` (uniform), `(alpha, eps, stratified)`
 /// (prioritized) or `"queue"`.
 #[derive(FromPyObject, IntoPyObject)]
-enum SamplerArgs {
+pub(crate) enum SamplerArgs {
     Prioritized((f64, f64, bool)),
     Named(String),
 }
 
-fn sampler_of(args: Option<SamplerArgs>) -> PyResult<Sampler> {
+pub(crate) fn sampler_of(args: Option<SamplerArgs>) -> PyResult<Sampler> {
     Ok(match args {
         None => Sampler::Uniform,
         Some(SamplerArgs::Prioritized((alpha, eps, stratified))) => {
@@ -56,7 +57,7 @@ fn sampler_of(args: Option<SamplerArgs>) -> PyResult<Sampler> {
     })
 }
 
-fn sampler_args(sampler: Sampler) -> Option<SamplerArgs> {
+pub(crate) fn sampler_args(sampler: Sampler) -> Option<SamplerArgs> {
     match sampler {
         Sampler::Uniform => None,
         Sampler::Prioritized(p) => Some(SamplerArgs::Prioritized((p.alpha, p.eps, p.stratified))),
@@ -66,9 +67,9 @@ fn sampler_args(sampler: Sampler) -> Option<SamplerArgs> {
 
 /// A limiter as the Python package passes it: `(kind, samples_per_insert, min_size, min_diff,
 /// max_diff)`, kind `"MinSize"` or `"SampleToInsertRatio"`.
-type LimiterArgs = (String, f64, u64, f64, f64);
+pub(crate) type LimiterArgs = (String, f64, u64, f64, f64);
 
-fn limiter_of(args: Option<LimiterArgs>) -> PyResult<Option<Limiter>> {
+pub(crate) fn limiter_of(args: Option<LimiterArgs>) -> PyResult<Option<Limiter>> {
     Ok(match args {
         None => None,
         Some((kind, _, min_size, _, _)) if kind == "MinSize" => Some(Limiter::MinSize(min_size)),
@@ -86,7 +87,7 @@ fn limiter_of(args: Option<LimiterArgs>) -> PyResult<Option<Limiter>> {
     })
 }
 
-fn limiter_args(limiter: Option<Limiter>) -> Option<LimiterArgs> {
+pub(crate) fn limiter_args(limiter: Option<Limiter>) -> Option<LimiterArgs> {
     limiter.map(|limiter| {
         let l = limiter.limits();
         let kind = match limiter {
@@ -104,7 +105,7 @@ fn limiter_args(limiter: Option<Limiter>) -> Option<LimiterArgs> {
 }
 
 /// A flow-control timeout in seconds (`None`: wait until allowed; the package validates it).
-fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
+pub(crate) fn timeout_of(seconds: Option<f64>) -> PyResult<Option<Duration>> {
     match seconds {
         None => Ok(None),
         Some(s) if s.is_nan() || s < 0.0 => Err(PyValueError::new_err(format!(
@@ -144,7 +145,7 @@ fn float_vector(values: &Bound<'_, PyAny>) -> Option<Vec<f64>> {
 }
 
 /// A zeroed vector of `n` values, or `MemoryError` if it cannot be allocated.
-fn zeroed<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
+pub(crate) fn zeroed<T: Clone + Default>(n: usize) -> PyResult<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n)
         .map_err(|_| PyMemoryError::new_err(format!("no memory for a batch of {n} rows")))?;
@@ -197,7 +198,7 @@ fn shmreplay_error(py: Python<'_>, class: &str, args: Bound<'_, PyTuple>) -> PyE
 }
 
 /// Maps a core error onto the Python exception a user would expect.
-fn to_py(py: Python<'_>, error: Error) -> PyErr {
+pub(crate) fn to_py(py: Python<'_>, error: Error) -> PyErr {
     let message = error.to_string();
     let ours = |class: &str| match PyTuple::new(py, [message.clone()]) {
         Ok(args) => shmreplay_error(py, class, args),
@@ -243,7 +244,7 @@ fn to_py(py: Python<'_>, error: Error) -> PyErr {
 
 /// A handle to one shared-memory replay buffer (wrapped by `shmreplay.ReplayBuffer`).
 #[pyclass(frozen, module = "shmreplay._core")]
-struct RawBuffer {
+pub(crate) struct RawBuffer {
     inner: Mutex<Option<Arc<ReplayBuffer>>>,
     /// The field names as interned Python strings: `put` looks them up on every call.
     names: Vec<Py<PyString>>,
@@ -255,6 +256,11 @@ struct RawBuffer {
 
 impl RawBuffer {
     fn new(py: Python<'_>, buffer: ReplayBuffer) -> Self {
+        Self::shared(py, Arc::new(buffer))
+    }
+
+    /// A handle sharing `buffer` (the ring of an episode buffer).
+    pub(crate) fn shared(py: Python<'_>, buffer: Arc<ReplayBuffer>) -> Self {
         let names = buffer
             .schema()
             .fields()
@@ -264,7 +270,7 @@ impl RawBuffer {
         RawBuffer {
             path: buffer.path().to_owned(),
             file_id: buffer.file_id(),
-            inner: Mutex::new(Some(Arc::new(buffer))),
+            inner: Mutex::new(Some(buffer)),
             names,
         }
     }
@@ -762,6 +768,8 @@ fn _test_extend_pausing(
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     shmreplay_core::interrupt::set_check(python_signal_raised);
     m.add_class::<RawBuffer>()?;
+    m.add_class::<episodes::RawEpisodes>()?;
+    m.add_class::<episodes::RawEpisodeWriter>()?;
     m.add_function(wrap_pyfunction!(scan, m)?)?;
     m.add_function(wrap_pyfunction!(remove_stale, m)?)?;
     m.add_function(wrap_pyfunction!(remove, m)?)?;

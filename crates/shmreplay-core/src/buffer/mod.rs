@@ -2,6 +2,7 @@
 //! processes. This module holds the handle's life (create, open, register, fork, drop); the
 //! writer, the sampler and the statistics have a module each.
 
+pub(crate) mod episodes;
 mod flow;
 mod priority;
 mod sampler;
@@ -212,11 +213,20 @@ impl Builder {
             schema,
             self.sampler,
             self.limiter,
+            None,
         )
     }
 
-    /// Attaches to the existing buffer, after validating everything in its header.
+    /// Attaches to the existing buffer, after validating everything in its header. An
+    /// episode buffer is refused: open it with [`EpisodeBuffer`](episodes::EpisodeBuffer).
     pub fn open(self) -> Result<ReplayBuffer> {
+        let buffer = self.open_any()?;
+        buffer.refuse_episodes("open")?;
+        Ok(buffer)
+    }
+
+    /// Attaches to the existing buffer, whatever its kind.
+    fn open_any(self) -> Result<ReplayBuffer> {
         ReplayBuffer::open(&self.name, self.dir.as_deref(), true)
     }
 
@@ -276,12 +286,12 @@ impl ReplayBuffer {
         capacity: u64,
         schema: Schema,
     ) -> Result<ReplayBuffer> {
-        Self::create_at(name, dir, capacity, schema, Sampler::Uniform, None)
+        Self::create_at(name, dir, capacity, schema, Sampler::Uniform, None, None)
     }
 
     /// Attaches to existing buffer `name` in `dir`; see [`Builder::open`].
     pub fn attach(name: &str, dir: Option<&Path>) -> Result<ReplayBuffer> {
-        Self::open(name, dir, true)
+        Self::builder(name).dir_opt(dir).open()
     }
 
     /// Opens buffer `name` just to look at it; see [`Builder::inspect`].
@@ -296,16 +306,20 @@ impl ReplayBuffer {
         schema: Schema,
         sampler: Sampler,
         limiter: Option<Limiter>,
+        episodes: Option<layout::EpisodeSpec>,
     ) -> Result<ReplayBuffer> {
         let path = segment_path(name, dir)?;
         let text = schema.encode();
-        let layout = Layout::new(
+        let mut layout = Layout::new(
             capacity,
             schema.record_bytes(),
             text.len(),
             sampler,
             limiter,
         )?;
+        if let Some(spec) = episodes {
+            layout = layout.with_episodes(spec)?;
+        }
         check_atomics(&layout)?;
         let me = liveness::current();
         // The creator's lock and entry are taken before the segment is published, so that no
@@ -397,6 +411,23 @@ impl ReplayBuffer {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether this is the ring of an episode buffer.
+    pub fn holds_episodes(&self) -> bool {
+        self.layout.episodes.is_some()
+    }
+
+    /// Refuses `what` on the ring of an episode buffer: records written or read as plain rows
+    /// would bypass its episode metadata.
+    fn refuse_episodes(&self, what: &str) -> Result<()> {
+        if self.holds_episodes() {
+            return Err(Error::InvalidArgument(format!(
+                "{} is an EpisodeBuffer: {what} it with EpisodeBuffer, not ReplayBuffer",
+                self.name
+            )));
+        }
+        Ok(())
     }
 
     /// The segment file.

@@ -5,6 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::sampler::{Drawn, Records, Rows};
 use super::{Blocking, NoBlocking, OutColumn, ReplayBuffer};
 use crate::error::{Error, Result};
 use crate::layout::{self, Prioritized, Sampler};
@@ -25,6 +26,9 @@ const MISSES_BEFORE_RESYNC: u64 = 1024;
 const PREFETCH_AHEAD: usize = 16;
 /// After this many misses for one row, a sampler checks for interrupts and its time bound.
 const MISSES_BEFORE_CHECK: u64 = 32;
+/// Draws of slots holding no item (an episode buffer's sequence sampler skips most steps)
+/// before it makes sure some item exists.
+const SKIPS_BEFORE_CHECK: u64 = 1 << 16;
 
 /// The priority section of a segment, as a tree's memory.
 #[derive(Clone, Copy)]
@@ -109,7 +113,7 @@ impl ReplayBuffer {
         })
     }
 
-    fn prioritized(&self, what: &str) -> Result<(Prioritized, Tree<'_, Section<'_>>)> {
+    pub(crate) fn prioritized(&self, what: &str) -> Result<(Prioritized, Tree<'_, Section<'_>>)> {
         match (self.layout.sampler, self.tree()) {
             (Sampler::Prioritized(p), Some(tree)) => Ok((p, tree)),
             (sampler, _) => Err(Error::WrongSampler(format!(
@@ -281,13 +285,9 @@ impl ReplayBuffer {
         beta: f64,
         blocking: &mut dyn Blocking,
     ) -> Result<()> {
-        let (params, tree) = self.prioritized("sampling by priority")?;
+        self.prioritized("sampling by priority")?;
+        self.refuse_episodes("sample")?;
         let n = index.len();
-        if !(0.0..=1.0).contains(&beta) {
-            return Err(Error::InvalidArgument(format!(
-                "beta must be between 0 and 1, got {beta}"
-            )));
-        }
         for (name, len) in [
             ("key", key.len()),
             ("probability", info.probability.len()),
@@ -305,6 +305,34 @@ impl ReplayBuffer {
                 "outputs do not hold {n} rows"
             )));
         }
+        self.draw_prioritized(
+            &mut Records { buffer: self, out },
+            index,
+            key,
+            info,
+            beta,
+            blocking,
+        )
+    }
+
+    /// The draws of [`sample_prioritized_columns`](Self::sample_prioritized_columns), each slot
+    /// read by `rows`; the lengths checked, `beta` not yet.
+    pub(super) fn draw_prioritized(
+        &self,
+        rows: &mut dyn Rows,
+        index: &mut [u64],
+        key: &mut [u64],
+        info: PriorityOutputs<'_>,
+        beta: f64,
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let (params, tree) = self.prioritized("sampling by priority")?;
+        let n = index.len();
+        if !(0.0..=1.0).contains(&beta) {
+            return Err(Error::InvalidArgument(format!(
+                "beta must be between 0 and 1, got {beta}"
+            )));
+        }
         if n == 0 {
             return Ok(());
         }
@@ -312,7 +340,7 @@ impl ReplayBuffer {
         self.repair_if_due(blocking);
         let total = tree.total();
         if total == 0 {
-            return self.sample_all_zero(out, index, key, info, &tree, blocking);
+            return self.sample_all_zero(rows, index, key, info, &tree, blocking);
         }
         let entry = self.ensure_registered(blocking)?;
         let mut rng = self.rng_for_call();
@@ -350,10 +378,11 @@ impl ReplayBuffer {
                     self.prefetch(ahead);
                     tree.prefetch_leaf(ahead);
                 }
-                let mut misses = 0u64;
+                let (mut misses, mut skips) = (0u64, 0u64);
                 loop {
-                    if let Some(at) = drawn[row] {
-                        if let Some(ticket) = self.try_read(at, out, row) {
+                    let read = drawn[row].map(|at| (at, rows.read(at, row)));
+                    match read {
+                        Some((at, Drawn::Item(ticket))) => {
                             // The leaf must still be this record's, and drawable.
                             let leaf = tree.leaf(at);
                             if leaf.tag == scale.tag(ticket, capacity) && leaf.q > 0 {
@@ -363,11 +392,20 @@ impl ReplayBuffer {
                                 info.priority[row] = leaf.raw_priority();
                                 break;
                             }
+                            misses += 1;
+                            retries += 1;
+                        }
+                        Some((_, Drawn::Skip)) => skips += 1,
+                        None | Some((_, Drawn::Miss)) => {
+                            misses += 1;
+                            retries += 1;
                         }
                     }
-                    retries += 1;
-                    misses += 1;
-                    if misses % MISSES_BEFORE_CHECK == 0 {
+                    if skips % SKIPS_BEFORE_CHECK == SKIPS_BEFORE_CHECK - 1 && !rows.any(capacity) {
+                        // Drawn by priority, but none of the items is complete (episodes).
+                        return Err(Error::Empty);
+                    }
+                    if misses % MISSES_BEFORE_CHECK == 0 && misses > 0 {
                         // A writer that died holding a drawn slot: its repair drops the slot.
                         self.repair_if_due(&mut NoBlocking);
                         if misses >= MISSES_BEFORE_RESYNC && !resynced {
@@ -387,7 +425,7 @@ impl ReplayBuffer {
         })();
         self.count(entry, Counter::Retries, retries);
         if !result? {
-            return self.sample_all_zero(out, index, key, info, &tree, blocking);
+            return self.sample_all_zero(rows, index, key, info, &tree, blocking);
         }
         // The global minimum, or the batch's if the root is momentarily behind: weights ≤ 1.
         let batch_min = values.iter().copied().min().unwrap_or(1);
@@ -432,14 +470,14 @@ impl ReplayBuffer {
     /// Every priority is 0: uniform draws, probability `1/len`, weight 1.
     fn sample_all_zero(
         &self,
-        out: &[OutColumn<'_>],
+        rows: &mut dyn Rows,
         index: &mut [u64],
         key: &mut [u64],
         info: PriorityOutputs<'_>,
         tree: &Tree<'_, Section<'_>>,
         blocking: &mut dyn Blocking,
     ) -> Result<()> {
-        self.draw_uniform(out, index, key, blocking)?;
+        self.draw_uniform_rows(rows, index, key, blocking)?;
         let size = self.len().max(1) as f64;
         let scale = tree.geometry.scale;
         for row in 0..index.len() {

@@ -17,6 +17,8 @@ const MISSES_BEFORE_SIZE_CHECK: u64 = 32;
 /// After this many misses for one row, it checks by looking at every slot (a multiple of the
 /// above).
 const MISSES_BEFORE_SCAN: u64 = 4096;
+/// Skipped slots (holding nothing of what is sampled) count as a miss this many at a time.
+const SKIPS_PER_MISS: u64 = 16;
 
 impl ReplayBuffer {
     /// Draws `index.len()` records uniformly with replacement from the slots holding a committed
@@ -53,6 +55,7 @@ impl ReplayBuffer {
                 "outputs do not hold {n} rows"
             )));
         }
+        self.refuse_episodes("sample")?;
         if n == 0 {
             return Ok(());
         }
@@ -70,6 +73,18 @@ impl ReplayBuffer {
     pub(super) fn draw_uniform(
         &self,
         out: &[OutColumn<'_>],
+        index: &mut [u64],
+        key: &mut [u64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        self.draw_uniform_rows(&mut Records { buffer: self, out }, index, key, blocking)
+    }
+
+    /// Uniform draws of slots, each read by `rows` (a record, or an episode buffer's item),
+    /// redrawing slots that hold nothing `rows` can read.
+    pub(super) fn draw_uniform_rows(
+        &self,
+        rows: &mut dyn Rows,
         index: &mut [u64],
         key: &mut [u64],
         blocking: &mut dyn Blocking,
@@ -107,27 +122,33 @@ impl ReplayBuffer {
                     self.prefetch(ahead as usize);
                 }
                 let mut slot_index = index[row] as usize;
-                let mut misses = 0u64;
+                // A miss costs `SKIPS_PER_MISS` units of effort, a skip one.
+                let (mut misses, mut effort, mut scanned) = (0u64, 0u64, false);
+                let mut next_check = MISSES_BEFORE_SIZE_CHECK * SKIPS_PER_MISS;
                 key[row] = loop {
-                    if let Some(ticket) = self.try_read(slot_index, out, row) {
-                        break ticket;
+                    match rows.read(slot_index, row) {
+                        Drawn::Item(ticket) => break ticket,
+                        Drawn::Miss => {
+                            retries += 1;
+                            misses += 1;
+                            effort += SKIPS_PER_MISS;
+                        }
+                        Drawn::Skip => effort += 1,
                     }
-                    retries += 1;
-                    misses += 1;
                     if claimed < self.capacity() {
                         claimed = claimed_slots();
                     }
                     slot_index = rng.below(claimed) as usize;
-                    if misses % MISSES_BEFORE_SIZE_CHECK == 0 {
+                    if effort >= next_check {
+                        next_check += MISSES_BEFORE_SIZE_CHECK * SKIPS_PER_MISS;
                         // Most slots drawn hold nothing: is there anything to draw at all?
                         // The size says so cheaply; once, after many misses, a scan makes sure
                         // (the size words live in shared memory and may have been damaged).
                         // (A rate limiter admitted this sample: its rows are being written,
                         // so it redraws until they are, within the bound, rather than fail.)
-                        if !limited
-                            && (self.is_empty()
-                                || (misses == MISSES_BEFORE_SCAN && !self.any_readable(claimed)))
-                        {
+                        let scan = !scanned && effort >= MISSES_BEFORE_SCAN * SKIPS_PER_MISS;
+                        scanned |= scan;
+                        if !limited && (self.is_empty() || (scan && !rows.any(claimed))) {
                             return Err(Error::Empty);
                         }
                         redraws.pause(misses)?;
@@ -247,6 +268,45 @@ impl ReplayBuffer {
             );
         }
         slot::read_validate(seq, begun).then(|| slot::ticket_of(begun))
+    }
+}
+
+/// What a sampler makes of a slot it drew.
+pub(super) enum Drawn {
+    /// An item, copied into its row: its key.
+    Item(u64),
+    /// The slot changed or was being written while it was read: drawn again (a retry).
+    Miss,
+    /// The slot holds nothing of what is sampled (an episode's first frame, a step whose
+    /// window is not complete): drawn again, not counted as a retry.
+    Skip,
+}
+
+/// How a sampler reads the slots it draws: whole records, or an episode buffer's items.
+pub(super) trait Rows {
+    /// Reads the item at slot `index` into row `row` of the outputs.
+    fn read(&mut self, index: usize, row: usize) -> Drawn;
+    /// Whether any of the first `claimed` slots holds an item right now (asked after many
+    /// fruitless draws, to tell an empty buffer from an unlucky one).
+    fn any(&mut self, claimed: u64) -> bool;
+}
+
+/// Whole records of a ring.
+pub(super) struct Records<'a> {
+    pub buffer: &'a ReplayBuffer,
+    pub out: &'a [OutColumn<'a>],
+}
+
+impl Rows for Records<'_> {
+    fn read(&mut self, index: usize, row: usize) -> Drawn {
+        match self.buffer.try_read(index, self.out, row) {
+            Some(ticket) => Drawn::Item(ticket),
+            None => Drawn::Miss,
+        }
+    }
+
+    fn any(&mut self, claimed: u64) -> bool {
+        self.buffer.any_readable(claimed)
     }
 }
 

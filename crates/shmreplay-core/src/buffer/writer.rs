@@ -54,7 +54,7 @@ impl ReplayBuffer {
     /// [`Error::Interrupted`]. Either way the rows before that slot were inserted, the rest not.
     pub fn extend(&self, columns: &[&[u8]]) -> Result<usize> {
         let columns: Vec<InColumn<'_>> = columns.iter().map(|c| InColumn::from_slice(c)).collect();
-        self.insert(&columns, None, &mut NoBlocking, None)
+        self.insert_rows(&columns, None, &mut NoBlocking, None)
     }
 
     /// [`extend`](Self::extend) into a prioritized buffer: `priorities` holds each row's raw
@@ -68,7 +68,7 @@ impl ReplayBuffer {
         priorities: Option<&[f64]>,
         blocking: &mut dyn Blocking,
     ) -> Result<usize> {
-        self.insert(columns, priorities, blocking, None)
+        self.insert_rows(columns, priorities, blocking, None)
     }
 
     /// [`extend`](Self::extend) of raw columns, waiting through `blocking` (an embedder releases
@@ -78,7 +78,7 @@ impl ReplayBuffer {
         columns: &[InColumn<'_>],
         blocking: &mut dyn Blocking,
     ) -> Result<usize> {
-        self.insert(columns, None, blocking, None)
+        self.insert_rows(columns, None, blocking, None)
     }
 
     /// [`extend_columns`](Self::extend_columns), calling `pause(slot)` at `at` in the first
@@ -90,15 +90,30 @@ impl ReplayBuffer {
         at: PauseAt,
         pause: &mut dyn FnMut(u64),
     ) -> Result<usize> {
-        self.insert(columns, None, &mut NoBlocking, Some((at, pause)))
+        self.insert_rows(columns, None, &mut NoBlocking, Some((at, pause)))
     }
 
-    fn insert(
+    /// Inserts rows as [`extend_columns_with_priorities`](Self::extend_columns_with_priorities)
+    /// does, writing into `tickets[row]` the ticket of each row it committed (rows it did not
+    /// commit keep what `tickets` held).
+    fn insert_rows(
+        &self,
+        columns: &[InColumn<'_>],
+        priorities: Option<&[f64]>,
+        blocking: &mut dyn Blocking,
+        pause: Pause<'_>,
+    ) -> Result<usize> {
+        self.refuse_episodes("write")?;
+        self.insert(columns, priorities, blocking, pause, None)
+    }
+
+    pub(crate) fn insert(
         &self,
         columns: &[InColumn<'_>],
         priorities: Option<&[f64]>,
         blocking: &mut dyn Blocking,
         mut pause: Pause<'_>,
+        tickets: Option<&mut [u64]>,
     ) -> Result<usize> {
         let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
         let priorities = self.row_priorities(priorities, n)?;
@@ -121,6 +136,7 @@ impl ReplayBuffer {
             columns,
             entry,
             leaves: priorities.map(|p| LeafWriter::new(self, p)),
+            tickets,
             inserted: 0,
             recovered: 0,
             superseded: skipped as u64,
@@ -212,6 +228,8 @@ struct RowWriter<'a> {
     entry: usize,
     /// The priority tree's leaves and the rows' values, in a prioritized buffer.
     leaves: Option<LeafWriter<'a>>,
+    /// Where the ticket of each committed row goes, if the caller wants them.
+    tickets: Option<&'a mut [u64]>,
     inserted: u64,
     recovered: u64,
     superseded: u64,
@@ -271,6 +289,9 @@ impl RowWriter<'_> {
         }
         if first {
             entry.count_first(intent);
+        }
+        if let Some(tickets) = self.tickets.as_deref_mut() {
+            tickets[row] = ticket;
         }
         self.inserted += 1;
         self.recovered += u64::from(took_over);

@@ -8,6 +8,7 @@
 //! 392    the sampler: kind (0 uniform, 1 prioritized, 2 queue), alpha, eps, stratified
 //! 424    the rate limiter: kind (0 none, 1 min size, 2 sample-to-insert ratio), samples per
 //!        insert, min size, min diff, max diff
+//! 464    episode buffers: n-step, frame stack and padding, gamma, observation fields, reward
 //! 512    schema text
 //! ...    sections, each at the offset its directory entry gives:
 //!   control   the insert cursor and other buffer-wide words (flow control's counters, the
@@ -17,6 +18,8 @@
 //!             its record (records of 1 KiB or more start on the slot's second cache line, and
 //!             their slots are whole cache lines)
 //!   priority  prioritized buffers only: the sum tree of `protocol::priority`
+//!   links     episode buffers only: one word per slot, the ticket (+ 1) of the next frame of
+//!             the slot's episode (see `buffer::episodes`)
 //! ```
 //!
 //! New regions (a priority tree, limiter words, stream indexes) come as new sections: they get
@@ -40,7 +43,7 @@ use crate::platform::liveness::Identity;
 use crate::platform::mapping::Segment;
 use crate::protocol::flow::Limits;
 use crate::protocol::priority::Geometry;
-use schema::{fnv1a, Schema, MAX_SCHEMA_TEXT};
+use schema::{fnv1a, DType, Schema, MAX_SCHEMA_TEXT};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"SHMRPLY\0");
 /// Version 3: section directory, lock-based handle table, per-entry counters. Version 4: flow
@@ -57,8 +60,12 @@ const FEATURE_PRIORITIZED: u64 = 1;
 const FEATURE_LIMITED: u64 = 2;
 /// Feature bit: the buffer is a queue (each row delivered once, in order).
 const FEATURE_QUEUE: u64 = 4;
+/// Feature bit: the buffer holds episode streams (header words `H_N_STEP..`, a `links`
+/// section); only `EpisodeBuffer` writes and samples it.
+const FEATURE_EPISODES: u64 = 8;
 /// Feature bits this version understands.
-const KNOWN_FEATURES: u64 = FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE;
+const KNOWN_FEATURES: u64 =
+    FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE | FEATURE_EPISODES;
 
 pub const MAX_CAPACITY: u64 = 1 << 40;
 /// Live handles (in any process) a buffer can have at once.
@@ -95,6 +102,11 @@ const H_SAMPLES_PER_INSERT: usize = 432;
 const H_MIN_SIZE: usize = 440;
 const H_MIN_DIFF: usize = 448;
 const H_MAX_DIFF: usize = 456;
+const H_N_STEP: usize = 464;
+const H_FRAME_STACK: usize = 472;
+const H_GAMMA: usize = 480;
+const H_OBSERVATIONS: usize = 488;
+const H_REWARD: usize = 496;
 const HEADER_END: usize = 512;
 const SCHEMA_TEXT: usize = HEADER_END;
 
@@ -152,6 +164,121 @@ pub(crate) const CONTROL: [u8; 8] = *b"control\0";
 pub(crate) const HANDLES: [u8; 8] = *b"handles\0";
 pub(crate) const SLOTS: [u8; 8] = *b"slots\0\0\0";
 pub(crate) const PRIORITY: [u8; 8] = *b"priority";
+pub(crate) const LINKS: [u8; 8] = *b"links\0\0\0";
+
+/// What frames before an episode's first one are in a frame stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Padding {
+    /// The episode's first frame, repeated (gymnasium's `FrameStackObservation` default).
+    #[default]
+    First,
+    /// Zeros.
+    Zeros,
+}
+
+/// The largest `n_step` and `frame_stack` of an episode buffer (a sample walks that many
+/// frames per item).
+pub const MAX_EPISODE_WINDOW: usize = 4096;
+
+/// How an episode buffer turns its frames into items, with its fields named by their index
+/// in the schema (fixed at creation; header words `H_N_STEP..`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct EpisodeSpec {
+    /// Bit `i` set: field `i` is an observation (stored once per frame, stacked when sampled).
+    pub observations: u64,
+    /// The field summed over n steps, if any.
+    pub reward: Option<usize>,
+    pub frame_stack: usize,
+    pub padding: Padding,
+    pub n_step: usize,
+    pub gamma: f64,
+}
+
+impl EpisodeSpec {
+    /// Refuses a spec that does not fit `schema` (its last two fields are the episode
+    /// metadata; see `buffer::episodes`).
+    pub fn validate(&self, schema: &Schema) -> Result<()> {
+        let bad = |why: String| Err(Error::InvalidArgument(why));
+        let user_fields = schema.fields().len().saturating_sub(2);
+        for (name, value) in [("n_step", self.n_step), ("frame_stack", self.frame_stack)] {
+            if !(1..=MAX_EPISODE_WINDOW).contains(&value) {
+                return bad(format!(
+                    "{name} must be between 1 and {MAX_EPISODE_WINDOW}, got {value}"
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.gamma) {
+            return bad(format!("gamma must be between 0 and 1, got {}", self.gamma));
+        }
+        let outside = if user_fields >= 64 {
+            0
+        } else {
+            self.observations >> user_fields
+        };
+        if self.observations == 0 || outside != 0 {
+            return bad(format!(
+                "observation field bits {:#x} do not name fields among the first {} (of 64 at \
+                 most)",
+                self.observations,
+                user_fields.min(64)
+            ));
+        }
+        if let Some(r) = self.reward {
+            if r >= user_fields || self.observations >> r & 1 == 1 {
+                return bad(format!("reward field {r} is not a non-observation field"));
+            }
+            let field = &schema.fields()[r];
+            if !field.shape.is_empty() || !matches!(field.dtype, DType::F32 | DType::F64) {
+                return bad(format!(
+                    "the reward field {:?} must be a scalar float32 or float64 field, got {} {:?}",
+                    field.name,
+                    field.dtype.code(),
+                    field.shape
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_observation(&self, field: usize) -> bool {
+        field < 64 && self.observations >> field & 1 == 1
+    }
+
+    fn words(&self) -> [(usize, u64); 5] {
+        let padding = match self.padding {
+            Padding::First => 0,
+            Padding::Zeros => 1,
+        };
+        [
+            (H_N_STEP, self.n_step as u64),
+            (H_FRAME_STACK, self.frame_stack as u64 | padding << 32),
+            (H_GAMMA, self.gamma.to_bits()),
+            (H_OBSERVATIONS, self.observations),
+            (H_REWARD, self.reward.map_or(0, |r| r as u64 + 1)),
+        ]
+    }
+
+    fn from_words(word: impl Fn(usize) -> u64) -> std::result::Result<EpisodeSpec, String> {
+        let stack = word(H_FRAME_STACK);
+        let padding = match stack >> 32 {
+            0 => Padding::First,
+            1 => Padding::Zeros,
+            other => return Err(format!("stack padding {other} is not 0 or 1")),
+        };
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        Ok(EpisodeSpec {
+            observations: word(H_OBSERVATIONS),
+            reward: match word(H_REWARD) {
+                0 => None,
+                r => Some(size(r - 1)),
+            },
+            frame_stack: size(stack & 0xffff_ffff),
+            padding,
+            n_step: size(word(H_N_STEP)),
+            gamma: f64::from_bits(word(H_GAMMA)),
+        })
+    }
+}
 
 /// How a buffer draws its samples; fixed at creation.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -340,6 +467,8 @@ pub(crate) struct Layout {
     pub slots_offset: usize,
     /// The priority tree's section and geometry (prioritized buffers only).
     pub priority: Option<(usize, Geometry)>,
+    /// Episode buffers: their spec and the offset of their `links` section.
+    pub episodes: Option<(usize, EpisodeSpec)>,
     pub sampler: Sampler,
     pub limiter: Option<Limiter>,
     pub sections: Vec<Section>,
@@ -436,11 +565,46 @@ impl Layout {
             handles_offset,
             slots_offset,
             priority,
+            episodes: None,
             sampler,
             limiter,
             sections,
             total_bytes,
         })
+    }
+
+    /// This layout with an episode buffer's `links` section at its end.
+    pub fn with_episodes(mut self, spec: EpisodeSpec) -> Result<Layout> {
+        if self.sampler == Sampler::Queue {
+            return Err(Error::InvalidArgument(
+                "an EpisodeBuffer samples windows of steps, not rows in insert order: it takes \
+                 Uniform() or Prioritized(), not Queue()"
+                    .into(),
+            ));
+        }
+        let too_big = || {
+            Error::InvalidArgument(format!(
+                "capacity {} × {}-byte records is too large",
+                self.capacity, self.record_bytes
+            ))
+        };
+        let offset = self
+            .total_bytes
+            .checked_next_multiple_of(4096)
+            .ok_or_else(too_big)?;
+        let len = self.capacity.checked_mul(8).ok_or_else(too_big)?;
+        self.total_bytes = offset
+            .checked_add(len)
+            .filter(|&t| t as u64 <= i64::MAX as u64)
+            .ok_or_else(too_big)?;
+        self.sections.push(Section {
+            tag: LINKS,
+            offset,
+            len,
+            version: 1,
+        });
+        self.episodes = Some((offset, spec));
+        Ok(self)
     }
 
     /// How calls wait.
@@ -512,6 +676,9 @@ pub(crate) fn write_header(
             ]
         }
     };
+    if layout.episodes.is_some() {
+        features |= FEATURE_EPISODES;
+    }
     let mut words = vec![
         (H_KIND, KIND_RING),
         (H_FEATURES, features),
@@ -536,6 +703,9 @@ pub(crate) fn write_header(
         (H_MIN_DIFF, limiter_words[3]),
         (H_MAX_DIFF, limiter_words[4]),
     ];
+    if let Some((_, spec)) = &layout.episodes {
+        words.extend(spec.words());
+    }
     for (i, s) in layout.sections.iter().enumerate() {
         let at = SECTION_DIRECTORY + i * SECTION_ENTRY_BYTES;
         words.extend([
@@ -666,7 +836,7 @@ pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Lay
             )));
         }
     }
-    let layout = Layout::new(
+    let mut layout = Layout::new(
         word(H_CAPACITY),
         schema.record_bytes(),
         text.len(),
@@ -674,6 +844,24 @@ pub(crate) fn read_header(segment: &Segment, path: &Path) -> Result<(Schema, Lay
         limiter,
     )
     .map_err(|e| corrupt(e.to_string()))?;
+    if features & FEATURE_EPISODES != 0 {
+        let spec = EpisodeSpec::from_words(word).map_err(corrupt)?;
+        spec.validate(&schema)
+            .and_then(|()| crate::buffer::episodes::check_metadata_fields(&schema))
+            .map_err(|e| corrupt(format!("episode words: {e}")))?;
+        if spec
+            .words()
+            .iter()
+            .any(|&(offset, value)| word(offset) != value)
+        {
+            return Err(corrupt(
+                "episode words are not what creating it writes".into(),
+            ));
+        }
+        layout = layout
+            .with_episodes(spec)
+            .map_err(|e| corrupt(e.to_string()))?;
+    }
     let stored = [
         (H_RECORD_BYTES, layout.record_bytes),
         (H_SLOT_BYTES, layout.slot_bytes),

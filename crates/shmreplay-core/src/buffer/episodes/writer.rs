@@ -1,0 +1,316 @@
+//! Writing episode streams: one [`EpisodeWriter`] per vector env, private to its process.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use super::{step_word, EpisodeBuffer};
+use crate::buffer::{Blocking, InColumn};
+use crate::error::{Error, Result};
+use crate::protocol::slot;
+
+/// Tickets never reach this (`slot::MAX_TICKET` is far below): a row not written.
+const UNWRITTEN: u64 = u64::MAX;
+
+/// The state of the streams of one vector env (one per env): where each env's episode is.
+/// Private to the process that writes; pass it to [`EpisodeBuffer::reset`] and
+/// [`EpisodeBuffer::step`].
+#[derive(Debug, Clone)]
+pub struct EpisodeWriter {
+    streams: Vec<Stream>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Stream {
+    state: State,
+    /// Ticket of the episode's last frame.
+    last: u64,
+    /// Position of that frame in its episode.
+    position: u64,
+    /// Steps (the tickets of their `o_{t+1}` frames) whose n-step window is not complete yet,
+    /// oldest first, with the raw priority each was written with.
+    pending: VecDeque<(u64, Option<f64>)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum State {
+    /// Never reset (or its last write failed before any frame): `step` refuses it.
+    #[default]
+    Fresh,
+    /// In an episode: the next `step` continues it.
+    Running,
+    /// Its last step ended the episode: the next `step` starts a new one (autoreset).
+    Ended,
+}
+
+impl EpisodeWriter {
+    /// A writer of `num_envs` streams.
+    pub fn new(num_envs: usize) -> EpisodeWriter {
+        EpisodeWriter {
+            streams: vec![Stream::default(); num_envs],
+        }
+    }
+
+    pub fn num_envs(&self) -> usize {
+        self.streams.len()
+    }
+}
+
+impl EpisodeBuffer {
+    /// A writer of `num_envs` streams, refused if one step of them would not fit the ring.
+    pub fn writer(&self, num_envs: usize) -> Result<EpisodeWriter> {
+        if num_envs == 0 || num_envs as u64 > self.ring.capacity() {
+            return Err(Error::InvalidArgument(format!(
+                "num_envs must be between 1 and the capacity ({}), got {num_envs}",
+                self.ring.capacity()
+            )));
+        }
+        Ok(EpisodeWriter::new(num_envs))
+    }
+
+    /// Starts a new episode in each env of `envs` with its first observation: `columns` hold
+    /// one row per listed env of every observation field, in field order. An env's unfinished
+    /// episode is abandoned (its steps whose window is incomplete are never sampled). On an
+    /// error before anything is written nothing changes; an insert that fails part-way leaves
+    /// the envs it did not write to be reset again.
+    pub fn reset(
+        &self,
+        writer: &mut EpisodeWriter,
+        envs: &[usize],
+        columns: &[InColumn<'_>],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let n = envs.len();
+        self.check_envs(writer, envs)?;
+        let observations: Vec<usize> = (0..self.fields().len())
+            .filter(|&i| self.spec.is_observation(i))
+            .collect();
+        if columns.len() != observations.len() {
+            return Err(Error::InvalidArgument(format!(
+                "reset takes {} observation columns, got {}",
+                observations.len(),
+                columns.len()
+            )));
+        }
+        let fields = self.ring.schema().fields();
+        for (&i, column) in observations.iter().zip(columns) {
+            if column.len() != n * fields[i].bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "observation {:?}: {} bytes for {n} envs, expected {}",
+                    fields[i].name,
+                    column.len(),
+                    n * fields[i].bytes
+                )));
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // Other fields are zeros in a first frame; the metadata says "position 0, no prev".
+        let zeros: Vec<Vec<u8>> = fields[..self.prev_field]
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !self.spec.is_observation(i))
+            .map(|(_, f)| vec![0u8; n * f.bytes])
+            .collect();
+        let metadata = vec![0u8; n * 8];
+        let mut given = columns.iter();
+        let mut zero = zeros.iter();
+        let mut all: Vec<InColumn<'_>> = (0..self.prev_field)
+            .map(|i| {
+                if self.spec.is_observation(i) {
+                    *given.next().expect("one column per observation")
+                } else {
+                    InColumn::from_slice(zero.next().expect("one per other field"))
+                }
+            })
+            .collect();
+        all.extend([
+            InColumn::from_slice(&metadata),
+            InColumn::from_slice(&metadata),
+        ]);
+        let mut tickets = vec![UNWRITTEN; n];
+        let zero_priorities = vec![0.0; n];
+        let result = self.insert_frames(&all, &zero_priorities, &mut tickets, blocking);
+        for (&env, &ticket) in envs.iter().zip(&tickets) {
+            let stream = &mut writer.streams[env];
+            stream.pending.clear();
+            if ticket == UNWRITTEN {
+                stream.state = State::Fresh;
+            } else {
+                *stream = Stream {
+                    state: State::Running,
+                    last: ticket,
+                    position: 0,
+                    pending: VecDeque::new(),
+                };
+            }
+        }
+        result
+    }
+
+    /// One step of every env: `columns` hold one row per env of every field (in field order),
+    /// the frame `o_{t+1}` with the step's `a_t, r_t, …`. An env whose last step ended its
+    /// episode starts a new one with this observation as `o_0` (its action, reward and flags
+    /// are ignored: gymnasium's autoreset). `priorities`: the raw priority of each env's step
+    /// (or one for all), applied when the step's n-step window completes; `None`, the largest
+    /// raw priority so far (at least 1.0) at that time. Refused before anything is written if
+    /// an env was never reset.
+    pub fn step(
+        &self,
+        writer: &mut EpisodeWriter,
+        columns: &[InColumn<'_>],
+        terminated: &[bool],
+        truncated: &[bool],
+        priorities: Option<&[f64]>,
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let n = writer.streams.len();
+        let fields = self.fields();
+        if columns.len() != fields.len() {
+            return Err(Error::InvalidArgument(format!(
+                "step takes {} columns (one per field), got {}",
+                fields.len(),
+                columns.len()
+            )));
+        }
+        for (field, column) in fields.iter().zip(columns) {
+            if column.len() != n * field.bytes {
+                return Err(Error::InvalidArgument(format!(
+                    "field {:?}: {} bytes for {n} envs, expected {}",
+                    field.name,
+                    column.len(),
+                    n * field.bytes
+                )));
+            }
+        }
+        for (name, flags) in [("terminated", terminated), ("truncated", truncated)] {
+            if flags.len() != n {
+                return Err(Error::InvalidArgument(format!(
+                    "{name} has {} values for {n} envs",
+                    flags.len()
+                )));
+            }
+        }
+        let priorities: Vec<Option<f64>> = match priorities {
+            None => vec![None; n],
+            Some(p) => {
+                // Validated as an insert's priorities (one per env or one for all).
+                self.ring.row_priorities(Some(p), n)?;
+                (0..n).map(|i| Some(p[i.min(p.len() - 1)])).collect()
+            }
+        };
+        if let Some(env) = writer.streams.iter().position(|s| s.state == State::Fresh) {
+            return Err(Error::InvalidArgument(format!(
+                "step before reset for env {env}: call reset first"
+            )));
+        }
+        let mut prev = Vec::with_capacity(n * 8);
+        let mut step = Vec::with_capacity(n * 8);
+        for (i, stream) in writer.streams.iter().enumerate() {
+            let (p, s) = match stream.state {
+                State::Running => (
+                    stream.last + 1,
+                    step_word(stream.position + 1, terminated[i], truncated[i]),
+                ),
+                _ => (0, 0),
+            };
+            prev.extend_from_slice(&p.to_ne_bytes());
+            step.extend_from_slice(&s.to_ne_bytes());
+        }
+        let mut all = columns.to_vec();
+        all.extend([InColumn::from_slice(&prev), InColumn::from_slice(&step)]);
+        let mut tickets = vec![UNWRITTEN; n];
+        let result = self.insert_frames(&all, &vec![0.0; n], &mut tickets, blocking);
+        let mut completed: Vec<(u64, Option<f64>)> = Vec::new();
+        for (i, stream) in writer.streams.iter_mut().enumerate() {
+            let ticket = tickets[i];
+            match (stream.state, ticket) {
+                (_, UNWRITTEN) => {
+                    // This env's episode is cut: its next step starts a new one.
+                    stream.pending.clear();
+                    stream.state = State::Ended;
+                }
+                (State::Running, _) => {
+                    self.set_link(stream.last, ticket);
+                    stream.last = ticket;
+                    stream.position += 1;
+                    stream.pending.push_back((ticket, priorities[i]));
+                    if terminated[i] || truncated[i] {
+                        completed.extend(stream.pending.drain(..));
+                        stream.state = State::Ended;
+                    } else if stream.pending.len() >= self.spec.n_step {
+                        completed.extend(stream.pending.pop_front());
+                    }
+                }
+                (_, _) => {
+                    *stream = Stream {
+                        state: State::Running,
+                        last: ticket,
+                        position: 0,
+                        pending: VecDeque::new(),
+                    };
+                }
+            }
+        }
+        self.complete(&completed);
+        result
+    }
+
+    fn check_envs(&self, writer: &EpisodeWriter, envs: &[usize]) -> Result<()> {
+        let n = writer.streams.len();
+        let mut seen = vec![false; n];
+        for &env in envs {
+            if env >= n {
+                return Err(Error::InvalidArgument(format!(
+                    "env {env} is out of range for {n} envs"
+                )));
+            }
+            if std::mem::replace(&mut seen[env], true) {
+                return Err(Error::InvalidArgument(format!("env {env} is listed twice")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts frames (leaves of a prioritized ring at 0 until their step completes).
+    fn insert_frames(
+        &self,
+        columns: &[InColumn<'_>],
+        zero_priorities: &[f64],
+        tickets: &mut [u64],
+        blocking: &mut dyn Blocking,
+    ) -> Result<()> {
+        let priorities = self.ring.tree().map(|_| zero_priorities);
+        self.ring
+            .insert(columns, priorities, blocking, None, Some(tickets))
+            .map(|_| ())
+    }
+
+    /// Links frame `from` to its successor `to` (both committed). Skipped if `from`'s slot
+    /// was overwritten meanwhile: the link would name a frame of another episode's slot
+    /// (readers would refuse it, but it could hide that episode's own link).
+    fn set_link(&self, from: u64, to: u64) {
+        let index = (from % self.ring.capacity()) as usize;
+        let word = self.ring.seq(index).load(Ordering::Acquire);
+        if slot::names_a_ticket(word) && !slot::is_busy(word) && slot::ticket_of(word) == from {
+            self.link(index).store(to + 1, Ordering::Release);
+        }
+    }
+
+    /// Steps whose window just completed: drawable by priority from now on.
+    fn complete(&self, steps: &[(u64, Option<f64>)]) {
+        let Some(tree) = self.ring.tree() else {
+            return;
+        };
+        if steps.is_empty() {
+            return;
+        }
+        let default = tree.max_raw();
+        let keys: Vec<u64> = steps.iter().map(|&(k, _)| k).collect();
+        let values: Vec<f64> = steps.iter().map(|&(_, p)| p.unwrap_or(default)).collect();
+        // Validated when the step was written; a key overwritten since is a stale update.
+        let _ = self
+            .ring
+            .update_priorities(&keys, &values, &mut crate::buffer::NoBlocking);
+    }
+}
