@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import _core
 from ._buffer import ReplayBuffer, _dir_arg
+from ._episodes import EpisodeBuffer, EpisodeWriter
 from ._limiters import Limiter, MinSize, SampleToInsertRatio
 from ._samplers import Prioritized, Queue, Sampler, Uniform
 from ._errors import (
@@ -25,6 +26,8 @@ from ._types import BufferInfo, DTypeLike, FieldSpec, LimiterInfo, PathLike, Sam
 
 __all__ = [
     "ReplayBuffer",
+    "EpisodeBuffer",
+    "EpisodeWriter",
     "Uniform",
     "Prioritized",
     "Queue",

@@ -199,6 +199,57 @@ def _keys(keys: Any) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.uint64)
 
 
+def _to_column(fields: FieldTypes, field: str, value: Any, leading: tuple[int, ...]) -> np.ndarray:
+    """``value`` as a C-contiguous array of ``field``'s dtype and shape ``leading + shape``
+(``leading`` non-empty: any number of rows)."""
+    shape, dtype = fields[field]
+    try:
+        array = np.asarray(value)
+    except OverflowError:
+        raise ValueError(f"field {field!r}: values out of range for {dtype}") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"field {field!r}: cannot convert to an array: {e}") from None
+    # Python ints (not numpy arrays) go into any integer field whose range holds them.
+    python_ints = not isinstance(value, (np.ndarray, np.generic)) and dtype.kind in "iu"
+    if python_ints and array.dtype.kind in "fO":
+        exact = _exact_ints(field, value, array.shape, dtype)
+        if exact is not None:  # else floats or other objects among them: refused below
+            array = exact
+    value_checked = python_ints and array.dtype.kind in "iu"  # range-checked below
+    if not value_checked and not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise TypeError(
+            f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
+            "(numpy 'same_kind' casting refuses it)"
+        )
+    if leading and array.ndim == 0:
+        raise ValueError(
+            f"field {field!r}: extend takes rows (a leading dimension), got a single value "
+            "(use add for one row, or wrap it in a list)"
+        )
+    if (array.shape[1:] if leading else array.shape) != shape:
+        dims = (["N"] if leading else []) + [str(d) for d in shape]
+        want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+        raise ValueError(f"field {field!r}: expected shape {want}, got {array.shape}")
+    if array.dtype.kind in "iu" and dtype.kind in "iu" and not np.can_cast(array.dtype, dtype) and array.size:
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise ValueError(f"field {field!r}: values out of range for {dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def _beta_arg(sampler: Sampler, beta: Any) -> float:
+    """``beta`` of a sample call, checked (``None``: the default)."""
+    if beta is None:
+        return _DEFAULT_BETA
+    if not isinstance(sampler, Prioritized):
+        raise TypeError(f"beta is for prioritized sampling; this buffer's sampler is {sampler}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
+        raise TypeError(f"beta must be a number, got {type(beta).__name__}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be between 0 and 1, got {beta}")
+    return float(beta)
+
+
 def _reattach(name: str, path: str | None) -> "ReplayBuffer":
     return ReplayBuffer.attach(name, path=path)
 
@@ -382,40 +433,7 @@ class ReplayBuffer:
     # ---- writing ----
 
     def _column(self, field: str, value: Any, leading: tuple[int, ...]) -> np.ndarray:
-        """``value`` as a C-contiguous array of ``field``'s dtype and shape ``leading + shape``."""
-        shape, dtype = self._fields[field]
-        try:
-            array = np.asarray(value)
-        except OverflowError:
-            raise ValueError(f"field {field!r}: values out of range for {dtype}") from None
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"field {field!r}: cannot convert to an array: {e}") from None
-        # Python ints (not numpy arrays) go into any integer field whose range holds them.
-        python_ints = not isinstance(value, (np.ndarray, np.generic)) and dtype.kind in "iu"
-        if python_ints and array.dtype.kind in "fO":
-            exact = _exact_ints(field, value, array.shape, dtype)
-            if exact is not None:  # else floats or other objects among them: refused below
-                array = exact
-        value_checked = python_ints and array.dtype.kind in "iu"  # range-checked below
-        if not value_checked and not np.can_cast(array.dtype, dtype, casting="same_kind"):
-            raise TypeError(
-                f"field {field!r}: cannot store {array.dtype} values in a {dtype} field "
-                "(numpy 'same_kind' casting refuses it)"
-            )
-        if leading and array.ndim == 0:
-            raise ValueError(
-                f"field {field!r}: extend takes rows (a leading dimension), got a single value "
-                "(use add for one row, or wrap it in a list)"
-            )
-        if (array.shape[1:] if leading else array.shape) != shape:
-            dims = (["N"] if leading else []) + [str(d) for d in shape]
-            want = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
-            raise ValueError(f"field {field!r}: expected shape {want}, got {array.shape}")
-        if array.dtype.kind in "iu" and dtype.kind in "iu" and not np.can_cast(array.dtype, dtype) and array.size:
-            info = np.iinfo(dtype)
-            if array.min() < info.min or array.max() > info.max:
-                raise ValueError(f"field {field!r}: values out of range for {dtype}")
-        return np.ascontiguousarray(array, dtype=dtype)
+        return _to_column(self._fields, field, value, leading)
 
     def _columns(self, values: Mapping[str, Any], leading: tuple[int, ...]) -> list[np.ndarray]:
         keys = set(values)
@@ -584,13 +602,7 @@ class ReplayBuffer:
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
         prioritized = isinstance(self._sampler, Prioritized)
-        if beta is not None:
-            if not prioritized:
-                raise TypeError(f"beta is for prioritized sampling; this buffer's sampler is {self._sampler}")
-            if isinstance(beta, bool) or not isinstance(beta, (int, float, np.integer, np.floating)):
-                raise TypeError(f"beta must be a number, got {type(beta).__name__}")
-            if not 0.0 <= float(beta) <= 1.0:
-                raise ValueError(f"beta must be between 0 and 1, got {beta}")
+        b = _beta_arg(self._sampler, beta)
         if n * self.record_bytes > _PHYSICAL_MEMORY:
             raise MemoryError(
                 f"a batch of {n:,} rows of {self.record_bytes:,} bytes needs more memory than this "
@@ -601,7 +613,6 @@ class ReplayBuffer:
         else:
             arrays = self._check_out(out, n)
         if prioritized:
-            b = _DEFAULT_BETA if beta is None else float(beta)
             index, key, probability, weight, priority = self._raw.sample_prioritized_into(
                 list(arrays.values()), n, b, seconds
             )
