@@ -8,6 +8,8 @@ the runtime by ``mypy.stubtest`` in ``make test``.
 import os
 
 from ._buffer import ReplayBuffer as ReplayBuffer
+from ._episodes import EpisodeBuffer as EpisodeBuffer
+from ._episodes import EpisodeWriter as EpisodeWriter
 from ._errors import ContendedError as ContendedError
 from ._errors import CorruptSegmentError as CorruptSegmentError
 from ._errors import EmptyBufferError as EmptyBufferError

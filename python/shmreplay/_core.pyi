@@ -7,6 +7,7 @@ import numpy as np
 
 DEFAULT_DIR: str
 MAX_CAPACITY: int
+MAX_EPISODE_WINDOW: int
 MAX_NAME_LEN: int
 
 @final
@@ -40,6 +41,8 @@ class RawBuffer:
     def sampler(self) -> Union[None, tuple[float, float, bool], str]: ...
     @property
     def limiter(self) -> Optional[tuple[str, float, int, float, float]]: ...
+    @property
+    def episodes(self) -> Optional[tuple[list[str], Optional[str], int, str, int, float]]: ...
     def can_sample(self, n: int) -> bool: ...
     def can_insert(self, k: int) -> bool: ...
     def shutdown(self) -> None: ...
@@ -76,6 +79,74 @@ class RawBuffer:
     def stats(self) -> dict[str, Any]: ...
     def processes(self) -> list[int]: ...
     def unlink(self) -> None: ...
+    def close(self) -> None: ...
+
+_Drawn = tuple[
+    np.ndarray, np.ndarray, Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]
+]
+
+@final
+class RawEpisodeWriter:
+    @property
+    def num_envs(self) -> int: ...
+
+@final
+class RawEpisodes:
+    @staticmethod
+    def create(
+        name: str,
+        dir: Optional[str],
+        capacity: int,
+        fields: list[tuple[str, str, list[int]]],
+        observations: list[str],
+        reward: Optional[str],
+        frame_stack: int,
+        padding: str,
+        n_step: int,
+        gamma: float,
+        sampler: Union[None, tuple[float, float, bool], str] = None,
+        limiter: Optional[tuple[str, float, int, float, float]] = None,
+    ) -> "RawEpisodes": ...
+    @staticmethod
+    def attach(name: str, dir: Optional[str]) -> "RawEpisodes": ...
+    def ring(self) -> RawBuffer: ...
+    @property
+    def fields(self) -> list[tuple[str, str, list[int]]]: ...
+    @property
+    def episodes(self) -> tuple[list[str], Optional[str], int, str, int, float]: ...
+    @property
+    def sampler(self) -> Union[None, tuple[float, float, bool], str]: ...
+    @property
+    def limiter(self) -> Optional[tuple[str, float, int, float, float]]: ...
+    @property
+    def bytes_per_step(self) -> float: ...
+    def writer(self, num_envs: int) -> RawEpisodeWriter: ...
+    def reset(
+        self, writer: RawEpisodeWriter, envs: list[int], columns: list[np.ndarray], timeout: Optional[float] = None
+    ) -> None: ...
+    def step(
+        self,
+        writer: RawEpisodeWriter,
+        columns: list[np.ndarray],
+        terminated: list[bool],
+        truncated: list[bool],
+        priorities: Optional[list[float]] = None,
+        timeout: Optional[float] = None,
+    ) -> None: ...
+    def sample(
+        self, out: list[np.ndarray], batch_size: int, beta: float, timeout: Optional[float] = None
+    ) -> _Drawn: ...
+    def sample_sequences(
+        self,
+        out: list[np.ndarray],
+        batch_size: int,
+        length: int,
+        period: int,
+        beta: float,
+        timeout: Optional[float] = None,
+    ) -> _Drawn: ...
+    @property
+    def closed(self) -> bool: ...
     def close(self) -> None: ...
 
 def scan(dir: Optional[str] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]: ...

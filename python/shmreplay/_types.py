@@ -65,6 +65,7 @@ class Stats(TypedDict):
     limiter: Optional[LimiterInfo]
     priority_total: NotRequired[float]
     max_priority: NotRequired[float]
+    bytes_per_step: NotRequired[float]
 
 
 class BufferInfo(TypedDict):

@@ -153,8 +153,11 @@ def _inspect(name: str, path: str | None) -> Any:
 def _describe(buf: Any) -> dict[str, Any]:
     import numpy as np
 
+    episodes = buf._raw.episodes
     fields = []
     for field, (shape, dtype) in buf.fields.items():
+        if episodes is not None and field.startswith("__episode"):
+            continue  # an episode buffer's own metadata
         dt = np.dtype(dtype)
         fields.append(
             {"name": field, "dtype": dt.name, "shape": list(shape), "bytes": dt.itemsize * math.prod(shape)}
@@ -181,6 +184,10 @@ def _describe(buf: Any) -> dict[str, Any]:
         "segment_bytes": buf.nbytes,
         "fields": fields,
         "sampler": described,
+        "episodes": None if episodes is None else dict(
+            zip(("observations", "reward", "frame_stack", "stack_padding", "n_step", "gamma"), episodes),
+            bytes_per_step=buf.nbytes / buf.capacity,
+        ),
         "limiter": limiter,
         "stats": stats,
         "processes": buf.processes(),
@@ -198,7 +205,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     print(f"buffer        {printable(info['name'])}")
     print(f"path          {printable(info['path'])}")
-    print(f"capacity      {info['capacity']:,} records")
+    episodes = info["episodes"]
+    unit = "frames (steps and episode starts)" if episodes else "records"
+    print(f"capacity      {info['capacity']:,} {unit}")
     print(f"fill          {_fill(info['size'], info['capacity'])}")
     print(f"record bytes  {info['record_bytes']:,}")
     print(f"segment       {format_bytes(info['segment_bytes'])} ({info['segment_bytes']:,} bytes)")
@@ -211,6 +220,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
     else:
         print(f"sampler       {sampler['kind']}")
+    if episodes is not None:
+        print(
+            f"episodes      observations {', '.join(map(printable, episodes['observations']))}; reward "
+            f"{printable(str(episodes['reward']))}; frame_stack {episodes['frame_stack']} "
+            f"(padding {episodes['stack_padding']}); n_step {episodes['n_step']}, gamma {episodes['gamma']:g}; "
+            f"{episodes['bytes_per_step']:,.0f} bytes per step"
+        )
     limiter = info["limiter"]
     if limiter is None:
         print("limiter       none (nothing waits)")

@@ -108,6 +108,25 @@ impl RawEpisodes {
     }
 }
 
+/// An episode buffer's settings as the Python package takes them:
+/// `(observations, reward, frame_stack, padding, n_step, gamma)`.
+pub(crate) type EpisodeArgs = (Vec<String>, Option<String>, usize, &'static str, usize, f64);
+
+pub(crate) fn episode_args(e: Episodes) -> EpisodeArgs {
+    let padding = match e.padding {
+        Padding::First => "first",
+        Padding::Zeros => "zeros",
+    };
+    (
+        e.observations,
+        e.reward,
+        e.frame_stack,
+        padding,
+        e.n_step,
+        e.gamma,
+    )
+}
+
 /// Splits `all` into the first `n` and the rest.
 fn split<'a>(
     mut all: Vec<OutColumn<'a>>,
@@ -206,21 +225,8 @@ impl RawEpisodes {
 
     /// `(observations, reward, frame_stack, padding, n_step, gamma)`.
     #[getter]
-    #[allow(clippy::type_complexity)]
-    fn episodes(&self) -> PyResult<(Vec<String>, Option<String>, usize, &'static str, usize, f64)> {
-        let e = self.get()?.episodes();
-        let padding = match e.padding {
-            Padding::First => "first",
-            Padding::Zeros => "zeros",
-        };
-        Ok((
-            e.observations,
-            e.reward,
-            e.frame_stack,
-            padding,
-            e.n_step,
-            e.gamma,
-        ))
+    fn episodes(&self) -> PyResult<EpisodeArgs> {
+        Ok(episode_args(self.get()?.episodes()))
     }
 
     #[getter]

@@ -392,6 +392,13 @@ impl RawBuffer {
         Ok(limiter_args(self.get()?.limiter()))
     }
 
+    /// None, or an episode buffer's `(observations, reward, frame_stack, padding, n_step,
+    /// gamma)`.
+    #[getter]
+    fn episodes(&self) -> PyResult<Option<episodes::EpisodeArgs>> {
+        Ok(self.get()?.episodes().map(episodes::episode_args))
+    }
+
     /// Whether `sample(n)` would proceed now without waiting.
     fn can_sample(&self, py: Python<'_>, n: u64) -> PyResult<bool> {
         let buffer = self.get()?;

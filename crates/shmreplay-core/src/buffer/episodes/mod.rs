@@ -297,20 +297,7 @@ impl EpisodeBuffer {
 
     /// The buffer's episode settings, with field names.
     pub fn episodes(&self) -> Episodes {
-        let fields = self.fields();
-        Episodes {
-            observations: fields
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| self.spec.is_observation(i))
-                .map(|(_, f)| f.name.clone())
-                .collect(),
-            reward: self.spec.reward.map(|r| fields[r].name.clone()),
-            frame_stack: self.spec.frame_stack,
-            padding: self.spec.padding,
-            n_step: self.spec.n_step,
-            gamma: self.spec.gamma,
-        }
+        self.ring.episodes().expect("an episode buffer's ring")
     }
 
     pub fn name(&self) -> &str {
@@ -348,6 +335,28 @@ impl Builder {
             self.limiter,
             Some(spec),
         )
+    }
+}
+
+impl ReplayBuffer {
+    /// The episode settings of an episode buffer's ring (`None` for a plain ring): what
+    /// `inspect` shows of an episode buffer.
+    pub fn episodes(&self) -> Option<Episodes> {
+        let (_, spec) = self.layout.episodes?;
+        let fields = self.schema().fields();
+        Some(Episodes {
+            observations: fields
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| spec.is_observation(i))
+                .map(|(_, f)| f.name.clone())
+                .collect(),
+            reward: spec.reward.map(|r| fields[r].name.clone()),
+            frame_stack: spec.frame_stack,
+            padding: spec.padding,
+            n_step: spec.n_step,
+            gamma: spec.gamma,
+        })
     }
 }
 
