@@ -6,15 +6,13 @@
 //! with the version it read first. Steps whose window is incomplete, first frames, and steps
 //! whose frames were overwritten are skipped; a slot that changed while it was read is a miss.
 
-use std::sync::atomic::Ordering;
-
 use super::{EpisodeBuffer, POSITION_MASK, TERMINATED, TRUNCATED};
 use crate::buffer::sampler::{Drawn, Rows};
 use crate::buffer::{Blocking, OutColumn, PriorityOutputs};
 use crate::error::{Error, Result};
 use crate::layout::schema::DType;
 use crate::layout::{Flow, Padding, STAGED_RECORD_BYTES};
-use crate::protocol::slot;
+use crate::protocol::{episode, slot};
 
 /// Where [`EpisodeBuffer::sample_columns`] puts a batch of `B` steps.
 pub struct StepColumns<'a> {
@@ -265,10 +263,10 @@ impl EpisodeBuffer {
 
     /// The episode's frame after `frame`, if it is linked and still held.
     fn next(&self, frame: &Frame) -> Option<Frame> {
-        let link = self.link(frame.index).load(Ordering::Acquire);
-        let ticket = link.checked_sub(1).filter(|&t| t > frame.ticket)?;
+        let ticket = episode::linked(self.link(frame.index), frame.ticket)?;
         let next = self.frame(ticket)?;
-        (next.prev == frame.ticket + 1 && next.position() == frame.position() + 1).then_some(next)
+        (episode::follows(next.prev, frame.ticket) && next.position() == frame.position() + 1)
+            .then_some(next)
     }
 
     /// The episode's frame before `frame`, if it has one and it is still held.

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use super::{step_word, EpisodeBuffer};
 use crate::buffer::{Blocking, InColumn};
 use crate::error::{Error, Result};
-use crate::protocol::slot;
+use crate::protocol::{episode, slot};
 
 /// Tickets never reach this (`slot::MAX_TICKET` is far below): a row not written.
 const UNWRITTEN: u64 = u64::MAX;
@@ -209,7 +209,7 @@ impl EpisodeBuffer {
         for (i, stream) in writer.streams.iter().enumerate() {
             let (p, s) = match stream.state {
                 State::Running => (
-                    stream.last + 1,
+                    episode::prev_word(Some(stream.last)),
                     step_word(stream.position + 1, terminated[i], truncated[i]),
                 ),
                 _ => (0, 0),
@@ -293,7 +293,7 @@ impl EpisodeBuffer {
         let index = (from % self.ring.capacity()) as usize;
         let word = self.ring.seq(index).load(Ordering::Acquire);
         if slot::names_a_ticket(word) && !slot::is_busy(word) && slot::ticket_of(word) == from {
-            self.link(index).store(to + 1, Ordering::Release);
+            episode::link(self.link(index), to);
         }
     }
 
