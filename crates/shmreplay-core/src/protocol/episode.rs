@@ -89,22 +89,25 @@ mod loom_tests {
                 loom::thread::spawn(move || ring.write(2, None))
             };
             // The reader: frame at slot 0, then its successor through the link.
-            if let Some(begun) = slot::read_begin(&ring.seq[0]) {
-                let ticket = slot::ticket_of(begun);
-                if let Some(next) = linked(&ring.link[0], ticket) {
-                    let j = (next % 2) as usize;
-                    if let Some(next_begun) = slot::read_begin(&ring.seq[j]) {
-                        let next_prev = ring.prev[j].load(Ordering::Relaxed);
-                        let accepted = slot::ticket_of(next_begun) == next
-                            && follows(next_prev, ticket)
-                            && slot::read_validate(&ring.seq[0], begun)
-                            && slot::read_validate(&ring.seq[j], next_begun);
-                        if accepted {
-                            assert_eq!((ticket, next), (0, 1), "followed a stale link");
+            let reader = loom::thread::spawn(move || {
+                if let Some(begun) = slot::read_begin(&ring.seq[0]) {
+                    let ticket = slot::ticket_of(begun);
+                    if let Some(next) = linked(&ring.link[0], ticket) {
+                        let j = (next % 2) as usize;
+                        if let Some(next_begun) = slot::read_begin(&ring.seq[j]) {
+                            let next_prev = ring.prev[j].load(Ordering::Relaxed);
+                            let accepted = slot::ticket_of(next_begun) == next
+                                && follows(next_prev, ticket)
+                                && slot::read_validate(&ring.seq[0], begun)
+                                && slot::read_validate(&ring.seq[j], next_begun);
+                            if accepted {
+                                assert_eq!((ticket, next), (0, 1), "followed a stale link");
+                            }
                         }
                     }
                 }
-            }
+            });
+            reader.join().unwrap();
             writer.join().unwrap();
             other.join().unwrap();
         });
