@@ -105,6 +105,49 @@
 //! queue.unlink()?;
 //! # Ok::<(), shmreplay_core::Error>(())
 //! ```
+//!
+//! Episode streams ([`EpisodeBuffer`]): writers append the frames of their episodes, each frame
+//! stored once; samplers get frame stacks and n-step returns rebuilt from them.
+//!
+//! ```
+//! use shmreplay_core::{DType, EpisodeBuffer, Episodes, InColumn, NoBlocking, OutColumn, Schema, StepColumns};
+//!
+//! let schema = Schema::new(&[("obs", DType::U8, vec![]), ("reward", DType::F32, vec![])])?;
+//! let name = shmreplay_core::unique_name();
+//! let buffer = EpisodeBuffer::builder(&name).dir(std::env::temp_dir()).capacity(100)
+//!     .schema(schema)
+//!     .episodes(Episodes { frame_stack: 2, n_step: 2, gamma: 0.5, ..Episodes::default() })
+//!     .create()?;
+//! // One env: o_0 = 10, then two steps (rewards 1 and 2) ending the episode at o_2 = 12.
+//! let mut writer = buffer.writer(1)?;
+//! buffer.reset(&mut writer, &[0], &[InColumn::from_slice(&[10])], &mut NoBlocking)?;
+//! for (o, r, end) in [(11u8, 1f32, false), (12, 2.0, true)] {
+//!     let (o, r) = ([o], r.to_ne_bytes());
+//!     let columns = [InColumn::from_slice(&o), InColumn::from_slice(&r)];
+//!     buffer.step(&mut writer, &columns, &[end], &[false], None, &mut NoBlocking)?;
+//! }
+//! // Step 0: stack (o_0 repeated, o_0), return 1 + 0.5·2, next stack (o_1, o_2), discount 0.25.
+//! let (mut obs, mut next, mut reward) = ([0u8; 2], [0u8; 2], [0u8; 4]);
+//! let (mut discount, mut terminated, mut truncated) = ([0u8; 4], [0u8; 1], [0u8; 1]);
+//! let out = StepColumns {
+//!     fields: vec![OutColumn::from_slice(&mut obs), OutColumn::from_slice(&mut reward)],
+//!     next: vec![OutColumn::from_slice(&mut next)],
+//!     discount: OutColumn::from_slice(&mut discount),
+//!     terminated: OutColumn::from_slice(&mut terminated),
+//!     truncated: OutColumn::from_slice(&mut truncated),
+//! };
+//! let (mut index, mut key) = ([0u64; 1], [0u64; 1]);
+//! loop {
+//!     buffer.sample_columns(&out, &mut index, &mut key, None, &mut NoBlocking)?;
+//!     if key[0] == 1 { break } // the draw fell on step 0 (step 1 is the other one)
+//! }
+//! drop(out);
+//! assert_eq!((obs, next), ([10, 10], [11, 12]));
+//! assert_eq!((f32::from_ne_bytes(reward), f32::from_ne_bytes(discount)), (2.0, 0.25));
+//! assert_eq!(terminated, [1]);
+//! buffer.ring().unlink()?;
+//! # Ok::<(), shmreplay_core::Error>(())
+//! ```
 
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
 
