@@ -729,10 +729,12 @@ def test_inspect_looks_without_attaching(shm_dir, control_fields):
 def test_stats_shape_is_defined_once(name_factory, control_fields):
     """The stats dict the core builds (from ``Stats::items``) has exactly the keys of the typed
     ``shmreplay.Stats``, in the same order: the counters (ints), the seconds waited (floats),
-    the limiter, then, for a prioritized buffer only, the two priority figures (floats)."""
+    the limiter, then, for a prioritized buffer only, the two priority figures (floats); an
+    episode buffer's bytes per step come last, in its stats only."""
     from shmreplay import Stats
 
     keys = list(Stats.__annotations__)
+    assert keys.pop() == "bytes_per_step"
     floats = ["priority_total", "max_priority"]
     waits = ["insert_wait_s", "sample_wait_s"]
     assert keys[-2:] == floats and keys[-5:-3] == waits and keys[-3] == "limiter"

@@ -27,8 +27,8 @@ const PREFETCH_AHEAD: usize = 16;
 /// After this many misses for one row, a sampler checks for interrupts and its time bound.
 const MISSES_BEFORE_CHECK: u64 = 32;
 /// Draws of slots holding no item (an episode buffer's sequence sampler skips most steps)
-/// before it makes sure some item exists.
-const SKIPS_BEFORE_CHECK: u64 = 1 << 16;
+/// before it makes sure some item exists, and checks for Ctrl-C and its time limit.
+const SKIPS_BEFORE_CHECK: u64 = 1 << 12;
 
 /// The priority section of a segment, as a tree's memory.
 #[derive(Clone, Copy)]
@@ -381,7 +381,7 @@ impl ReplayBuffer {
                 let (mut misses, mut skips) = (0u64, 0u64);
                 loop {
                     let read = drawn[row].map(|at| (at, rows.read(at, row)));
-                    match read {
+                    let missed = match read {
                         Some((at, Drawn::Item(ticket))) => {
                             // The leaf must still be this record's, and drawable.
                             let leaf = tree.leaf(at);
@@ -392,20 +392,26 @@ impl ReplayBuffer {
                                 info.priority[row] = leaf.raw_priority();
                                 break;
                             }
-                            misses += 1;
-                            retries += 1;
+                            true
                         }
-                        Some((_, Drawn::Skip)) => skips += 1,
-                        None | Some((_, Drawn::Miss)) => {
-                            misses += 1;
-                            retries += 1;
+                        Some((_, Drawn::Skip)) => false,
+                        None | Some((_, Drawn::Miss)) => true,
+                    };
+                    if missed {
+                        misses += 1;
+                        retries += 1;
+                    } else {
+                        skips += 1;
+                        if skips % SKIPS_BEFORE_CHECK == 0 {
+                            // Drawn by priority, yet none holds an item (an episode buffer
+                            // whose steps with priority lack frames): is there any at all?
+                            if !rows.any(capacity) {
+                                return Err(Error::Empty);
+                            }
+                            redraws.pause(misses + skips)?;
                         }
                     }
-                    if skips % SKIPS_BEFORE_CHECK == SKIPS_BEFORE_CHECK - 1 && !rows.any(capacity) {
-                        // Drawn by priority, but none of the items is complete (episodes).
-                        return Err(Error::Empty);
-                    }
-                    if misses % MISSES_BEFORE_CHECK == 0 && misses > 0 {
+                    if missed && misses % MISSES_BEFORE_CHECK == 0 {
                         // A writer that died holding a drawn slot: its repair drops the slot.
                         self.repair_if_due(&mut NoBlocking);
                         if misses >= MISSES_BEFORE_RESYNC && !resynced {

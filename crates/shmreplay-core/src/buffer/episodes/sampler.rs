@@ -329,7 +329,8 @@ impl EpisodeBuffer {
     /// episode ends first) and the `behind` frames before it (fewer at the episode's start).
     /// `None` if a frame is missing: not linked yet, or overwritten.
     fn window(&self, home: Frame, ahead: usize, behind: u64) -> Option<Window> {
-        let mut chain = Vec::with_capacity(ahead + behind as usize + 1);
+        // (`ahead` may be a huge sequence length; the chain grows only as far as frames exist.)
+        let mut chain = Vec::with_capacity(ahead.min(64) + behind as usize + 1);
         let first = home.position().saturating_sub(behind);
         let mut frame = home;
         while frame.position() > first {
