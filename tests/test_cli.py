@@ -74,7 +74,7 @@ def test_ls_table(tmp_path: Path, two_buffers: tuple[shmreplay.ReplayBuffer, shm
     proc = cli("ls", "--path", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "STATUS"]
+    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "KIND", "STATUS"]
     rows = {
         line.split()[0]: line for line in lines[1:] if line.split() and line.split()[0] in ("alpha", "beta")
     }
@@ -315,7 +315,7 @@ def test_ls_escapes_hostile_names(hostile_dir: tuple[Path, shmreplay.ReplayBuffe
     lines = assert_no_raw_control(proc.stdout)
     # header, one row per file (alpha, orphan and every hostile one), footer: nothing forged
     assert len(lines) == 1 + 2 + len(HOSTILE_NAMES) + 1, proc.stdout
-    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "STATUS"]
+    assert lines[0].split() == ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "KIND", "STATUS"]
     body = lines[1:-1]
     assert [line for line in body if line.split()[-1] == "live"] == [
         line for line in body if line.startswith("alpha ")

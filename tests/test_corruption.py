@@ -72,7 +72,8 @@ KIND_RING = 1
 FEATURE_PRIORITIZED = 1  # the buffer samples by priority and has a "priority" section
 FEATURE_LIMITED = 2  # calls wait for the rate limiter of the header's limiter words
 FEATURE_QUEUE = 4  # the buffer is a queue (sampler kind 2; the layout of a uniform ring)
-KNOWN_FEATURES = FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE
+FEATURE_EPISODES = 8  # an EpisodeBuffer: its settings in the header, metadata fields, a links section
+KNOWN_FEATURES = FEATURE_PRIORITIZED | FEATURE_LIMITED | FEATURE_QUEUE | FEATURE_EPISODES
 # Header words (layout/mod.rs). The checksum covers bytes CHECKED..HEADER_END and the schema text.
 H_MAGIC, H_VERSION, H_READY, H_CHECKSUM = 0, 8, 16, 24
 H_KIND, H_FEATURES, H_CAPACITY, H_RECORD_BYTES = 32, 40, 48, 56
@@ -496,6 +497,10 @@ def model_check(data: bytes) -> str | None:
     lay = layout(word(data, H_CAPACITY), record_bytes_of(fields), schema_len, None if sampler == QUEUE else sampler)
     if lay is None:
         return "capacity"
+    if word(data, H_FEATURES) & FEATURE_EPISODES:
+        # The buffers here are rings: their schema lacks an episode buffer's metadata fields, so
+        # whatever the episode words say, they are refused (the reason follows this prefix).
+        return "episode words: "
     for offset, expected in header_words(lay)[:5]:
         if word(data, offset) != expected:
             return f"header word at byte {offset} is {word(data, offset)}, the schema and capacity imply {expected}"

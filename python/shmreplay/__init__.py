@@ -65,8 +65,9 @@ def list_buffers(path: PathLike | None = None) -> list[BufferInfo]:
     """The buffers of this user in ``path`` (default ``/dev/shm``), sorted by name.
 
     Each is a dict: name, path, capacity, size, bytes, record_bytes, attached (live handles),
-    creator_pid, stale (no live process holds it and its creator has exited), and sampler
-    (``None`` for uniform, ``(alpha, eps, stratified)`` for prioritized). Files named
+    creator_pid, stale (no live process holds it and its creator has exited), sampler
+    (``None`` for uniform, ``(alpha, eps, stratified)`` for prioritized, ``"queue"``) and kind
+    (``"ring"`` for a :class:`ReplayBuffer`, ``"episodes"`` for an :class:`EpisodeBuffer`). Files named
     like segments that cannot be read are left out (``shmreplay ls`` shows them).
     """
     return _core.scan(_dir_arg(path))[0]  # type: ignore[return-value]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Tuple, TypedDict, Union
+from typing import Any, Literal, Optional, Tuple, TypedDict, Union
 
 if sys.version_info >= (3, 11):
     from typing import NotRequired
@@ -86,3 +86,5 @@ class BufferInfo(TypedDict):
     stale: bool
     sampler: Union[None, Tuple[float, float, bool], str]
     """``None`` (uniform), ``(alpha, eps, stratified)`` or ``"queue"``."""
+    kind: Literal["ring", "episodes"]
+    """``"ring"`` (a :class:`ReplayBuffer`) or ``"episodes"`` (an :class:`EpisodeBuffer`)."""

@@ -86,13 +86,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
             format_bytes(b["bytes"]),
             str(b["attached"]),
             _sampler_name(b["sampler"]),
+            b["kind"],
             "stale" if b["stale"] else "live",
         ]
         for b in buffers
     ]
-    rows += [[printable(u["name"]), "", "", "", "", "", f"corrupt: {printable(u['reason'])}"] for u in unreadable]
-    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "STATUS"]
-    for text in _table(headers, rows, [False, True, True, True, True, False, False]):
+    rows += [[printable(u["name"]), "", "", "", "", "", "", f"corrupt: {printable(u['reason'])}"] for u in unreadable]
+    headers = ["NAME", "CAPACITY", "FILL", "SIZE", "ATTACHED", "SAMPLER", "KIND", "STATUS"]
+    for text in _table(headers, rows, [False, True, True, True, True, False, False, False]):
         print(text)
     total = sum(b["bytes"] for b in buffers)
     stale = sum(1 for b in buffers if b["stale"])

@@ -682,6 +682,7 @@ fn scan<'py>(
             dict.set_item("creator_pid", info.creator_pid)?;
             dict.set_item("stale", info.stale)?;
             dict.set_item("sampler", sampler_args(info.sampler))?;
+            dict.set_item("kind", if info.episodes { "episodes" } else { "ring" })?;
             Ok(dict)
         })
         .collect::<PyResult<_>>()?;

@@ -78,6 +78,8 @@ pub struct SegmentInfo {
     pub creator_pid: u32,
     /// How it samples.
     pub sampler: crate::layout::Sampler,
+    /// An episode buffer (`EpisodeBuffer`), not a plain ring.
+    pub episodes: bool,
     /// No handle is held by any process and its creator is provably gone: [`crate::remove_stale`]
     /// removes it.
     pub stale: bool,
@@ -175,6 +177,7 @@ impl ReplayBuffer {
             attached: stats.attached,
             creator_pid: creator.pid(),
             sampler: self.sampler(),
+            episodes: self.holds_episodes(),
             stale: stats.attached == 0 && self.creator_is_gone(),
         }
     }
