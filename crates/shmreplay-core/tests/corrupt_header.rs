@@ -2495,10 +2495,16 @@ fn sampler_words_are_checked() {
             vec![(H_FEATURES, 4)],
             refused("sampler kind 0 does not match the feature bits 0x4"),
         ),
+        // The episodes bit on a ring: its episode words (all 0) and schema are refused.
         (
             u,
             vec![(H_FEATURES, 8)],
-            refused("features this shmreplay does not know (bits 0x8)"),
+            refused("episode words: n_step must be between 1 and 4096, got 0"),
+        ),
+        (
+            u,
+            vec![(H_FEATURES, 16)],
+            refused("features this shmreplay does not know (bits 0x10)"),
         ),
         (
             u,
