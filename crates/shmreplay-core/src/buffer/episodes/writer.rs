@@ -69,9 +69,9 @@ impl EpisodeBuffer {
 
     /// Starts a new episode in each env of `envs` with its first observation: `columns` hold
     /// one row per listed env of every observation field, in field order. An env's unfinished
-    /// episode is abandoned (its steps whose window is incomplete are never sampled). On an
-    /// error before anything is written nothing changes; an insert that fails part-way leaves
-    /// the envs it did not write to be reset again.
+    /// episode is abandoned (its steps whose window is incomplete are never sampled). A call
+    /// that writes nothing (refused, timed out) changes nothing; one that fails part-way
+    /// leaves the envs it did not write to be reset again.
     pub fn reset(
         &self,
         writer: &mut EpisodeWriter,
@@ -131,6 +131,9 @@ impl EpisodeBuffer {
         let mut tickets = vec![UNWRITTEN; n];
         let zero_priorities = vec![0.0; n];
         let result = self.insert_frames(&all, &zero_priorities, &mut tickets, blocking);
+        if tickets.iter().all(|&t| t == UNWRITTEN) {
+            return result; // nothing written (a timeout, say): nothing changes
+        }
         for (&env, &ticket) in envs.iter().zip(&tickets) {
             let stream = &mut writer.streams[env];
             stream.pending.clear();
@@ -154,7 +157,9 @@ impl EpisodeBuffer {
     /// are ignored: gymnasium's autoreset). `priorities`: the raw priority of each env's step
     /// (or one for all), applied when the step's n-step window completes; `None`, the largest
     /// raw priority so far (at least 1.0) at that time. Refused before anything is written if
-    /// an env was never reset.
+    /// an env was never reset. A call that writes nothing (refused, timed out) changes nothing
+    /// and can be retried; one that fails part-way (interrupted) ends the episodes of the envs
+    /// it did not write: their next step starts a new episode.
     pub fn step(
         &self,
         writer: &mut EpisodeWriter,
@@ -221,6 +226,9 @@ impl EpisodeBuffer {
         all.extend([InColumn::from_slice(&prev), InColumn::from_slice(&step)]);
         let mut tickets = vec![UNWRITTEN; n];
         let result = self.insert_frames(&all, &vec![0.0; n], &mut tickets, blocking);
+        if tickets.iter().all(|&t| t == UNWRITTEN) {
+            return result; // nothing written (a timeout, say): the call can be retried as is
+        }
         let mut completed: Vec<(u64, Option<f64>)> = Vec::new();
         for (i, stream) in writer.streams.iter_mut().enumerate() {
             let ticket = tickets[i];
