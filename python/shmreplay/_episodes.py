@@ -285,26 +285,80 @@ class EpisodeBuffer:
             info["probability"], info["weight"], info["priority"] = priority
         return info
 
-    def _check_call(self, n: int, per_row: int, return_info: Any) -> None:
+    def _check_call(self, layout: dict[str, tuple[tuple[int, ...], np.dtype]], return_info: Any) -> None:
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
-        if n * per_row > _PHYSICAL_MEMORY:
-            raise MemoryError(f"a batch of {n:,} items of {per_row:,} bytes needs more memory than this machine has")
+        total = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
+        if total > _PHYSICAL_MEMORY:
+            raise MemoryError(f"a batch of {total:,} bytes needs more memory than this machine has")
 
     def _stack_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return ((self._frame_stack,) if self._frame_stack > 1 else ()) + shape
 
+    def sample_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{key: (shape, dtype)}`` of what :meth:`sample` of ``batch_size`` returns, in order."""
+        n = batch_size
+        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, (shape, dtype) in self._fields.items():
+            layout[name] = ((n,) + (self._stack_shape(shape) if name in self._observations else shape), dtype)
+        for name in self._observations:
+            shape, dtype = self._fields[name]
+            layout["next_" + name] = ((n,) + self._stack_shape(shape), dtype)
+        layout["discount"] = ((n,), np.dtype(np.float32))
+        layout["terminated"] = ((n,), np.dtype(np.bool_))
+        layout["truncated"] = ((n,), np.dtype(np.bool_))
+        return layout
+
+    def sequence_layout(self, batch_size: int, length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """``{key: (shape, dtype)}`` of what :meth:`sample_sequences` returns, in order."""
+        n = batch_size
+        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        for name, (shape, dtype) in self._fields.items():
+            if name in self._observations:
+                layout[name] = ((n, length + 1) + self._stack_shape(shape), dtype)
+            else:
+                layout[name] = ((n, length) + shape, dtype)
+        for flag in ("terminated", "truncated", "is_first", "mask"):
+            layout[flag] = ((n, length), np.dtype(np.bool_))
+        return layout
+
+    @staticmethod
+    def _outputs(
+        layout: dict[str, tuple[tuple[int, ...], np.dtype]], out: Mapping[str, np.ndarray] | None
+    ) -> dict[str, np.ndarray]:
+        """Fresh arrays of ``layout``, or ``out`` checked against it."""
+        if out is None:
+            return {key: np.empty(shape, dtype) for key, (shape, dtype) in layout.items()}
+        if not isinstance(out, Mapping):
+            raise TypeError(f"out must be a mapping {{key: array}}, got {type(out).__name__}")
+        if set(out) != set(layout):
+            raise ValueError(f"out must have exactly the keys {list(layout)}, got {list(out)}")
+        arrays = {}
+        for key, (shape, dtype) in layout.items():
+            a = out[key]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"out[{key!r}] must be a numpy array, got {type(a).__name__}")
+            if a.dtype != dtype or a.shape != shape:
+                raise ValueError(f"out[{key!r}] must have dtype {dtype} and shape {shape}, got {a.dtype} {a.shape}")
+            if not (a.flags.c_contiguous and a.flags.writeable):
+                raise ValueError(f"out[{key!r}] must be C-contiguous and writable")
+            arrays[key] = a
+        return arrays
+
     @overload
     def sample(
-        self, batch_size: int, *, beta: float | None = ..., return_info: Literal[False] = ..., timeout: float | None = ...
+        self, batch_size: int, *, beta: float | None = ..., return_info: Literal[False] = ...,
+        out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> dict[str, np.ndarray]: ...
     @overload
     def sample(
-        self, batch_size: int, *, beta: float | None = ..., return_info: Literal[True], timeout: float | None = ...
+        self, batch_size: int, *, beta: float | None = ..., return_info: Literal[True],
+        out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
     @overload
     def sample(
-        self, batch_size: int, *, beta: float | None = ..., return_info: bool, timeout: float | None = ...
+        self, batch_size: int, *, beta: float | None = ..., return_info: bool,
+        out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]: ...
     def sample(
         self,
@@ -312,6 +366,7 @@ class EpisodeBuffer:
         *,
         beta: float | None = None,
         return_info: bool = False,
+        out: Mapping[str, np.ndarray] | None = None,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]:
         """Draws ``batch_size`` steps ``t`` whose n-step window is complete (uniformly, or by
@@ -331,28 +386,16 @@ class EpisodeBuffer:
         ``return_info=True`` adds ``{"index", "key"}`` (the slot and ticket of the step's
         ``o_{t+1}`` frame; ``key`` is what :meth:`update_priorities` takes) and, by priority,
         ``"probability"``, ``"weight"``, ``"priority"`` as :meth:`ReplayBuffer.sample`.
-        ``beta`` and ``timeout`` as there.
+        ``beta``, ``out`` (arrays to refill instead of fresh ones: exactly the keys, dtypes
+        and shapes a call returns, C-contiguous and writable) and ``timeout`` as there.
 
         Raises :class:`EmptyBufferError` when no step is complete (without a limiter).
         """
         n = _int_arg("batch_size", batch_size, 1)
         seconds = _timeout(timeout)
         b = _beta_arg(self.sampler, beta)
-        per_row = sum(
-            (2 * self._frame_stack if f in self._observations else 1) * int(np.prod(s)) * d.itemsize
-            for f, (s, d) in self._fields.items()
-        )
-        self._check_call(n, per_row, return_info)
-        arrays: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in self._fields.items():
-            item = self._stack_shape(shape) if name in self._observations else shape
-            arrays[name] = np.empty((n,) + item, dtype)
-        for name in self._observations:
-            shape, dtype = self._fields[name]
-            arrays["next_" + name] = np.empty((n,) + self._stack_shape(shape), dtype)
-        arrays["discount"] = np.empty(n, np.float32)
-        arrays["terminated"] = np.empty(n, np.bool_)
-        arrays["truncated"] = np.empty(n, np.bool_)
+        self._check_call(self.sample_layout(n), return_info)
+        arrays = self._outputs(self.sample_layout(n), out)
         drawn = self._raw.sample(list(arrays.values()), n, b, seconds)
         info = self._draw_info(drawn, return_info)
         return arrays if info is None else (arrays, info)
@@ -360,17 +403,17 @@ class EpisodeBuffer:
     @overload
     def sample_sequences(
         self, batch_size: int, length: int, period: int | None = ..., *, beta: float | None = ...,
-        return_info: Literal[False] = ..., timeout: float | None = ...,
+        return_info: Literal[False] = ..., out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> dict[str, np.ndarray]: ...
     @overload
     def sample_sequences(
         self, batch_size: int, length: int, period: int | None = ..., *, beta: float | None = ...,
-        return_info: Literal[True], timeout: float | None = ...,
+        return_info: Literal[True], out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> tuple[dict[str, np.ndarray], SampleInfo]: ...
     @overload
     def sample_sequences(
         self, batch_size: int, length: int, period: int | None = ..., *, beta: float | None = ...,
-        return_info: bool, timeout: float | None = ...,
+        return_info: bool, out: Mapping[str, np.ndarray] | None = ..., timeout: float | None = ...,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]: ...
     def sample_sequences(
         self,
@@ -380,6 +423,7 @@ class EpisodeBuffer:
         *,
         beta: float | None = None,
         return_info: bool = False,
+        out: Mapping[str, np.ndarray] | None = None,
         timeout: float | None = None,
     ) -> dict[str, np.ndarray] | tuple[dict[str, np.ndarray], SampleInfo]:
         """Draws ``batch_size`` sequences of ``length`` steps, each from one episode, starting
@@ -395,25 +439,15 @@ class EpisodeBuffer:
 
         By priority, a sequence is drawn by its first step's priority (``probability`` is that
         step's share of all steps' priorities); ``key``/``index`` are the first step's.
+        ``out`` as in :meth:`sample`.
         """
         n = _int_arg("batch_size", batch_size, 1)
         length = _int_arg("length", length, 1, _core.MAX_CAPACITY)
         period = length if period is None else _int_arg("period", period, 1, _core.MAX_CAPACITY)
         seconds = _timeout(timeout)
         b = _beta_arg(self.sampler, beta)
-        per_row = sum(
-            ((length + 1) * self._frame_stack if f in self._observations else length) * int(np.prod(s)) * d.itemsize
-            for f, (s, d) in self._fields.items()
-        )
-        self._check_call(n, per_row, return_info)
-        arrays: dict[str, np.ndarray] = {}
-        for name, (shape, dtype) in self._fields.items():
-            if name in self._observations:
-                arrays[name] = np.empty((n, length + 1) + self._stack_shape(shape), dtype)
-            else:
-                arrays[name] = np.empty((n, length) + shape, dtype)
-        for flag in ("terminated", "truncated", "is_first", "mask"):
-            arrays[flag] = np.empty((n, length), np.bool_)
+        self._check_call(self.sequence_layout(n, length), return_info)
+        arrays = self._outputs(self.sequence_layout(n, length), out)
         drawn = self._raw.sample_sequences(list(arrays.values()), n, length, period, b, seconds)
         info = self._draw_info(drawn, return_info)
         return arrays if info is None else (arrays, info)
