@@ -52,7 +52,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import multiprocessing
+import statistics
 import os
 import pickle
 import signal
@@ -123,7 +123,7 @@ def coded_value(name: str, codes: Any, shape: tuple[int, ...], dtype: Any) -> np
     else:  # reward-like scalar float fields: multiples of 1/16 in [-62.5, 62.5]
         h = splitmix64(flat.astype(np.uint64) ^ np.uint64(0x5EED))
         v = ((h % np.uint64(2001)).astype(np.float64) - 1000.0) / 16.0
-    return np.ascontiguousarray(np.asarray(v).astype(dtype).reshape(lead + tuple(shape)))
+    return np.asarray(v).astype(dtype).reshape(lead + tuple(shape)).copy()  # (ascontiguousarray would make 0-d 1-d)
 
 
 def coded_fields(*, pix: tuple[int, ...] | None = None, reward: str = "reward", reward_dtype: Any = np.float32) -> dict:
@@ -459,7 +459,7 @@ class Recorder:
     def _add_frame(self, rec: RecEp, values: dict[str, np.ndarray], row: int) -> None:
         for o in self.cfg.observation:
             shape, dtype = self.cfg.fields[o]
-            rec.frames[o].append(np.ascontiguousarray(np.asarray(values[o])[row]).astype(dtype))
+            rec.frames[o].append(np.asarray(np.asarray(values[o])[row]).astype(dtype).copy())
         rec.calls.append(len(self.calls))
         key = rec.frames[self.cfg.observation[0]][-1].tobytes()
         self.index[key] = _AMBIGUOUS if key in self.index else (rec, len(rec.frames[self.cfg.observation[0]]) - 1)
@@ -508,7 +508,7 @@ class Recorder:
 
     def lookup(self, frame: np.ndarray) -> tuple[Any, int] | None:
         shape, dtype = self.cfg.fields[self.cfg.observation[0]]
-        hit = self.index.get(np.ascontiguousarray(np.asarray(frame)).astype(dtype).tobytes())
+        hit = self.index.get(np.asarray(frame).astype(dtype).tobytes())
         assert hit is not _AMBIGUOUS, "two recorded frames are equal: the item cannot be identified"
         return hit
 
@@ -895,7 +895,7 @@ def draw_ids(buf: Any, cfg: Cfg, oracle: Any, draws: int, *, seq: tuple[int, int
 
 def chi2_critical(df: int, p: float = 1e-6) -> float:
     """Wilson-Hilferty: the chi-square value exceeded with probability ~p (p = 1e-6: z = 4.753)."""
-    z = 4.753424308822899 if p == 1e-6 else float(__import__("statistics").NormalDist().inv_cdf(1 - p))
+    z = statistics.NormalDist().inv_cdf(1.0 - p)
     h = 2.0 / (9.0 * df)
     return df * (1.0 - h + z * math.sqrt(h)) ** 3
 
@@ -985,7 +985,6 @@ def test_sample_oracle(shm_name, n_step, frame_stack, padding):
         eps = d.all_episodes()
         kinds = collections.Counter(r.kind for r in eps)
         assert kinds["term"] and kinds["trunc"] and kinds["abandoned"], kinds
-        assert any(r.L == 1 for r in eps) or len(eps) < 30, "random lengths start at 1"
         oracle = CodedOracle({0: d})
         batch, info = buf.sample(400, return_info=True)
         check_sample(cfg, oracle, batch, info, 400, keybook=keybook, capacity=buf.capacity)
@@ -1429,15 +1428,16 @@ def test_step_priority_applies_when_the_window_completes_and_defaults(shm_name):
         d = Driver(0, None, 2, cfg, plan=lambda e, k: (7, "term") if k == 0 else (None, "term"))
         oracle = CodedOracle({0: d})
         w.reset(**d.reset())
-        for t in range(6):
+        for t in range(5):
             w.step(**d.step(), priority=float(t + 1))  # a scalar
-        # complete: t = 0, 1, 2 (t + 3 <= 6); t = 3, 4, 5 wait for their windows
+        # complete: t = 0, 1, 2 (t + 3 <= 5); t = 3, 4 wait for their windows
         batch, info = buf.sample(3000, return_info=True)
         items = check_sample(cfg, oracle, batch, info, 3000)
         assert {t for _, t in items} == {0, 1, 2}
         for i, (_, t) in enumerate(items):
             assert info["priority"][i] == t + 1
             assert math.isclose(float(info["probability"][i]), (t + 1) / 6.0, rel_tol=2e-5), (t, info["probability"][i])
+        w.step(**d.step(), priority=6.0)
         w.step(**d.step(), priority=7.0)  # ends the episode: every step is complete now
         batch, info = buf.sample(3000, return_info=True)
         items = check_sample(cfg, oracle, batch, info, 3000)
@@ -1781,22 +1781,22 @@ def test_properties_attach_and_pickle(shm_name, shm_dir):
             apply(w, *d.next_op())
         assert len(buf) == d.frames
         oracle = CodedOracle({0: d})
-        for other in (EpisodeBuffer.attach(shm_name, path=shm_dir), pickle.loads(pickle.dumps(buf))):
+        for wid, other in enumerate((EpisodeBuffer.attach(shm_name, path=shm_dir), pickle.loads(pickle.dumps(buf))), start=1):
             try:
                 assert type(other) is EpisodeBuffer
                 assert (other.capacity, other.observations, other.frame_stack, other.stack_padding, other.n_step, other.gamma) == (
                     321, ("obs", "pix"), 4, "zeros", 3, 0.95
                 )
-                assert len(other) == d.frames
+                assert len(other) == sum(x.frames for x in oracle.drivers.values())
                 batch, info = other.sample(100, return_info=True)
                 check_sample(cfg, oracle, batch, info, 100)
                 # a writer of another handle continues into the same ring
                 w2 = other.writer(num_envs=1)
-                d2 = Driver(1, 1, 8, cfg)
+                d2 = Driver(wid, 1, 8, cfg)
                 w2.reset(**d2.reset())
                 for _ in range(5):
                     w2.step(**d2.step())
-                oracle.drivers[1] = d2
+                oracle.drivers[wid] = d2
             finally:
                 other.close()
             assert other.closed
@@ -1904,22 +1904,32 @@ class WriterProc:
         )
         self.proc.start()
         child.close()
+        self.ready = False
         self.result: tuple | None = None
 
-    def recv(self, timeout: float) -> tuple:
-        if not self.conn.poll(timeout):
-            raise AssertionError(f"writer {self.wid} (pid {self.proc.pid}) sent nothing in {timeout}s (alive {self.proc.is_alive()})")
+    def _recv(self) -> None:
         try:
             msg = self.conn.recv()
         except EOFError:
             raise AssertionError(f"writer {self.wid} exited (code {self.proc.exitcode}) without a word") from None
         if msg[0] == "err":
             raise AssertionError(f"writer {self.wid} failed:\n{msg[1]}")
-        return msg
+        if msg[0] == "ready":
+            self.ready = True
+        else:
+            self.result = msg
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready:
+            if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise AssertionError(f"writer {self.wid} (pid {self.proc.pid}) not ready in {timeout}s (alive {self.proc.is_alive()})")
+            self._recv()
 
     def poll_done(self) -> bool:
-        if self.result is None and self.conn.poll():
-            self.result = self.recv(1.0)
+        """Reads what the writer sent so far (never call it for a writer that was killed)."""
+        while self.result is None and self.conn.poll():
+            self._recv()
         return self.result is not None
 
 
@@ -1931,7 +1941,6 @@ def _sample_and_check(buf: Any, cfg: Cfg, oracle: Any, keybook: KeyBook, counts:
         return
     check_sample(cfg, oracle, batch, info, 48, keybook=keybook, capacity=buf.capacity, what=what)
     counts["items"] += 48
-    counts.update(f"w{k[0][0]}" for k in [oracle.lookup(f)[0].key for f in batch["obs"][:, -1]] if False)  # noqa
     for f in batch["obs"][:, -1]:
         counts[f"writer{oracle.lookup(f)[0].key[0]}"] += 1
     try:
@@ -1943,23 +1952,23 @@ def _sample_and_check(buf: Any, cfg: Cfg, oracle: Any, keybook: KeyBook, counts:
 
 
 def test_writer_processes_interleave_into_one_wrapping_ring(shm_name, mp_ctx):
-    """4 writer processes x 8 envs, several thousand steps each, into a 2000-frame ring (wraps
-    ~60 times); the test process samples all along and checks every item against the writers'
+    """4 writer processes x 8 envs, 40000 env steps each, into a 2000-frame ring (wraps ~80
+    times); the test process samples all along and checks every item against the writers'
     regenerated schedules."""
-    n_writers, n_calls, cap = 4, 1000, 2000
+    n_writers, n_calls, cap = 4, 5000, 2000
     padding = "first" if mp_ctx.get_start_method() == "spawn" else "zeros"
     cfg = mp_cfg(padding)
     seed = 4242
     oracle = CodedOracle({wid: Driver(wid, MP_ENVS, seed, cfg, reset_prob=0.01, build=False).run(n_calls) for wid in range(n_writers)})
     total_frames = sum(d.frames for d in oracle.drivers.values())
-    assert total_frames > 25 * cap
+    assert total_frames > 75 * cap
     with cfg.create(shm_name, capacity=cap) as buf:
         progress = mp_ctx.RawArray("q", W_MAX)
         go = mp_ctx.Event()
         writers = [WriterProc(mp_ctx, shm_name, wid, seed, n_calls, 0.01, cfg, progress, go) for wid in range(n_writers)]
         try:
             for wp in writers:
-                assert wp.recv(START_TIMEOUT)[0] == "ready"
+                wp.wait_ready(START_TIMEOUT)
             go.set()
             keybook = KeyBook()
             counts: collections.Counter = collections.Counter()
@@ -1988,7 +1997,9 @@ def test_writers_sigkilled_at_random_never_give_a_wrong_item(shm_name, mp_ctx):
     """Writers are SIGKILLed at random moments (mid-step for most) and replaced while the test
     process samples and checks every item: never a wrong, torn or mixed item, no hang; afterwards
     a new writer's steps are sampled."""
-    cap, n_calls = 1500, 4000
+    cap, n_calls = 1500, 6000
+    KILLS_WANTED = 8
+    LAST_KILL_WID = 14  # writer ids 0..13 are killed; 14 is the fresh writer; 15 is GARBAGE_WID
     cfg = mp_cfg("first" if mp_ctx.get_start_method() == "fork" else "zeros", pix=(24, 24))
     seed = 777
     oracle = CodedOracle(factory=lambda wid: Driver(wid, MP_ENVS, seed, cfg, reset_prob=0.01, build=False).run(n_calls))
@@ -2011,29 +2022,25 @@ def test_writers_sigkilled_at_random_never_give_a_wrong_item(shm_name, mp_ctx):
             for _ in range(4):
                 start_writer()
             for wp in writers.values():
-                assert wp.recv(START_TIMEOUT)[0] == "ready"
+                wp.wait_ready(START_TIMEOUT)
             hard = time.monotonic() + 70
-            kills_wanted = 8
             next_kill = time.monotonic() + float(rng.uniform(0.1, 0.3))
-            while killed_mid_run < kills_wanted:
-                assert time.monotonic() < hard, f"only {killed_mid_run} writers killed mid-run in time"
+            while killed_mid_run < KILLS_WANTED:
+                assert time.monotonic() < hard, f"only {killed_mid_run} writers killed mid-run in time: {counts}"
                 _sample_and_check(buf, cfg, oracle, keybook, counts, f"{killed_mid_run} writers killed")
                 if time.monotonic() < next_kill:
                     continue
-                live = [wp for wp in writers.values() if wp.proc.is_alive() and not wp.poll_done() and progress[wp.wid] > 1]
-                if live:
-                    victim = live[int(rng.integers(len(live)))]
+                alive = [wp for wp in writers.values() if wp.proc.is_alive() and not wp.poll_done()]
+                running = [wp for wp in alive if 1 < progress[wp.wid] < n_calls + 1]
+                if running:
+                    victim = running[int(rng.integers(len(running)))]
                     os.kill(victim.proc.pid, signal.SIGKILL)
                     victim.proc.join(30)
                     assert not victim.proc.is_alive()
-                    if progress[victim.wid] < n_calls + 1:
-                        killed_mid_run += 1
-                    if next_wid < 12:
-                        start_writer()
-                        assert writers[next_wid - 1].recv(START_TIMEOUT)[0] == "ready"
-                elif next_wid < 12 and sum(wp.proc.is_alive() for wp in writers.values()) < 4:
-                    start_writer()
-                    assert writers[next_wid - 1].recv(START_TIMEOUT)[0] == "ready"
+                    killed_mid_run += progress[victim.wid] < n_calls + 1
+                    alive.remove(victim)
+                if len(alive) < 4 and next_wid < LAST_KILL_WID:
+                    start_writer()  # not waited for: the sampler keeps checking meanwhile
                 next_kill = time.monotonic() + float(rng.uniform(0.05, 0.3))
             # kill the rest too, whatever they are doing
             for wp in writers.values():
@@ -2049,7 +2056,7 @@ def test_writers_sigkilled_at_random_never_give_a_wrong_item(shm_name, mp_ctx):
         for _ in range(20):
             _sample_and_check(buf, cfg, oracle, keybook, counts, "after the kills")
         # a new writer in this process: the ring still works, its steps come back exactly
-        wid = 12
+        wid = LAST_KILL_WID
         d = Driver(wid, MP_ENVS, seed, cfg, reset_prob=0.01)
         oracle.drivers[wid] = d
         w = buf.writer(num_envs=MP_ENVS)
@@ -2076,7 +2083,7 @@ def test_gymnasium_vector_env_loop_writes_correct_items(shm_name, capacity):
     envs = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync", max_episode_steps=20)
     try:
         mode = envs.metadata.get("autoreset_mode")
-        assert mode is None or getattr(mode, "value", mode) in ("NextStep", "next_step", gym.vector.AutoresetMode.NEXT_STEP), mode
+        assert mode in (None, gym.vector.AutoresetMode.NEXT_STEP), f"the loop must use gymnasium's default NEXT_STEP: {mode}"
         with cfg.create(shm_name, capacity=capacity) as buf:
             w = buf.writer(num_envs=4)
             rec = Recorder(cfg, 4)

@@ -29,6 +29,9 @@ const MISSES_BEFORE_CHECK: u64 = 32;
 /// Draws of slots holding no item (an episode buffer's sequence sampler skips most steps)
 /// before it makes sure some item exists, and checks for Ctrl-C and its time limit.
 const SKIPS_BEFORE_CHECK: u64 = 1 << 12;
+/// Fruitless draws in its stratum after which a row of a stratified batch draws from the
+/// whole tree.
+const STRATUM_PATIENCE: u64 = 64;
 
 /// The priority section of a segment, as a tree's memory.
 #[derive(Clone, Copy)]
@@ -349,18 +352,21 @@ impl ReplayBuffer {
         // Row k of a stratified batch draws from its own k-th of [0, T): the first `T % n`
         // strata are one longer (integers only, no rounding to lose mass to).
         let (width, longer) = (total / n as u64, total % n as u64);
-        let mut target = |row: usize, total: u64| -> u64 {
-            let row = row as u64;
-            let size = width + u64::from(row < longer);
-            if params.stratified && size > 0 {
-                row * width + row.min(longer) + rng.below(size)
+        let stratified = params.stratified && rows.stratifiable();
+        // A row whose stratum keeps yielding nothing (its mass on items that cannot be read)
+        // draws from the whole tree instead, rather than wait there for ever.
+        let mut target = |row: usize, total: u64, fruitless: u64| -> u64 {
+            let stratum = row as u64;
+            let size = width + u64::from(stratum < longer);
+            if stratified && size > 0 && fruitless < STRATUM_PATIENCE {
+                stratum * width + stratum.min(longer) + rng.below(size)
             } else {
                 rng.below(total)
             }
         };
         // Every row's leaf first (all descents together, so their cache misses overlap), then
         // the copies, prefetching slots ahead (as `sample_columns`).
-        let targets: Vec<u64> = (0..n).map(|row| target(row, total)).collect();
+        let targets: Vec<u64> = (0..n).map(|row| target(row, total, 0)).collect();
         let mut drawn: Vec<Option<usize>> = vec![None; n];
         tree.descend_many(&targets, &mut drawn);
         for &index in drawn.iter().take(PREFETCH_AHEAD).flatten() {
@@ -395,6 +401,15 @@ impl ReplayBuffer {
                             true
                         }
                         Some((_, Drawn::Skip)) => false,
+                        Some((_, Drawn::Gone(ticket))) => {
+                            // It can never be drawn again: its mass goes, for every caller.
+                            self.withdraw(&tree, entry, ticket);
+                            total_now = tree.total();
+                            if total_now == 0 {
+                                return Ok(false);
+                            }
+                            false
+                        }
                         None | Some((_, Drawn::Miss)) => true,
                     };
                     if missed {
@@ -424,7 +439,7 @@ impl ReplayBuffer {
                         }
                         redraws.pause(misses)?;
                     }
-                    drawn[row] = tree.descend(target(row, total_now));
+                    drawn[row] = tree.descend(target(row, total_now, misses + skips));
                 }
             }
             Ok(true)
@@ -452,6 +467,18 @@ impl ReplayBuffer {
         }
         self.count(entry, Counter::Samples, n as u64);
         Ok(())
+    }
+
+    /// Sets the leaf of record `ticket` to 0 (if it is still that record's): an item that can
+    /// never be drawn again (an episode buffer's step whose frames were overwritten).
+    fn withdraw(&self, tree: &Tree<'_, Section<'_>>, entry: usize, ticket: u64) {
+        let capacity = self.capacity();
+        let index = (ticket % capacity) as usize;
+        self.begin_tree_change(entry);
+        if tree.update(index, tree.geometry.scale.tag(ticket, capacity), 0, 0) {
+            tree.propagate([index], false);
+        }
+        self.end_tree_change(entry);
     }
 
     /// Makes every leaf agree with its slot (a leaf counting a record its slot does not hold

@@ -133,7 +133,7 @@ impl ReplayBuffer {
                             misses += 1;
                             effort += SKIPS_PER_MISS;
                         }
-                        Drawn::Skip => effort += 1,
+                        Drawn::Skip | Drawn::Gone(_) => effort += 1,
                     }
                     if claimed < self.capacity() {
                         claimed = claimed_slots();
@@ -280,6 +280,10 @@ pub(super) enum Drawn {
     /// The slot holds nothing of what is sampled (an episode's first frame, a step whose
     /// window is not complete): drawn again, not counted as a retry.
     Skip,
+    /// Like `Skip`, for good: the record `ticket` in the slot is an item that can never be
+    /// read (an episode's step whose frames were overwritten). A prioritized sampler drops
+    /// its priority.
+    Gone(u64),
 }
 
 /// How a sampler reads the slots it draws: whole records, or an episode buffer's items.
@@ -289,6 +293,11 @@ pub(super) trait Rows {
     /// Whether any of the first `claimed` slots holds an item right now (asked after many
     /// fruitless draws, to tell an empty buffer from an unlucky one).
     fn any(&mut self, claimed: u64) -> bool;
+    /// Whether a stratified prioritized draw suits these items (not when most draws are
+    /// skipped: a stratum could hold none that is read).
+    fn stratifiable(&self) -> bool {
+        true
+    }
 }
 
 /// Whole records of a ring.

@@ -100,6 +100,12 @@ enum Shape<'o, 'a> {
     },
 }
 
+/// Where a window lacks a frame.
+enum Missing {
+    Before,
+    After,
+}
+
 /// The episode buffer's [`Rows`]: items read from the slots the ring's samplers draw.
 struct Items<'b, 'o, 'a> {
     buffer: &'b EpisodeBuffer,
@@ -326,15 +332,16 @@ impl EpisodeBuffer {
     }
 
     /// The window of the item whose step frame is `home`: `ahead` steps from it (fewer if the
-    /// episode ends first) and the `behind` frames before it (fewer at the episode's start).
-    /// `None` if a frame is missing: not linked yet, or overwritten.
-    fn window(&self, home: Frame, ahead: usize, behind: u64) -> Option<Window> {
+    /// episode ends first) and the `behind` frames before it (fewer at the episode's start),
+    /// or which side has a frame missing: before it (overwritten: for good), or after it (not
+    /// linked yet, or overwritten).
+    fn window(&self, home: Frame, ahead: usize, behind: u64) -> std::result::Result<Window, Missing> {
         // (`ahead` may be a huge sequence length; the chain grows only as far as frames exist.)
         let mut chain = Vec::with_capacity(ahead.min(64) + behind as usize + 1);
         let first = home.position().saturating_sub(behind);
         let mut frame = home;
         while frame.position() > first {
-            frame = self.prev(&frame)?;
+            frame = self.prev(&frame).ok_or(Missing::Before)?;
             chain.push(frame);
         }
         chain.reverse();
@@ -342,10 +349,10 @@ impl EpisodeBuffer {
         chain.push(home);
         let mut last = home;
         while chain.len() - home_at < ahead && !last.ended() {
-            last = self.next(&last)?;
+            last = self.next(&last).ok_or(Missing::After)?;
             chain.push(last);
         }
-        Some(Window {
+        Ok(Window {
             chain,
             first,
             home: home_at,
@@ -404,7 +411,14 @@ impl Items<'_, '_, '_> {
                 length
             }
         };
-        buffer.window(home, ahead, behind).ok_or(Drawn::Skip)
+        buffer
+            .window(home, ahead, behind)
+            .map_err(|missing| match (missing, &self.shape) {
+                // Frames before a step never come back: it is gone (by priority: its mass
+                // too). Frames after it may be on their way (or its slot was just reused).
+                (Missing::Before, Shape::Steps(_)) => Drawn::Gone(home.ticket),
+                _ => Drawn::Skip,
+            })
     }
 
     fn copy_step(&self, out: &StepColumns<'_>, window: &Window, row: usize) {
@@ -506,6 +520,11 @@ impl Rows for Items<'_, '_, '_> {
 
     fn any(&mut self, claimed: u64) -> bool {
         (0..claimed as usize).any(|index| self.plan(index).is_ok())
+    }
+
+    fn stratifiable(&self) -> bool {
+        // Most draws of sequences are skipped (their start is not at a period's step).
+        matches!(self.shape, Shape::Steps(_))
     }
 }
 
