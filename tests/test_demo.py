@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import helpers
+import shmreplay
 from shmreplay import atari, demo
 
 
@@ -64,14 +67,23 @@ def check_summary(stdout: str, summary_path: Path) -> dict[str, Any]:
         "retries",
         "final fill",
         "segment size",
+        "per slot",
     ):
         assert row in stdout
+    assert "the transition layout would need" in stdout
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     assert summary["inserts"] > 0
     assert summary["sampled_rows"] > 0
     assert summary["batches"] > 0
     assert summary["bad_batches"] == 0, summary["first_error"]
     assert summary["child_failures"] == []
+    assert (summary["frame_stack"], summary["n_step"], summary["gamma"]) == (4, 3, 0.99)
+    # The transition layout: a ReplayBuffer record holding obs and next_obs as 4x84x84 stacks.
+    assert summary["transition_record_bytes"] >= 2 * 4 * 84 * 84
+    assert summary["transition_segment_bytes"] == summary["transition_record_bytes"] * summary["capacity"]
+    assert summary["bytes_per_step"] == summary["segment_bytes"] / summary["capacity"]
+    assert 84 * 84 < summary["frame_bytes"] < summary["bytes_per_step"]
+    assert summary["item_bytes"] > 2 * 4 * 84 * 84
     return summary
 
 
@@ -91,10 +103,12 @@ def test_synthetic_demo(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     summary = check_summary(proc.stdout, out)
     assert summary["source"] == "synthetic frames"
-    assert summary["actors"] == 2 and summary["learners"] == 1
+    assert summary["actors"] == 2 and summary["learners"] == 1 and summary["envs_per_actor"] == 4
     assert summary["capacity"] == 2000
     assert 0 < summary["final_size"] <= 2000
-    assert summary["episodes"] >= 0 and summary["gb_moved"] > 0
+    assert summary["episodes"] > 0 and summary["gb_moved"] > 0
+    # Each frame stored once: several times smaller than the transition layout.
+    assert summary["segment_bytes"] * 5 < summary["transition_segment_bytes"]
     assert "[" in proc.stdout and "inserts" in proc.stdout  # at least one progress line
     assert os.listdir(shm) == []  # the segment is gone
 
@@ -145,13 +159,14 @@ def test_rate_limited_demo_keeps_the_ratio(tmp_path: Path, spi: float) -> None:
 def test_uniform_demo_reports_no_priorities(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     proc = run_demo(
-        "--synthetic", "--seconds", "2", "--capacity", "1000", "--actors", "1",
+        "--synthetic", "--seconds", "2", "--capacity", "1000", "--actors", "1", "--envs-per-actor", "2",
         "--path", str(tmp_path), "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = check_summary(proc.stdout, out)
     assert summary["priority_total"] is None and summary["priority_updates"] == 0
     assert "priorities" not in proc.stdout
+    assert summary["actors"] == 1 and summary["envs_per_actor"] == 2
 
 
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
@@ -176,6 +191,7 @@ def test_atari_demo(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = check_summary(proc.stdout, out)
     assert summary["source"] == "ALE/Pong-v5"
+    assert "gymnasium vector env" in proc.stdout
     assert "A.L.E" not in proc.stderr  # the emulator's banner is silenced
     assert os.listdir(shm) == []
 
@@ -233,11 +249,24 @@ def test_missing_atari_packages_message(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
-    proc = run_demo("--synthetic", "--capacity", "8", "--batch-size", "32", "--path", str(tmp_path))
+@pytest.mark.parametrize(
+    "args", [["--capacity", "8", "--batch-size", "32"], ["--envs-per-actor", "0"], ["--envs-per-actor", "257"]]
+)
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, args: list[str]) -> None:
+    proc = run_demo("--synthetic", *args, "--path", str(tmp_path))
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("shmreplay: error:") and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_options() -> None:
+    """``--envs-per-actor`` and its old name ``--chunk`` (an actor's write is now one step of
+    its vector env, a frame per env)."""
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    assert demo.config_from_args(parser.parse_args([])) == demo.DemoConfig()
+    assert demo.config_from_args(parser.parse_args(["--envs-per-actor", "8"])).envs_per_actor == 8
+    assert demo.config_from_args(parser.parse_args(["--chunk", "3"])).envs_per_actor == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,32 +278,59 @@ def test_synthetic_frames_do_not_import_gymnasium() -> None:
     code = textwrap.dedent(
         """
         import sys
+        import numpy as np
         from shmreplay import atari, demo
-        frames = atari.SyntheticFrames(0, stamp=1)
-        frames.reset(); frames.step(0)
+        envs = atari.SyntheticVectorEnv(2)
+        envs.reset(seed=0); envs.step(np.zeros(2, np.int64))
         assert "gymnasium" not in sys.modules and "ale_py" not in sys.modules
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_synthetic_frames_interface() -> None:
-    frames = atari.SyntheticFrames(3, stamp=7)
-    obs = frames.reset()
-    assert obs.shape == atari.OBS_SHAPE and obs.dtype == np.uint8
-    episodes = 0
+def test_synthetic_vector_env_autoresets_like_gymnasium() -> None:
+    """NEXT_STEP autoreset: the step after an episode's end returns the new episode's first
+    frame, with reward 0 and no flags; the episodes end both ways, within the time limit."""
+    envs = atari.SyntheticVectorEnv(8)
+    obs, info = envs.reset(seed=3)
+    assert obs.shape == (8, 84, 84) and obs.dtype == np.uint8 and info == {}
+    ended = np.zeros(8, bool)
+    length = np.zeros(8, int)
+    ends = {"terminated": 0, "truncated": 0}
     for step in range(3000):
-        nxt, reward, done = frames.step(step % frames.num_actions)
-        assert nxt.shape == atari.OBS_SHAPE and isinstance(reward, float) and isinstance(done, bool)
-        assert np.array_equal(nxt[:-1], obs[1:])
-        (count, who), (next_count, next_who) = atari.read_stamp(obs[-1]), atari.read_stamp(nxt[-1])
-        assert next_count == count + 1 and who == next_who == 7
-        if done:
-            episodes += 1
-            obs = frames.reset()
-        else:
-            obs = nxt
-    assert episodes >= 1
+        obs, reward, terminated, truncated, _ = envs.step(np.full(8, step % 6))
+        assert obs.shape == (8, 84, 84) and obs.dtype == np.uint8
+        assert reward.shape == terminated.shape == truncated.shape == (8,)
+        assert np.all(reward[ended] == 0) and not np.any((terminated | truncated)[ended])
+        assert not np.any(terminated & truncated)
+        length = np.where(ended, 0, length + 1)
+        assert length.max() <= atari.SyntheticFrames.time_limit
+        assert np.all(length[truncated] == atari.SyntheticFrames.time_limit)
+        ends["terminated"] += int(terminated.sum())
+        ends["truncated"] += int(truncated.sum())
+        ended = terminated | truncated
+    assert ends["terminated"] >= 5 and ends["truncated"] >= 2, ends
+    # The same seed plays the same frames.
+    again = atari.SyntheticVectorEnv(8)
+    first, _ = again.reset(seed=3)
+    second, _ = atari.SyntheticVectorEnv(8).reset(seed=3)
+    assert np.array_equal(first, second)
+
+
+def test_atari_vector_env() -> None:
+    pytest.importorskip("ale_py")
+    gymnasium = pytest.importorskip("gymnasium")
+    envs, num_actions = atari.make_atari_vector_env("Pong", 2)
+    try:
+        assert num_actions == 6 and envs.num_envs == 2
+        metadata: dict[str, Any] = getattr(envs, "metadata")
+        assert metadata["autoreset_mode"] == gymnasium.vector.AutoresetMode.NEXT_STEP
+        obs, _ = envs.reset(seed=0)
+        assert obs.shape == (2, 84, 84) and obs.dtype == np.uint8
+        obs, reward, terminated, truncated, _ = envs.step(np.array([0, 1]))
+        assert obs.shape == (2, 84, 84) and reward.shape == terminated.shape == truncated.shape == (2,)
+    finally:
+        envs.close()
 
 
 def test_downsampler() -> None:
@@ -290,35 +346,150 @@ def test_env_id() -> None:
     assert atari.atari_env_id("ALE/Breakout-v5") == "ALE/Breakout-v5"
 
 
-def _batch(n: int = 8) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    frames = atari.SyntheticFrames(0, stamp=1)
-    obs = frames.reset()
-    rows: dict[str, list[Any]] = {k: [] for k in demo.demo_fields()}
-    for step in range(n):
-        nxt, reward, done = frames.step(1)
-        for key, value in (("obs", obs), ("next_obs", nxt), ("action", 1), ("reward", reward),
-                           ("done", done), ("actor", 1), ("step", step)):  # fmt: skip
-            rows[key].append(value)
-        obs = nxt
-    batch = {k: np.asarray(v, dtype=demo.demo_fields()[k][1]) for k, v in rows.items()}
-    info = {"index": np.arange(n, dtype=np.int64), "key": np.arange(n, dtype=np.uint64)}
-    return batch, info
+def test_stamps_round_trip() -> None:
+    frames = np.random.default_rng(0).integers(0, 256, (3, 84, 84), dtype=np.uint8)
+    stamps = np.zeros(3, demo.STAMP)
+    stamps["episode"] = [0, 7, 2**32 - 1]
+    stamps["position"] = [0, 1, 123_456]
+    stamps["reward"] = [0.0, -1.0, 2.5]
+    stamps["actor"], stamps["env"], stamps["action"] = 254, [0, 1, 255], 17
+    stamps["flags"] = [0, demo.TERMINATED, demo.TERMINATED | demo.TRUNCATED]
+    demo.write_stamps(frames, stamps)
+    read, whole = demo.read_stamps(frames)
+    assert read.tolist() == stamps.tolist() and whole.all()
+    frames[1, -1, 3] ^= 1  # the last row from another write
+    assert demo.read_stamps(frames)[1].tolist() == [True, False, True]
 
 
-def test_check_batch_accepts_whole_records_and_catches_torn_ones() -> None:
-    kwargs: dict[str, Any] = dict(batch_size=8, capacity=100, num_actors=2, num_actions=6, synthetic=True)
-    batch, info = _batch()
-    assert demo.check_batch(batch, info, **kwargs) is None
+CHECK_ARGS: dict[str, Any] = dict(capacity=3000, num_actors=4, num_envs=8, num_actions=6)
 
-    torn = dict(batch, next_obs=batch["next_obs"].copy())
-    torn["next_obs"][3] = batch["next_obs"][4]  # next_obs from another transition
-    assert "torn record" in (demo.check_batch(torn, info, **kwargs) or "")
 
-    wrong_actor = dict(batch, actor=np.zeros(8, np.int32))  # the stamp says actor 1
-    assert "torn record" in (demo.check_batch(wrong_actor, info, **kwargs) or "")
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Items sampled from the demo's buffer after actor 3 played 8 synthetic envs through
+    :func:`demo.play` (the ring wraps about 50 times): many of them with windows cut short by
+    an episode's end, or with stacks padded before an episode's start."""
+    path = tmp_path_factory.mktemp("shm")
+    with shmreplay.EpisodeBuffer.create(
+        capacity=3000, fields=demo.demo_fields(), frame_stack=4, n_step=3, gamma=demo.GAMMA, path=path
+    ) as buf:
+        counter = itertools.count()
+        report = demo.play(
+            atari.SyntheticVectorEnv(8), buf.writer(num_envs=8), actor_id=3, num_actions=6, seed=1,
+            keep_going=lambda: next(counter) < 20_000,
+        )  # fmt: skip
+        assert report["steps"] > 150_000 and report["episodes"] > 200
+        # Keep items of every case the checker tells apart, 5 each, then 34 more of any kind.
+        wanted = [5] * 6 + [34]
+        kept: list[list[tuple[dict[str, np.ndarray], dict[str, Any]]]] = [[] for _ in wanted]
+        for _ in range(1000):
+            batch, sample_info = buf.sample(1000, return_info=True)
+            info: dict[str, Any] = dict(sample_info)
+            now, _ = demo.read_stamps(batch["obs"][:, -1])
+            nxt, _ = demo.read_stamps(batch["next_obs"][:, -1])
+            k = nxt["position"].astype(int) - now["position"].astype(int)
+            ended = batch["terminated"] | batch["truncated"]
+            cases = [
+                (k == 3) & ~ended,
+                (k < 3) & batch["terminated"],
+                (k < 3) & batch["truncated"],
+                (k == 3) & ended,
+                now["position"] == 0,
+                now["position"] == 2,
+                np.ones(len(k), bool),
+            ]
+            for case, items, n in zip(cases, kept, wanted):
+                for i in np.flatnonzero(case)[: n - len(items)]:
+                    items.append(({key: v[i] for key, v in batch.items()}, {key: v[i] for key, v in info.items()}))
+            if all(len(items) == n for items, n in zip(kept, wanted)):
+                break
+        assert [len(items) for items in kept] == wanted
+    rows = [row for items in kept for row in items]
+    return (
+        {key: np.stack([b[key] for b, _ in rows]) for key in rows[0][0]},
+        {key: np.stack([i[key] for _, i in rows]) for key in rows[0][1]},
+    )
 
-    bad_dtype = dict(batch, done=batch["done"].astype(np.uint8))
-    assert "done" in (demo.check_batch(bad_dtype, info, **kwargs) or "")
 
-    out_of_range = dict(batch, actor=np.full(8, 5, np.int32))
-    assert "actor id" in (demo.check_batch(out_of_range, info, **dict(kwargs, synthetic=False)) or "")
+def test_check_batch_accepts_every_sampled_item(sampled: tuple[dict[str, np.ndarray], dict[str, Any]]) -> None:
+    batch, info = sampled
+    assert demo.check_batch(batch, info, batch_size=64, **CHECK_ARGS) is None
+
+
+def _restamp(frames: np.ndarray, **changes: Any) -> None:
+    stamps, _ = demo.read_stamps(frames[None])
+    for key, value in changes.items():
+        stamps[key] = value
+    demo.write_stamps(frames[None], stamps)
+
+
+def _other_env(batch: dict[str, np.ndarray], item: int) -> int:
+    """An item of another env than ``item``'s."""
+    return int(np.flatnonzero(batch["env"] != batch["env"][item])[0])
+
+
+def _restamp_everywhere(batch: dict[str, np.ndarray], item: int, frame: int, **changes: Any) -> None:
+    """Restamp ``obs[item, frame]`` and every copy of it in the item's two stacks, so that the
+    stacks still agree where they overlap."""
+    target = batch["obs"][item, frame].copy()
+    for key in ("obs", "next_obs"):
+        for f in batch[key][item]:
+            if np.array_equal(f, target):
+                _restamp(f, **changes)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda b, i: b["next_obs"][i, 3, -1].__setitem__(2, b["next_obs"][i, 3, -1, 2] ^ 1), "torn frame"),
+        (lambda b, i: b["obs"][i].__setitem__(0, b["obs"][_other_env(b, i), 3]), "different episodes or envs"),
+        (lambda b, i: b["next_obs"].__setitem__(i, b["next_obs"][_other_env(b, i)]), "different episodes or envs"),
+        (lambda b, i: _restamp(b["obs"][i, 1], position=123_456_789), "obs stack out of order"),
+        (lambda b, i: _restamp(b["next_obs"][i, 3], position=123_456_789), "next_obs"),
+        (lambda b, i: b["obs"][i, 3, 40].__setitem__(40, b["obs"][i, 3, 40, 40] ^ 1), "does not continue obs"),
+        (lambda b, i: b["step"].__setitem__(i, b["step"][i] + 1), "step field disagrees"),
+        (lambda b, i: b["env"].__setitem__(i, (b["env"][i] + 1) % 8), "env or step field disagrees"),
+        (lambda b, i: b["action"].__setitem__(i, (b["action"][i] + 1) % 6), "action is not a_t"),
+        (lambda b, i: b["reward"].__setitem__(i, b["reward"][i] + 0.001), "not the n-step return"),
+        (lambda b, i: b["discount"].__setitem__(i, b["discount"][i] * 0.99), "discount"),
+        (lambda b, i: b["terminated"].__setitem__(i, not b["terminated"][i]), "flags of the window's last step"),
+        (lambda b, i: b["truncated"].__setitem__(i, not b["truncated"][i]), "flags of the window's last step"),
+        (lambda b, i: _restamp_everywhere(b, i, 2, flags=demo.TRUNCATED), "crosses an episode's end"),
+    ],
+)
+@pytest.mark.parametrize("item", [0, 5, 10, 15, 20, 25])
+def test_check_batch_catches_each_kind_of_wrong_item(
+    sampled: tuple[dict[str, np.ndarray], dict[str, Any]], corrupt: Any, message: str, item: int
+) -> None:
+    """One wrong item of each case (a full window, windows cut by termination and by
+    truncation, a full window ending an episode, stacks padded at an episode's start) is
+    reported, with its slot."""
+    batch, info = sampled
+    bad = {key: value.copy() for key, value in batch.items()}
+    corrupt(bad, item)
+    error = demo.check_batch(bad, info, batch_size=64, **CHECK_ARGS) or ""
+    assert message in error and f"item {item}," in error, error
+
+
+def test_check_batch_catches_a_window_cut_short_in_a_running_episode(
+    sampled: tuple[dict[str, np.ndarray], dict[str, Any]],
+) -> None:
+    batch, info = sampled
+    bad = {key: value.copy() for key, value in batch.items()}
+    item = 5  # a window cut short by termination: make the episode go on
+    _restamp(bad["next_obs"][item, 3], flags=0)
+    bad["terminated"][item] = False
+    error = demo.check_batch(bad, info, batch_size=64, **CHECK_ARGS) or ""
+    assert "shorter than 3 steps" in error, error
+
+
+def test_check_batch_checks_the_schema(sampled: tuple[dict[str, np.ndarray], dict[str, Any]]) -> None:
+    batch, info = sampled
+    args = dict(batch_size=64, **CHECK_ARGS)
+    assert "terminated" in (demo.check_batch(dict(batch, terminated=batch["terminated"].astype(np.uint8)), info, **args) or "")
+    assert "batch keys" in (demo.check_batch({k: v for k, v in batch.items() if k != "discount"}, info, **args) or "")
+    assert "batch keys" in (demo.check_batch(dict(batch, done=batch["terminated"]), info, **args) or "")
+    assert "field 'obs'" in (demo.check_batch(dict(batch, obs=batch["obs"][:, 1:]), info, **args) or "")
+    assert "actor out of range" in (demo.check_batch(batch, info, **dict(args, num_actors=3)) or "")
+    assert "env out of range" in (demo.check_batch(batch, info, **dict(args, num_envs=4)) or "")
+    assert "index out of range" in (demo.check_batch(batch, info, **dict(args, capacity=10)) or "")

@@ -1,15 +1,18 @@
-"""Frame sources for the actor-learner demo.
+"""Vector environments of 84x84 frames for the actor-learner demo.
 
-Two sources share one small interface (:class:`FrameSource`):
+Two sources share the interface of a gymnasium vector env (:class:`VectorEnv`): ``reset()``
+returns ``(obs, info)`` and ``step(actions)`` returns ``(obs, reward, terminated, truncated,
+info)``, one row per env, with gymnasium's default NEXT_STEP autoreset (the step after an
+episode's end returns the first observation of a new episode, with reward 0 and no flags).
 
-* :class:`AtariFrames` plays a real Atari 2600 game through ``ale-py`` + ``gymnasium``
-  (install with ``pip install 'shmreplay[atari]'``) and turns each 210x160 grayscale screen into
-  the classic DQN observation: an 84x84 ``uint8`` frame, four of them stacked.
-* :class:`SyntheticFrames` draws a cheap moving pattern with NumPy only. It needs no extra
-  packages, never imports ``gymnasium``, and stamps a frame counter and the actor id into the
-  top-left pixels of every frame so a learner can check that every sampled record is whole.
+* :func:`make_atari_vector_env` plays real Atari 2600 games through ``ale-py`` +
+  ``gymnasium.make_vec`` (install with ``pip install 'shmreplay[atari]'``), each screen turned
+  into one 84x84 grayscale ``uint8`` frame by :class:`Downsampler`. Frames are not stacked here:
+  an :class:`~shmreplay.EpisodeBuffer` stores each frame once and stacks them when it samples.
+* :class:`SyntheticVectorEnv` runs :class:`SyntheticFrames`, a cheap moving pattern drawn with
+  NumPy only; it needs no extra packages and never imports ``gymnasium``.
 
-Both return observations of shape :data:`OBS_SHAPE` as fresh arrays that the caller may keep.
+Observations are ``(num_envs, 84, 84)`` ``uint8`` arrays the caller may keep and modify.
 """
 
 from __future__ import annotations
@@ -22,27 +25,25 @@ import numpy.typing as npt
 
 __all__ = [
     "FRAME_SIZE",
-    "STACK",
-    "OBS_SHAPE",
+    "FRAME_SHAPE",
     "AtariUnavailableError",
-    "FrameSource",
-    "AtariFrames",
+    "VectorEnv",
     "SyntheticFrames",
+    "SyntheticVectorEnv",
     "Downsampler",
     "atari_env_id",
+    "make_atari_vector_env",
     "check_atari",
-    "read_stamp",
 ]
 
 FRAME_SIZE = 84
 """Height and width of one preprocessed frame."""
-STACK = 4
-"""Number of consecutive frames in one observation."""
-OBS_SHAPE: tuple[int, int, int] = (STACK, FRAME_SIZE, FRAME_SIZE)
-"""Shape of one observation (``uint8``)."""
+FRAME_SHAPE: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)
+"""Shape of one observation: a single ``uint8`` frame."""
 
 Frame = npt.NDArray[np.uint8]
-StepResult = tuple[Frame, float, bool]
+Frames = npt.NDArray[np.uint8]
+StepResult = tuple[Frames, npt.NDArray[Any], npt.NDArray[np.bool_], npt.NDArray[np.bool_], dict[str, Any]]
 
 INSTALL_HINT = (
     "the Atari demo needs gymnasium and ale-py: pip install 'shmreplay[atari]' "
@@ -54,34 +55,26 @@ class AtariUnavailableError(RuntimeError):
     """``gymnasium`` / ``ale-py`` are missing, or the requested game cannot be created."""
 
 
-class FrameSource(Protocol):
-    """What an actor needs from an environment: stacked frames, a reward and an end flag."""
+class VectorEnv(Protocol):
+    """The part of ``gymnasium.vector.VectorEnv`` the demo's actors use."""
 
-    num_actions: int
+    num_envs: int
 
-    def reset(self) -> Frame:
-        """Start a new episode and return its first stacked observation ``(4, 84, 84)``."""
+    def reset(self, *, seed: int | None = None) -> tuple[Frames, dict[str, Any]]:
+        """Start an episode in every env; return the first frames ``(num_envs, 84, 84)``."""
         ...
 
-    def step(self, action: int) -> StepResult:
-        """Apply ``action``; return ``(next_obs, reward, done)``.
+    def step(self, actions: npt.NDArray[np.int64]) -> StepResult:
+        """One step of every env: ``(obs, reward, terminated, truncated, info)``.
 
-        ``done`` is true when the episode ended (terminated or truncated); call :meth:`reset`
-        before the next :meth:`step`.
+        NEXT_STEP autoreset: for an env whose previous step ended its episode, ``obs`` is the
+        first frame of a new episode, its reward 0 and its flags False.
         """
         ...
 
     def close(self) -> None:
-        """Release the environment."""
+        """Release the environments."""
         ...
-
-
-def _push(stack: Frame, frame: Frame) -> Frame:
-    """Return a new stack: the three newest frames of ``stack`` followed by ``frame``."""
-    out = np.empty_like(stack)
-    out[:-1] = stack[1:]
-    out[-1] = frame
-    return out
 
 
 class Downsampler:
@@ -91,6 +84,7 @@ class Downsampler:
     source area it covers: close to an area (box) filter, and much better than nearest-neighbour
     for the thin ball and paddles of Atari games. The filter is separable, so it costs two
     row/column gathers (~30 us for a 210x160 screen) instead of one 2-D fancy index (~350 us).
+    gymnasium's ``AtariPreprocessing`` would need OpenCV, which the demo does not install.
     """
 
     def __init__(self, height: int, width: int, size: int = FRAME_SIZE) -> None:
@@ -133,70 +127,63 @@ def _import_gymnasium() -> Any:
     return gymnasium
 
 
-class AtariFrames:
-    """A real Atari game (``ALE/<game>-v5``) producing stacked 84x84 grayscale observations.
+def make_atari_vector_env(game: str, num_envs: int, *, frameskip: int = 4) -> tuple[VectorEnv, int]:
+    """``gymnasium.make_vec`` of ``num_envs`` copies of ``ALE/<game>-v5`` (``"sync"`` mode) whose
+    observations are 84x84 grayscale frames; returns ``(envs, number of actions)``.
 
-    The environment uses ``obs_type="grayscale"``, ``frameskip=4`` and the default sticky-action
-    probability (0.25) of the v5 environments. Random seeds are applied on the first reset.
+    The games use ``obs_type="grayscale"``, ``frameskip=4`` and the v5 default sticky-action
+    probability (0.25); autoreset is gymnasium's default (NEXT_STEP). Frames are not stacked.
     """
+    gymnasium = _import_gymnasium()
+    from gymnasium.spaces import Box
+    from gymnasium.wrappers import TransformObservation
 
-    def __init__(self, game: str = "Pong", seed: int = 0, *, frameskip: int = 4) -> None:
-        gymnasium = _import_gymnasium()
-        self.env_id = atari_env_id(game)
-        try:
-            self._env = gymnasium.make(self.env_id, obs_type="grayscale", frameskip=frameskip)
-        except Exception as exc:  # gymnasium raises several error types for unknown ids / ROMs
-            raise AtariUnavailableError(f"cannot create Atari game {self.env_id!r}: {exc}") from exc
-        self.num_actions: int = int(self._env.action_space.n)
-        self._seed: int | None = seed
-        self._resize: Downsampler | None = None
-        self._stack: Frame = np.zeros(OBS_SHAPE, np.uint8)
+    env_id = atari_env_id(game)
+    frame_space = Box(0, 255, FRAME_SHAPE, np.uint8)
+    resize: list[Downsampler] = []  # one per process; built from the first screen's shape
 
-    def _frame(self, screen: npt.NDArray[np.uint8]) -> Frame:
-        if self._resize is None:
-            self._resize = Downsampler(*screen.shape)
-        return self._resize(screen)
+    def downsample(screen: npt.NDArray[np.uint8]) -> Frame:
+        if not resize:
+            resize.append(Downsampler(*screen.shape))
+        return resize[0](screen)
 
-    def reset(self) -> Frame:
-        screen, _ = self._env.reset(seed=self._seed)
-        self._seed = None  # seed once; later episodes continue the same random stream
-        frame = self._frame(screen)
-        self._stack = np.repeat(frame[None], STACK, axis=0)
-        return self._stack.copy()
+    def preprocess(env: Any) -> Any:
+        return TransformObservation(env, downsample, frame_space)
 
-    def step(self, action: int) -> StepResult:
-        screen, reward, terminated, truncated, _ = self._env.step(action)
-        self._stack = _push(self._stack, self._frame(screen))
-        return self._stack.copy(), float(reward), bool(terminated or truncated)
-
-    def close(self) -> None:
-        self._env.close()
+    try:
+        envs = gymnasium.make_vec(
+            env_id,
+            num_envs=num_envs,
+            vectorization_mode="sync",
+            wrappers=[preprocess],
+            obs_type="grayscale",
+            frameskip=frameskip,
+        )
+    except Exception as exc:  # gymnasium raises several error types for unknown ids / ROMs
+        raise AtariUnavailableError(f"cannot create Atari game {env_id!r}: {exc}") from exc
+    return envs, int(envs.single_action_space.n)
 
 
 class SyntheticFrames:
-    """A NumPy-only stand-in for an Atari game: a ball bouncing between two paddles.
+    """A NumPy-only stand-in for an Atari game: a ball bouncing in front of a paddle.
 
-    Costs a few microseconds per step. Pixels ``[0, 0:4]`` of every frame hold a little-endian
-    frame counter and pixel ``[0, 4]`` the ``stamp`` (the actor id), see :func:`read_stamp`.
-    Episodes end after a random 200-2000 steps; the reward is +1/-1 when the ball reaches the
-    right/left edge.
+    Costs a few microseconds per step. An episode terminates after a random 10-1,199 steps, or
+    is truncated at :attr:`time_limit` steps (about a third of them), so both kinds of episode
+    end occur often. The reward is +1/-1 when the ball reaches the right/left edge.
     """
 
     num_actions = 6
+    time_limit = 800
 
-    def __init__(self, seed: int = 0, *, stamp: int = 0) -> None:
-        if not 0 <= stamp < 256:
-            raise ValueError("stamp must fit in one byte (0..255)")
+    def __init__(self, seed: int = 0) -> None:
         self._rng = np.random.default_rng(seed)
-        self._stamp = stamp
-        self._counter = 0
         ys, xs = np.mgrid[0:FRAME_SIZE, 0:FRAME_SIZE]
         self._background: Frame = (40 + (ys + 2 * xs) % 48).astype(np.uint8)
-        self._stack: Frame = np.zeros(OBS_SHAPE, np.uint8)
         self._pos = np.zeros(2)
         self._vel = np.zeros(2)
         self._paddle = 40.0
-        self._left = 0
+        self._life = 0
+        self._steps = 0
 
     def _draw(self) -> Frame:
         frame: Frame = self._background.copy()
@@ -204,20 +191,19 @@ class SyntheticFrames:
         frame[y : y + 3, x : x + 3] = 236
         p = int(self._paddle)
         frame[p : p + 12, 78:80] = 200
-        frame[0, 0:4] = np.frombuffer(self._counter.to_bytes(4, "little"), np.uint8)
-        frame[0, 4] = self._stamp
-        self._counter = (self._counter + 1) & 0xFFFFFFFF
         return frame
 
     def reset(self) -> Frame:
+        """Start an episode; return its first frame ``(84, 84)``."""
         self._pos = self._rng.uniform([8, 8], [70, 70])
         self._vel = self._rng.uniform(1.0, 2.5, size=2) * self._rng.choice([-1.0, 1.0], size=2)
         self._paddle = 36.0
-        self._left = int(self._rng.integers(200, 2001))
-        self._stack = np.repeat(self._draw()[None], STACK, axis=0)
-        return self._stack.copy()
+        self._life = int(self._rng.integers(10, 1200))
+        self._steps = 0
+        return self._draw()
 
-    def step(self, action: int) -> StepResult:
+    def step(self, action: int) -> tuple[Frame, float, bool, bool]:
+        """Apply ``action``; return ``(frame, reward, terminated, truncated)``."""
         if not 0 <= action < self.num_actions:
             raise ValueError(f"action must be in [0, {self.num_actions})")
         self._paddle = float(np.clip(self._paddle + (-2.0, 0.0, 2.0)[action % 3], 1, 72))
@@ -229,23 +215,45 @@ class SyntheticFrames:
                     reward = 1.0 if self._vel[1] > 0 else -1.0
                 self._vel[axis] = -self._vel[axis]
                 self._pos[axis] = float(np.clip(self._pos[axis], 1.0, 80.0))
-        self._left -= 1
-        self._stack = _push(self._stack, self._draw())
-        return self._stack.copy(), reward, self._left <= 0
+        self._steps += 1
+        terminated = self._steps >= self._life
+        truncated = not terminated and self._steps >= self.time_limit
+        return self._draw(), reward, terminated, truncated
+
+
+class SyntheticVectorEnv:
+    """``num_envs`` :class:`SyntheticFrames` behind a gymnasium-style vector interface, with
+    NEXT_STEP autoreset, so that the demo's actor loop is the same as for Atari."""
+
+    def __init__(self, num_envs: int, seed: int = 0) -> None:
+        if num_envs < 1:
+            raise ValueError("num_envs must be >= 1")
+        self.num_envs = num_envs
+        self.num_actions = SyntheticFrames.num_actions
+        self._envs = [SyntheticFrames(seed + i) for i in range(num_envs)]
+        self._ended = np.zeros(num_envs, np.bool_)
+
+    def reset(self, *, seed: int | None = None) -> tuple[Frames, dict[str, Any]]:
+        if seed is not None:
+            self._envs = [SyntheticFrames(seed + i) for i in range(self.num_envs)]
+        self._ended[:] = False
+        return np.stack([env.reset() for env in self._envs]), {}
+
+    def step(self, actions: npt.NDArray[np.int64]) -> StepResult:
+        obs = np.empty((self.num_envs, *FRAME_SHAPE), np.uint8)
+        reward = np.zeros(self.num_envs, np.float64)
+        terminated = np.zeros(self.num_envs, np.bool_)
+        truncated = np.zeros(self.num_envs, np.bool_)
+        for i, env in enumerate(self._envs):
+            if self._ended[i]:
+                obs[i] = env.reset()
+            else:
+                obs[i], reward[i], terminated[i], truncated[i] = env.step(int(actions[i]))
+        self._ended = terminated | truncated
+        return obs, reward, terminated, truncated, {}
 
     def close(self) -> None:
         pass
-
-
-def read_stamp(frames: npt.NDArray[np.uint8]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
-    """Decode the (frame counter, stamp) written by :class:`SyntheticFrames`.
-
-    ``frames`` has shape ``(..., 84, 84)``; returns two arrays of shape ``frames.shape[:-2]``.
-    """
-    raw = np.ascontiguousarray(frames[..., 0, 0:4])
-    counter: npt.NDArray[np.int64] = raw.astype(np.int64) @ np.array([1, 1 << 8, 1 << 16, 1 << 24], np.int64)
-    stamp: npt.NDArray[np.uint8] = np.asarray(frames[..., 0, 4])
-    return counter, stamp
 
 
 def check_atari(game: str) -> tuple[str, int]:
@@ -258,6 +266,6 @@ def check_atari(game: str) -> tuple[str, int]:
     missing = [m for m in ("gymnasium", "ale_py") if importlib.util.find_spec(m) is None]
     if missing:
         raise AtariUnavailableError(f"{INSTALL_HINT}; missing: {', '.join(missing)}")
-    frames = AtariFrames(game)
-    frames.close()
-    return frames.env_id, frames.num_actions
+    envs, num_actions = make_atari_vector_env(game, 1)
+    envs.close()
+    return atari_env_id(game), num_actions

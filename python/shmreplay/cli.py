@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add(
         "demo",
-        "live demo: actor processes push Atari transitions, learner processes sample batches",
+        "live demo: actor processes write Atari episodes, learner processes sample n-step batches",
     )
     demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
