@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import _core
 from ._buffer import ReplayBuffer, _dir_arg
+from ._batches import Batches
 from ._episodes import EpisodeBuffer, EpisodeWriter
 from ._limiters import Limiter, MinSize, SampleToInsertRatio
 from ._samplers import Prioritized, Queue, Sampler, Uniform
@@ -28,6 +29,7 @@ __all__ = [
     "ReplayBuffer",
     "EpisodeBuffer",
     "EpisodeWriter",
+    "Batches",
     "Uniform",
     "Prioritized",
     "Queue",

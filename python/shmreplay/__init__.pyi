@@ -7,6 +7,7 @@ the runtime by ``mypy.stubtest`` in ``make test``.
 
 import os
 
+from ._batches import Batches as Batches
 from ._buffer import ReplayBuffer as ReplayBuffer
 from ._episodes import EpisodeBuffer as EpisodeBuffer
 from ._episodes import EpisodeWriter as EpisodeWriter

@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping, overload
 import numpy as np
 
 from . import _core
+from ._batches import Batches
 from ._limiters import Limiter, limiter_args, limiter_of
 from ._samplers import Prioritized, Queue, Sampler, Uniform, sampler_args, sampler_of
 from ._types import FieldSpec, LimiterInfo, PathLike, SampleInfo, Stats
@@ -631,6 +632,42 @@ class ReplayBuffer:
             info = {"index": index.view(np.int64), "key": key}
             return arrays, info
         return arrays
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        prefetch: int = 2,
+        copy: bool = False,
+        beta: float | None = None,
+        timeout: float | None = None,
+    ) -> "Batches":
+        """Batches of :meth:`sample` (``return_info=True``) drawn ahead by a background thread,
+        so that sampling overlaps the learner's step::
+
+            for batch, info in buf.batches(256, prefetch=2, beta=0.4):
+                loss = learner.update(batch, info["weight"])
+                buf.update_priorities(info["key"], new_priorities)
+
+        The thread samples (GIL released) into a ring of ``prefetch + 1`` reusable batches: a
+        yielded batch stays valid until the following ``next()``; ``copy=True`` hands out fresh
+        arrays instead. Arrays are C-contiguous, so ``torch.from_numpy(a)`` and
+        ``jax.numpy.asarray(a)`` take them without a copy (moving them to a GPU copies anyway;
+        with ``copy=False`` do that before the next ``next()``). Waits for flow control happen
+        in the thread: ``timeout`` bounds each batch's (``None``: wait). See :class:`Batches`
+        for how the iteration ends (leaving the loop, ``close()``, ``shutdown()``, Ctrl-C).
+        """
+        n = _int_arg("batch_size", batch_size, 1)
+        prefetch = _int_arg("prefetch", prefetch, 1, 64)
+        _beta_arg(self._sampler, beta)
+        seconds = _timeout(timeout)
+        if not isinstance(copy, (bool, np.bool_)):
+            raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
+
+        def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
+            return self.sample(n, beta=beta, return_info=True, out=out, timeout=wait)
+
+        return Batches(sample, prefetch, bool(copy), seconds)
 
     def update_priorities(self, keys: Any, priorities: Any) -> int:
         """Sets the raw priorities of the records ``keys`` (``info["key"]`` of :meth:`sample`),

@@ -22,6 +22,7 @@ from ._buffer import (
     _timeout,
     _to_column,
 )
+from ._batches import Batches
 from ._limiters import Limiter, limiter_args
 from ._samplers import Prioritized, Queue, Sampler, sampler_args
 from ._types import FieldSpec, PathLike, SampleInfo, Stats
@@ -451,6 +452,46 @@ class EpisodeBuffer:
         drawn = self._raw.sample_sequences(list(arrays.values()), n, length, period, b, seconds)
         info = self._draw_info(drawn, return_info)
         return arrays if info is None else (arrays, info)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        prefetch: int = 2,
+        copy: bool = False,
+        sequences: bool = False,
+        length: int | None = None,
+        period: int | None = None,
+        beta: float | None = None,
+        timeout: float | None = None,
+    ) -> Batches:
+        """Batches of :meth:`sample` (or, with ``sequences=True``, of
+        :meth:`sample_sequences` with ``length`` and ``period``), ``return_info=True``, drawn
+        ahead by a background thread: see :meth:`ReplayBuffer.batches`."""
+        n = _int_arg("batch_size", batch_size, 1)
+        prefetch = _int_arg("prefetch", prefetch, 1, 64)
+        _beta_arg(self.sampler, beta)
+        seconds = _timeout(timeout)
+        for name, flag in (("copy", copy), ("sequences", sequences)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        if sequences:
+            if length is None:
+                raise TypeError("batches(sequences=True) needs length=")
+            steps = _int_arg("length", length, 1, _core.MAX_CAPACITY)
+            every = None if period is None else _int_arg("period", period, 1, _core.MAX_CAPACITY)
+
+            def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
+                return self.sample_sequences(n, steps, every, beta=beta, return_info=True, out=out, timeout=wait)
+
+        else:
+            if length is not None or period is not None:
+                raise TypeError("length= and period= are for batches(sequences=True)")
+
+            def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
+                return self.sample(n, beta=beta, return_info=True, out=out, timeout=wait)
+
+        return Batches(sample, prefetch, bool(copy), seconds)
 
     def update_priorities(self, keys: Any, priorities: Any) -> int:
         """As :meth:`ReplayBuffer.update_priorities`, with the keys :meth:`sample` returns."""
