@@ -22,6 +22,10 @@ SampleFn = Callable[[Union[Mapping[str, np.ndarray], None], Union[float, None]],
 _SLICE = 0.05
 
 
+# Put in the free queue by close(): not a slot, a nudge.
+_WAKE = -1
+
+
 class _End:
     """Put in the ready queue when the buffer was shut down: the iteration ends."""
 
@@ -111,6 +115,7 @@ class Batches(Iterator["tuple[Batch, SampleInfo]"]):
             return
         self._closed = True
         self._stop.set()
+        self._free.put(_WAKE)  # a thread waiting for a free batch looks at the stop flag now
         if self._thread is not threading.current_thread():
             self._thread.join()
 
@@ -145,6 +150,8 @@ def _fill(
         try:
             slot = free.get(timeout=_SLICE)
         except queue.Empty:
+            continue
+        if slot == _WAKE:
             continue
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

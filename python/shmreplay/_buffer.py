@@ -659,13 +659,26 @@ class ReplayBuffer:
         """
         n = _int_arg("batch_size", batch_size, 1)
         prefetch = _int_arg("prefetch", prefetch, 1, 64)
-        _beta_arg(self._sampler, beta)
+        b = _beta_arg(self._sampler, beta)
+        prioritized = isinstance(self._sampler, Prioritized)
         seconds = _timeout(timeout)
         if not isinstance(copy, (bool, np.bool_)):
             raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
 
         def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
-            return self.sample(n, beta=beta, return_info=True, out=out, timeout=wait)
+            if out is None:  # the first batch of a slot: checked and allocated as usual
+                return self.sample(n, beta=beta, return_info=True, timeout=wait)
+            # Refills: straight to the core, so the thread holds the GIL as briefly as it can.
+            arrays = list(out.values())
+            info: SampleInfo
+            if prioritized:
+                index, key, probability, weight, priority = self._raw.sample_prioritized_into(arrays, n, b, wait)
+                info = {"index": index.view(np.int64), "key": key, "probability": probability,
+                        "weight": weight, "priority": priority}
+            else:
+                index, key = self._raw.sample_into(arrays, n, wait)
+                info = {"index": index.view(np.int64), "key": key}
+            return dict(out), info
 
         return Batches(sample, prefetch, bool(copy), seconds)
 

@@ -470,7 +470,7 @@ class EpisodeBuffer:
         ahead by a background thread: see :meth:`ReplayBuffer.batches`."""
         n = _int_arg("batch_size", batch_size, 1)
         prefetch = _int_arg("prefetch", prefetch, 1, 64)
-        _beta_arg(self.sampler, beta)
+        b = _beta_arg(self.sampler, beta)
         seconds = _timeout(timeout)
         for name, flag in (("copy", copy), ("sequences", sequences)):
             if not isinstance(flag, (bool, np.bool_)):
@@ -482,14 +482,21 @@ class EpisodeBuffer:
             every = None if period is None else _int_arg("period", period, 1, _core.MAX_CAPACITY)
 
             def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
-                return self.sample_sequences(n, steps, every, beta=beta, return_info=True, out=out, timeout=wait)
+                if out is None:  # the first batch of a slot: checked and allocated as usual
+                    return self.sample_sequences(n, steps, every, beta=beta, return_info=True, timeout=wait)
+                # Refills: straight to the core, so the thread holds the GIL as briefly as it can.
+                drawn = self._raw.sample_sequences(list(out.values()), n, steps, every or steps, b, wait)
+                return dict(out), self._draw_info(drawn, True)  # type: ignore[return-value]
 
         else:
             if length is not None or period is not None:
                 raise TypeError("length= and period= are for batches(sequences=True)")
 
             def sample(out: Mapping[str, np.ndarray] | None, wait: float | None) -> tuple[dict[str, np.ndarray], SampleInfo]:
-                return self.sample(n, beta=beta, return_info=True, out=out, timeout=wait)
+                if out is None:
+                    return self.sample(n, beta=beta, return_info=True, timeout=wait)
+                drawn = self._raw.sample(list(out.values()), n, b, wait)
+                return dict(out), self._draw_info(drawn, True)  # type: ignore[return-value]
 
         return Batches(sample, prefetch, bool(copy), seconds)
 
