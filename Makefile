@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow bench-episodes soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -93,6 +93,12 @@ bench-prioritized: dev bench-deps
 # (benches/README.md#flow-control): about 5 minutes.
 bench-flow: dev bench-deps
 	$(PY) benches/flow.py $(BENCH_ARGS)
+
+# Episode streams: EpisodeBuffer's sample, sample_sequences and step against the gather limit
+# and cpprb, a concurrent run that checks every item, the memory table
+# (benches/README.md#episode-streams): about 8 minutes, 7.2 GB in /dev/shm at a time.
+bench-episodes: dev bench-deps
+	$(PY) benches/episodes.py $(BENCH_ARGS)
 
 # Reliability soak (not part of `make test`): `make soak MINUTES=10`.
 MINUTES ?= 10

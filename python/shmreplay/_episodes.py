@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from types import TracebackType
@@ -289,7 +290,7 @@ class EpisodeBuffer:
     def _check_call(self, layout: dict[str, tuple[tuple[int, ...], np.dtype]], return_info: Any) -> None:
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
-        total = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in layout.values())
+        total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
         if total > _PHYSICAL_MEMORY:
             raise MemoryError(f"a batch of {total:,} bytes needs more memory than this machine has")
 

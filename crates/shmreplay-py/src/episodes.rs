@@ -3,20 +3,21 @@
 //! `RawBuffer` sharing the same handle (`ring`).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use numpy::{PyArray1, PyUntypedArray};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use shmreplay_core::{
-    DType, EpisodeBuffer, EpisodeWriter, Episodes, OutColumn, Padding, PriorityOutputs, Schema,
-    SequenceColumns, StepColumns, WaitUpTo,
+    DType, EpisodeBuffer, EpisodeWriter, Episodes, Error, OutColumn, Padding, PriorityOutputs,
+    Schema, SequenceColumns, StepColumns, WaitUpTo,
 };
 
 use crate::arrays::{inputs, outputs};
 use crate::{
-    limiter_args, limiter_of, sampler_args, sampler_of, timeout_of, to_py, zeroed, F32Array,
-    F64Array, LimiterArgs, RawBuffer, SamplerArgs, U64Array,
+    limiter_args, limiter_of, python_signal_raised, sampler_args, sampler_of, timeout_of, to_py,
+    zeroed, F32Array, F64Array, LimiterArgs, RawBuffer, SamplerArgs, U64Array,
 };
 
 /// `(index, key, (probability, weight, priority) or None)` of a batch.
@@ -270,7 +271,7 @@ impl RawEpisodes {
         let columns = inputs(&columns)?;
         let timeout = timeout_of(timeout)?;
         py.detach(|| {
-            let mut state = writer.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = writer.lock(timeout)?;
             buffer.reset(&mut state, &envs, &columns, &mut WaitUpTo(timeout))
         })
         .map_err(|e| to_py(py, e))
@@ -294,7 +295,7 @@ impl RawEpisodes {
         let columns = inputs(&columns)?;
         let timeout = timeout_of(timeout)?;
         py.detach(|| {
-            let mut state = writer.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut state = writer.lock(timeout)?;
             buffer.step(
                 &mut state,
                 &columns,
@@ -393,6 +394,44 @@ impl RawEpisodes {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
+
+impl RawEpisodeWriter {
+    /// The streams, once no other thread writes through this writer: waited for (without the
+    /// GIL) up to `timeout`, Ctrl-C ending the wait.
+    fn lock(
+        &self,
+        timeout: Option<Duration>,
+    ) -> shmreplay_core::Result<MutexGuard<'_, EpisodeWriter>> {
+        let started = Instant::now();
+        let mut checked = started;
+        loop {
+            match self.state.try_lock() {
+                Ok(state) => return Ok(state),
+                Err(TryLockError::Poisoned(state)) => return Ok(state.into_inner()),
+                Err(TryLockError::WouldBlock) => {}
+            }
+            if timeout.is_some_and(|t| started.elapsed() >= t) {
+                return Err(Error::Timeout(
+                    "another thread is writing through this EpisodeWriter (it may be waiting for \
+                     the limiter)"
+                        .into(),
+                ));
+            }
+            if checked.elapsed() >= SIGNAL_CHECK_EVERY {
+                checked = Instant::now();
+                if python_signal_raised() {
+                    return Err(Error::Interrupted);
+                }
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
+}
+
+/// How often a thread waiting for a writer another thread uses looks for Ctrl-C, and how long
+/// it sleeps between tries.
+const SIGNAL_CHECK_EVERY: Duration = Duration::from_millis(20);
+const LOCK_POLL: Duration = Duration::from_micros(200);
 
 #[pymethods]
 impl RawEpisodeWriter {

@@ -174,7 +174,7 @@ thread_local! {
 
 /// The core's interrupt check: runs Python's signal handlers (Ctrl-C raises KeyboardInterrupt
 /// there), keeping what they raised for `to_py`. Core calls poll it every few milliseconds.
-fn python_signal_raised() -> bool {
+pub(crate) fn python_signal_raised() -> bool {
     Python::attach(|py| match py.check_signals() {
         Ok(()) => false,
         Err(e) => {

@@ -30,6 +30,7 @@ use crate::registry::segment_path;
 
 pub use priority::{PriorityOutputs, PriorityStats};
 pub use stats::{SegmentInfo, Stats};
+pub(crate) use writer::Leaves;
 #[cfg(feature = "test-hooks")]
 pub use writer::PauseAt;
 

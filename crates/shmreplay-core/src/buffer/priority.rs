@@ -29,6 +29,8 @@ const MISSES_BEFORE_CHECK: u64 = 32;
 /// Draws of slots holding no item (an episode buffer's sequence sampler skips most steps)
 /// before it makes sure some item exists, and checks for Ctrl-C and its time limit.
 const SKIPS_BEFORE_CHECK: u64 = 1 << 12;
+/// Skipped draws of one row after which a prioritized draw falls back to uniform draws.
+const UNIFORM_AFTER_SKIPS: u64 = 4 * SKIPS_BEFORE_CHECK;
 /// Fruitless draws in its stratum after which a row of a stratified batch draws from the
 /// whole tree.
 const STRATUM_PATIENCE: u64 = 64;
@@ -349,6 +351,7 @@ impl ReplayBuffer {
         let mut rng = self.rng_for_call();
         let capacity = self.capacity();
         let scale = tree.geometry.scale;
+        let limited = !matches!(self.flow(), crate::layout::Flow::Free);
         // Row k of a stratified batch draws from its own k-th of [0, T): the first `T % n`
         // strata are one longer (integers only, no rounding to lose mass to).
         let (width, longer) = (total / n as u64, total % n as u64);
@@ -419,9 +422,14 @@ impl ReplayBuffer {
                         skips += 1;
                         if skips % SKIPS_BEFORE_CHECK == 0 {
                             // Drawn by priority, yet none holds an item (an episode buffer
-                            // whose steps with priority lack frames): is there any at all?
-                            if !rows.any(capacity) {
+                            // whose sequence starts all have priority 0, say): is there any
+                            // item at all? If there is, draw uniformly, as when every
+                            // priority is 0 (a limited sample waits there for one).
+                            if !limited && !rows.any(capacity) {
                                 return Err(Error::Empty);
+                            }
+                            if limited || skips >= UNIFORM_AFTER_SKIPS {
+                                return Ok(false);
                             }
                             redraws.pause(misses + skips)?;
                         }
@@ -535,6 +543,18 @@ impl ReplayBuffer {
         priorities: &[f64],
         blocking: &mut dyn Blocking,
     ) -> Result<usize> {
+        self.set_priorities(keys, priorities, true, blocking)
+    }
+
+    /// [`update_priorities`](Self::update_priorities), counting the stale keys in the stats
+    /// only if `count_stale` (not for an episode writer's own, whose slots may be gone).
+    pub(crate) fn set_priorities(
+        &self,
+        keys: &[u64],
+        priorities: &[f64],
+        count_stale: bool,
+        blocking: &mut dyn Blocking,
+    ) -> Result<usize> {
         let (params, tree) = self.prioritized("update_priorities")?;
         if keys.len() != priorities.len() {
             return Err(Error::InvalidArgument(format!(
@@ -592,11 +612,13 @@ impl ReplayBuffer {
         tree.propagate(changed.iter().copied(), false);
         self.end_tree_change(entry);
         tree.raise_max_raw(largest);
-        self.count(
-            entry,
-            Counter::StaleUpdates,
-            (updates.len() - changed.len()) as u64,
-        );
+        if count_stale {
+            self.count(
+                entry,
+                Counter::StaleUpdates,
+                (updates.len() - changed.len()) as u64,
+            );
+        }
         Ok(changed.len())
     }
 

@@ -1,7 +1,7 @@
 //! Reading records: uniform batches over the committed slots, and single slots by index.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{Backoff, Blocking, NoBlocking, Orphan, OutColumn, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
@@ -19,6 +19,8 @@ const MISSES_BEFORE_SIZE_CHECK: u64 = 32;
 const MISSES_BEFORE_SCAN: u64 = 4096;
 /// Skipped slots (holding nothing of what is sampled) count as a miss this many at a time.
 const SKIPS_PER_MISS: u64 = 16;
+/// How long an admitted sample sleeps between rounds of draws that find no item.
+const ITEM_WAIT: Duration = Duration::from_millis(2);
 
 impl ReplayBuffer {
     /// Draws `index.len()` records uniformly with replacement from the slots holding a committed
@@ -151,7 +153,13 @@ impl ReplayBuffer {
                         if !limited && (self.is_empty() || (scan && !rows.any(claimed))) {
                             return Err(Error::Empty);
                         }
-                        redraws.pause(misses)?;
+                        if limited && self.holds_episodes() {
+                            // Admitted, but no step's window may be complete yet: wait for
+                            // the writers as flow control waits (the caller's timeout).
+                            redraws.wait(blocking.timeout(), || self.is_shut_down())?;
+                        } else {
+                            redraws.pause(misses)?;
+                        }
                     }
                 };
                 index[row] = slot_index as u64;
@@ -332,6 +340,31 @@ impl Redraws {
             patience: Patience::new(),
             started: None,
         }
+    }
+
+    /// Sleeps a little while an admitted sample finds no item yet (an episode buffer's
+    /// windows are not complete): go on, or why not (Ctrl-C, shut down, `timeout` run out).
+    pub(super) fn wait(
+        &mut self,
+        timeout: Option<Duration>,
+        shut_down: impl Fn() -> bool,
+    ) -> Result<()> {
+        std::thread::sleep(ITEM_WAIT);
+        if self.patience.interrupted() {
+            return Err(Error::Interrupted);
+        }
+        if shut_down() {
+            return Err(Error::Shutdown);
+        }
+        let waited = self.started.get_or_insert_with(Instant::now).elapsed();
+        if timeout.is_some_and(|t| waited >= t) {
+            return Err(Error::Timeout(format!(
+                "sample: no complete item to draw after {:.3} s (admitted by the limiter, and \
+                 counted in its samples)",
+                waited.as_secs_f64()
+            )));
+        }
+        Ok(())
     }
 
     /// After `misses` misses for one row: go on, or why not.

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::priority::LeafWriter;
+use super::priority::{LeafWriter, RowPriorities};
 use super::{Backoff, Blocking, InColumn, NoBlocking, Orphan, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
 use crate::layout::{self, STAGED_RECORD_BYTES};
@@ -104,19 +104,22 @@ impl ReplayBuffer {
         pause: Pause<'_>,
     ) -> Result<usize> {
         self.refuse_episodes("write")?;
-        self.insert(columns, priorities, blocking, pause, None)
+        self.insert(columns, Leaves::Given(priorities), blocking, pause, None)
     }
 
     pub(crate) fn insert(
         &self,
         columns: &[InColumn<'_>],
-        priorities: Option<&[f64]>,
+        leaves: Leaves<'_>,
         blocking: &mut dyn Blocking,
         mut pause: Pause<'_>,
         tickets: Option<&mut [u64]>,
     ) -> Result<usize> {
         let n = self.rows_in(columns.iter().map(|c| c.len()), "column")?;
-        let priorities = self.row_priorities(priorities, n)?;
+        let priorities = match leaves {
+            Leaves::Given(priorities) => self.row_priorities(priorities, n)?,
+            Leaves::Withheld => self.tree().map(|_| RowPriorities::All(0, 0)),
+        };
         if n == 0 {
             return Ok(0);
         }
@@ -219,6 +222,14 @@ impl ReplayBuffer {
         self.segment
             .prefetch(self.slot_offset(index), self.layout.slot_bytes);
     }
+}
+
+/// The priorities an insert gives its rows' leaves (a prioritized ring).
+pub(crate) enum Leaves<'p> {
+    /// Raw priorities, one per row or one for all (validated); `None`: the largest so far.
+    Given(Option<&'p [f64]>),
+    /// 0, never drawn: an episode buffer's frames, until their step's window completes.
+    Withheld,
 }
 
 /// One insert call's rows, written slot by slot.

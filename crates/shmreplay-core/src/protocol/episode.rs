@@ -14,10 +14,17 @@
 
 use crate::sync::{AtomicU64, Ordering};
 
-/// Links frame slot `word` to the committed successor `successor` (Release: a reader that
-/// follows the link finds the successor's commit).
-pub fn link(word: &AtomicU64, successor: u64) {
-    word.store(successor + 1, Ordering::Release);
+/// Links a frame's slot `word` to its committed successor `successor` (Release: a reader that
+/// follows the link finds the successor's commit), if `holds_frame()` says the slot still holds
+/// the frame. The word is read before that check and replaced only if unchanged since: a slot
+/// overwritten in between, whose new frame's writer already linked it, keeps that link (a
+/// plain store would hide it, and the new frame's windows with it). Returns whether it linked.
+pub fn link(word: &AtomicU64, successor: u64, holds_frame: impl FnOnce() -> bool) -> bool {
+    let old = word.load(Ordering::Acquire);
+    holds_frame()
+        && word
+            .compare_exchange(old, successor + 1, Ordering::Release, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// The ticket a reader may look for as the successor of frame `ticket`, from its slot's link
@@ -79,9 +86,12 @@ mod loom_tests {
                 let ring = ring.clone();
                 loom::thread::spawn(move || {
                     ring.write(1, Some(0));
-                    // The writer checked slot 0 still held frame 0, but the other writer may
-                    // overwrite it before this store lands.
-                    link(&ring.link[0], 1);
+                    // The writer checks slot 0 still holds frame 0, but the other writer may
+                    // overwrite it before the link lands.
+                    link(&ring.link[0], 1, || {
+                        let word = ring.seq[0].load(Ordering::Acquire);
+                        slot::read_begin(&ring.seq[0]).is_some() && slot::ticket_of(word) == 0
+                    });
                 })
             };
             let other = {

@@ -335,7 +335,12 @@ impl EpisodeBuffer {
     /// episode ends first) and the `behind` frames before it (fewer at the episode's start),
     /// or which side has a frame missing: before it (overwritten: for good), or after it (not
     /// linked yet, or overwritten).
-    fn window(&self, home: Frame, ahead: usize, behind: u64) -> std::result::Result<Window, Missing> {
+    fn window(
+        &self,
+        home: Frame,
+        ahead: usize,
+        behind: u64,
+    ) -> std::result::Result<Window, Missing> {
         // (`ahead` may be a huge sequence length; the chain grows only as far as frames exist.)
         let mut chain = Vec::with_capacity(ahead.min(64) + behind as usize + 1);
         let first = home.position().saturating_sub(behind);

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use super::{step_word, EpisodeBuffer};
-use crate::buffer::{Blocking, InColumn};
+use crate::buffer::{Blocking, InColumn, Leaves, NoBlocking};
 use crate::error::{Error, Result};
 use crate::protocol::{episode, slot};
 
@@ -33,13 +33,16 @@ struct Stream {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum State {
-    /// Never reset (or its last write failed before any frame): `step` refuses it.
+    /// Never reset: `step` refuses it.
     #[default]
     Fresh,
     /// In an episode: the next `step` continues it.
     Running,
     /// Its last step ended the episode: the next `step` starts a new one (autoreset).
     Ended,
+    /// A frame of its episode was not written (its writer fell a lap behind, or a call failed
+    /// part-way): the rest of the episode is stored unlinked, never an item, until it ends.
+    Detached,
 }
 
 impl EpisodeWriter {
@@ -70,8 +73,9 @@ impl EpisodeBuffer {
     /// Starts a new episode in each env of `envs` with its first observation: `columns` hold
     /// one row per listed env of every observation field, in field order. An env's unfinished
     /// episode is abandoned (its steps whose window is incomplete are never sampled). A call
-    /// that writes nothing (refused, timed out) changes nothing; one that fails part-way
-    /// leaves the envs it did not write to be reset again.
+    /// that writes nothing (refused, timed out) changes nothing. An env whose frame was not
+    /// written (its writer fell a lap behind the ring, or the call failed part-way: do not
+    /// retry that one) stores the rest of that episode unlinked, never an item.
     pub fn reset(
         &self,
         writer: &mut EpisodeWriter,
@@ -129,16 +133,16 @@ impl EpisodeBuffer {
             InColumn::from_slice(&metadata),
         ]);
         let mut tickets = vec![UNWRITTEN; n];
-        let zero_priorities = vec![0.0; n];
-        let result = self.insert_frames(&all, &zero_priorities, &mut tickets, blocking);
-        if tickets.iter().all(|&t| t == UNWRITTEN) {
-            return result; // nothing written (a timeout, say): nothing changes
+        let result = self.insert_frames(&all, &mut tickets, blocking);
+        if result.is_err() && tickets.iter().all(|&t| t == UNWRITTEN) {
+            return result; // refused or timed out, nothing written: nothing changes
         }
         for (&env, &ticket) in envs.iter().zip(&tickets) {
             let stream = &mut writer.streams[env];
             stream.pending.clear();
             if ticket == UNWRITTEN {
-                stream.state = State::Fresh;
+                // Its first frame is lost (superseded: this writer fell a lap behind).
+                stream.state = State::Detached;
             } else {
                 *stream = Stream {
                     state: State::Running,
@@ -158,8 +162,10 @@ impl EpisodeBuffer {
     /// (or one for all), applied when the step's n-step window completes; `None`, the largest
     /// raw priority so far (at least 1.0) at that time. Refused before anything is written if
     /// an env was never reset. A call that writes nothing (refused, timed out) changes nothing
-    /// and can be retried; one that fails part-way (interrupted) ends the episodes of the envs
-    /// it did not write: their next step starts a new episode.
+    /// and can be retried; one that fails part-way (Ctrl-C, [`Error::Contended`]) wrote some
+    /// envs' frames: do not retry it. An env whose frame was not written (that, or its writer
+    /// fell a lap behind the ring and the frame was superseded) stores the rest of that
+    /// episode unlinked, never an item, until the episode ends.
     pub fn step(
         &self,
         writer: &mut EpisodeWriter,
@@ -225,25 +231,36 @@ impl EpisodeBuffer {
         let mut all = columns.to_vec();
         all.extend([InColumn::from_slice(&prev), InColumn::from_slice(&step)]);
         let mut tickets = vec![UNWRITTEN; n];
-        let result = self.insert_frames(&all, &vec![0.0; n], &mut tickets, blocking);
-        if tickets.iter().all(|&t| t == UNWRITTEN) {
-            return result; // nothing written (a timeout, say): the call can be retried as is
+        let result = self.insert_frames(&all, &mut tickets, blocking);
+        if result.is_err() && tickets.iter().all(|&t| t == UNWRITTEN) {
+            return result; // refused or timed out, nothing written: the call can be retried
         }
         let mut completed: Vec<(u64, Option<f64>)> = Vec::new();
         for (i, stream) in writer.streams.iter_mut().enumerate() {
             let ticket = tickets[i];
+            let ends = terminated[i] || truncated[i];
             match (stream.state, ticket) {
-                (_, UNWRITTEN) => {
-                    // This env's episode is cut: its next step starts a new one.
+                (state, UNWRITTEN) => {
+                    // A frame lost (superseded, or a call failed part-way): the episode's
+                    // windows can no longer complete. If the lost step ended it, the next step
+                    // starts a new one; otherwise the rest of it is stored unlinked.
                     stream.pending.clear();
-                    stream.state = State::Ended;
+                    stream.state = match (state, ends) {
+                        (State::Running | State::Detached, true) => State::Ended,
+                        _ => State::Detached,
+                    };
+                }
+                (State::Detached, _) => {
+                    if ends {
+                        stream.state = State::Ended;
+                    }
                 }
                 (State::Running, _) => {
                     self.set_link(stream.last, ticket);
                     stream.last = ticket;
                     stream.position += 1;
                     stream.pending.push_back((ticket, priorities[i]));
-                    if terminated[i] || truncated[i] {
+                    if ends {
                         completed.extend(stream.pending.drain(..));
                         stream.state = State::Ended;
                     } else if stream.pending.len() >= self.spec.n_step {
@@ -280,29 +297,27 @@ impl EpisodeBuffer {
         Ok(())
     }
 
-    /// Inserts frames (leaves of a prioritized ring at 0 until their step completes).
+    /// Inserts frames: a prioritized ring's leaves stay 0 (never drawn) until their step's
+    /// window completes.
     fn insert_frames(
         &self,
         columns: &[InColumn<'_>],
-        zero_priorities: &[f64],
         tickets: &mut [u64],
         blocking: &mut dyn Blocking,
     ) -> Result<()> {
-        let priorities = self.ring.tree().map(|_| zero_priorities);
         self.ring
-            .insert(columns, priorities, blocking, None, Some(tickets))
+            .insert(columns, Leaves::Withheld, blocking, None, Some(tickets))
             .map(|_| ())
     }
 
-    /// Links frame `from` to its successor `to` (both committed). Skipped if `from`'s slot
-    /// was overwritten meanwhile: the link would name a frame of another episode's slot
-    /// (readers would refuse it, but it could hide that episode's own link).
+    /// Links frame `from` to its successor `to` (both committed), unless `from`'s slot was
+    /// overwritten meanwhile (see `protocol::episode::link`).
     fn set_link(&self, from: u64, to: u64) {
         let index = (from % self.ring.capacity()) as usize;
-        let word = self.ring.seq(index).load(Ordering::Acquire);
-        if slot::names_a_ticket(word) && !slot::is_busy(word) && slot::ticket_of(word) == from {
-            episode::link(self.link(index), to);
-        }
+        episode::link(self.link(index), to, || {
+            let word = self.ring.seq(index).load(Ordering::Acquire);
+            slot::names_a_ticket(word) && !slot::is_busy(word) && slot::ticket_of(word) == from
+        });
     }
 
     /// Steps whose window just completed: drawable by priority from now on.
@@ -316,9 +331,10 @@ impl EpisodeBuffer {
         let default = tree.max_raw();
         let keys: Vec<u64> = steps.iter().map(|&(k, _)| k).collect();
         let values: Vec<f64> = steps.iter().map(|&(_, p)| p.unwrap_or(default)).collect();
-        // Validated when the step was written; a key overwritten since is a stale update.
+        // Validated when the step was written; a key overwritten since is skipped (not a stale
+        // update of the user's).
         let _ = self
             .ring
-            .update_priorities(&keys, &values, &mut crate::buffer::NoBlocking);
+            .set_priorities(&keys, &values, false, &mut NoBlocking);
     }
 }
