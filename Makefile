@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow bench-episodes soak
+.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow bench-episodes bench-batches soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -99,6 +99,11 @@ bench-flow: dev bench-deps
 # (benches/README.md#episode-streams): about 8 minutes, 7.2 GB in /dev/shm at a time.
 bench-episodes: dev bench-deps
 	$(PY) benches/episodes.py $(BENCH_ARGS)
+
+# A learner loop with batches() against plain sample() calls
+# (benches/README.md#prefetching-batches): about 1 minute.
+bench-batches: dev
+	$(PY) benches/batches.py $(BENCH_ARGS)
 
 # Reliability soak (not part of `make test`): `make soak MINUTES=10`.
 MINUTES ?= 10
