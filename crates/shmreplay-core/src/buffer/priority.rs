@@ -31,7 +31,7 @@ const MISSES_BEFORE_CHECK: u64 = 32;
 const SKIPS_BEFORE_CHECK: u64 = 1 << 12;
 /// Skipped draws of one row after which a prioritized draw falls back to uniform draws.
 const UNIFORM_AFTER_SKIPS: u64 = 4 * SKIPS_BEFORE_CHECK;
-/// Fruitless draws in its stratum after which a row of a stratified batch draws from the
+/// Skipped draws in its stratum after which a row of a stratified batch draws from the
 /// whole tree.
 const STRATUM_PATIENCE: u64 = 64;
 
@@ -356,8 +356,9 @@ impl ReplayBuffer {
         // strata are one longer (integers only, no rounding to lose mass to).
         let (width, longer) = (total / n as u64, total % n as u64);
         let stratified = params.stratified && rows.stratifiable();
-        // A row whose stratum keeps yielding nothing (its mass on items that cannot be read)
-        // draws from the whole tree instead, rather than wait there for ever.
+        // A row whose stratum keeps yielding no item (its mass on an episode buffer's steps
+        // that cannot be read) draws from the whole tree instead, rather than skip there for
+        // ever. (Misses, records being written or damaged, are the resync's business.)
         let mut target = |row: usize, total: u64, fruitless: u64| -> u64 {
             let stratum = row as u64;
             let size = width + u64::from(stratum < longer);
@@ -447,7 +448,7 @@ impl ReplayBuffer {
                         }
                         redraws.pause(misses)?;
                     }
-                    drawn[row] = tree.descend(target(row, total_now, misses + skips));
+                    drawn[row] = tree.descend(target(row, total_now, skips));
                 }
             }
             Ok(true)
