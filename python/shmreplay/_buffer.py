@@ -255,7 +255,68 @@ def _reattach(name: str, path: str | None) -> "ReplayBuffer":
     return ReplayBuffer.attach(name, path=path)
 
 
-class ReplayBuffer:
+OutLayout = dict[str, "tuple[tuple[int, ...], np.dtype]"]
+
+
+def _out_arrays(layout: OutLayout, out: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Fresh arrays of ``layout`` (``{key: (shape, dtype)}``, in output order), or ``out``
+    checked against it: exactly its keys, dtypes and shapes, C-contiguous and writable."""
+    if out is None:
+        return {key: np.empty(shape, dtype) for key, (shape, dtype) in layout.items()}
+    if not isinstance(out, Mapping):
+        raise TypeError(f"out must be a mapping {{key: array}}, got {type(out).__name__}")
+    if set(out) != set(layout):
+        raise ValueError(f"out must have exactly the keys {list(layout)}, got {list(out)}")
+    arrays = {}
+    for key, (shape, dtype) in layout.items():
+        a = out[key]
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"out[{key!r}] must be a numpy array, got {type(a).__name__}")
+        if a.dtype != dtype or a.shape != shape:
+            raise ValueError(f"out[{key!r}] must have dtype {dtype} and shape {shape}, got {a.dtype} {a.shape}")
+        if not (a.flags.c_contiguous and a.flags.writeable):
+            raise ValueError(f"out[{key!r}] must be C-contiguous and writable")
+        arrays[key] = a
+    return arrays
+
+
+class _Handle:
+    """What a buffer's handle does as a context manager: the creating process removes the
+    segment on exit (a forked child does not), every process closes its handle."""
+
+    __slots__ = ()
+
+    @property
+    def is_owner(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    def unlink(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if self.is_owner and not self.closed:
+                try:
+                    self.unlink()
+                except FileNotFoundError:
+                    pass
+        finally:
+            self.close()
+
+
+class ReplayBuffer(_Handle):
     """A ring of ``capacity`` fixed-size records in one shared-memory segment.
 
     Any number of processes can :meth:`add`/:meth:`extend` and :meth:`sample` concurrently:
@@ -609,10 +670,7 @@ class ReplayBuffer:
                 f"a batch of {n:,} rows of {self.record_bytes:,} bytes needs more memory than this "
                 "machine has"
             )
-        if out is None:
-            arrays = {name: np.empty((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}
-        else:
-            arrays = self._check_out(out, n)
+        arrays = _out_arrays({name: ((n,) + shape, dtype) for name, (shape, dtype) in self._fields.items()}, out)
         if prioritized:
             index, key, probability, weight, priority = self._raw.sample_prioritized_into(
                 list(arrays.values()), n, b, seconds
@@ -719,26 +777,6 @@ class ReplayBuffer:
         if not isinstance(self._sampler, Prioritized):
             raise TypeError(f"{what} needs a prioritized buffer; this buffer's sampler is {self._sampler}")
 
-    def _check_out(self, out: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        if not isinstance(out, Mapping):
-            raise TypeError(f"out must be a mapping {{field: array}}, got {type(out).__name__}")
-        if set(out) != self._names:
-            raise ValueError(f"out must have exactly the fields {list(self._fields)}, got {list(out)}")
-        arrays = {}
-        for name, (shape, dtype) in self._fields.items():
-            a = out[name]
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"out[{name!r}] must be a numpy array, got {type(a).__name__}")
-            if a.dtype != dtype or a.shape != (n,) + shape:
-                raise ValueError(
-                    f"out[{name!r}] must have dtype {dtype} and shape {(n,) + shape}, "
-                    f"got {a.dtype} {a.shape}"
-                )
-            if not (a.flags.c_contiguous and a.flags.writeable):
-                raise ValueError(f"out[{name!r}] must be C-contiguous and writable")
-            arrays[name] = a
-        return arrays
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         """A consistent copy of slot ``index`` (negative counts from ``capacity``).
 
@@ -811,21 +849,6 @@ class ReplayBuffer:
 
     def __enter__(self) -> "ReplayBuffer":
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if self.is_owner and not self.closed:
-                try:
-                    self.unlink()
-                except FileNotFoundError:
-                    pass
-        finally:
-            self.close()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickles by name: unpickling attaches (it never creates or owns)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from types import TracebackType
 from typing import Any, Literal, Mapping, Sequence, overload
 
 import numpy as np
@@ -14,10 +13,13 @@ from . import _core
 from ._buffer import (
     _PHYSICAL_MEMORY,
     FieldTypes,
+    OutLayout,
     ReplayBuffer,
+    _Handle,
     _beta_arg,
     _dir_arg,
     _int_arg,
+    _out_arrays,
     _parse_fields,
     _priorities,
     _timeout,
@@ -54,7 +56,7 @@ def _reattach(name: str, path: str | None) -> "EpisodeBuffer":
     return EpisodeBuffer.attach(name, path=path)
 
 
-class EpisodeBuffer:
+class EpisodeBuffer(_Handle):
     """Episodes of many writers in one shared-memory ring, each frame stored once.
 
     Writers (:meth:`writer`, one per vector env, in any number of processes) append steps;
@@ -287,7 +289,7 @@ class EpisodeBuffer:
             info["probability"], info["weight"], info["priority"] = priority
         return info
 
-    def _check_call(self, layout: dict[str, tuple[tuple[int, ...], np.dtype]], return_info: Any) -> None:
+    def _check_call(self, layout: OutLayout, return_info: Any) -> None:
         if not isinstance(return_info, (bool, np.bool_)):
             raise TypeError(f"return_info must be a bool, got {type(return_info).__name__}")
         total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in layout.values())
@@ -297,10 +299,10 @@ class EpisodeBuffer:
     def _stack_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return ((self._frame_stack,) if self._frame_stack > 1 else ()) + shape
 
-    def sample_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def sample_layout(self, batch_size: int) -> OutLayout:
         """``{key: (shape, dtype)}`` of what :meth:`sample` of ``batch_size`` returns, in order."""
         n = batch_size
-        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        layout: OutLayout = {}
         for name, (shape, dtype) in self._fields.items():
             layout[name] = ((n,) + (self._stack_shape(shape) if name in self._observations else shape), dtype)
         for name in self._observations:
@@ -311,10 +313,10 @@ class EpisodeBuffer:
         layout["truncated"] = ((n,), np.dtype(np.bool_))
         return layout
 
-    def sequence_layout(self, batch_size: int, length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    def sequence_layout(self, batch_size: int, length: int) -> OutLayout:
         """``{key: (shape, dtype)}`` of what :meth:`sample_sequences` returns, in order."""
         n = batch_size
-        layout: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+        layout: OutLayout = {}
         for name, (shape, dtype) in self._fields.items():
             if name in self._observations:
                 layout[name] = ((n, length + 1) + self._stack_shape(shape), dtype)
@@ -323,29 +325,6 @@ class EpisodeBuffer:
         for flag in ("terminated", "truncated", "is_first", "mask"):
             layout[flag] = ((n, length), np.dtype(np.bool_))
         return layout
-
-    @staticmethod
-    def _outputs(
-        layout: dict[str, tuple[tuple[int, ...], np.dtype]], out: Mapping[str, np.ndarray] | None
-    ) -> dict[str, np.ndarray]:
-        """Fresh arrays of ``layout``, or ``out`` checked against it."""
-        if out is None:
-            return {key: np.empty(shape, dtype) for key, (shape, dtype) in layout.items()}
-        if not isinstance(out, Mapping):
-            raise TypeError(f"out must be a mapping {{key: array}}, got {type(out).__name__}")
-        if set(out) != set(layout):
-            raise ValueError(f"out must have exactly the keys {list(layout)}, got {list(out)}")
-        arrays = {}
-        for key, (shape, dtype) in layout.items():
-            a = out[key]
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"out[{key!r}] must be a numpy array, got {type(a).__name__}")
-            if a.dtype != dtype or a.shape != shape:
-                raise ValueError(f"out[{key!r}] must have dtype {dtype} and shape {shape}, got {a.dtype} {a.shape}")
-            if not (a.flags.c_contiguous and a.flags.writeable):
-                raise ValueError(f"out[{key!r}] must be C-contiguous and writable")
-            arrays[key] = a
-        return arrays
 
     @overload
     def sample(
@@ -397,7 +376,7 @@ class EpisodeBuffer:
         seconds = _timeout(timeout)
         b = _beta_arg(self.sampler, beta)
         self._check_call(self.sample_layout(n), return_info)
-        arrays = self._outputs(self.sample_layout(n), out)
+        arrays = _out_arrays(self.sample_layout(n), out)
         drawn = self._raw.sample(list(arrays.values()), n, b, seconds)
         info = self._draw_info(drawn, return_info)
         return arrays if info is None else (arrays, info)
@@ -449,7 +428,7 @@ class EpisodeBuffer:
         seconds = _timeout(timeout)
         b = _beta_arg(self.sampler, beta)
         self._check_call(self.sequence_layout(n, length), return_info)
-        arrays = self._outputs(self.sequence_layout(n, length), out)
+        arrays = _out_arrays(self.sequence_layout(n, length), out)
         drawn = self._raw.sample_sequences(list(arrays.values()), n, length, period, b, seconds)
         info = self._draw_info(drawn, return_info)
         return arrays if info is None else (arrays, info)
@@ -547,21 +526,6 @@ class EpisodeBuffer:
 
     def __enter__(self) -> "EpisodeBuffer":
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if self.is_owner and not self.closed:
-                try:
-                    self.unlink()
-                except FileNotFoundError:
-                    pass
-        finally:
-            self.close()
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickles by name: unpickling attaches."""

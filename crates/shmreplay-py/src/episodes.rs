@@ -321,7 +321,7 @@ impl RawEpisodes {
     ) -> PyResult<Drawn<'py>> {
         let buffer = self.get()?;
         let fields = buffer.fields().len();
-        let observations = buffer.episodes().observations.len();
+        let observations = buffer.observation_count();
         let (fields_out, rest) = split(outputs(&out)?, fields)?;
         let (next, rest) = split(rest, observations)?;
         let [discount, terminated, truncated]: [OutColumn<'_>; 3] = rest

@@ -202,6 +202,12 @@ impl Builder {
     /// Creates the buffer. Fails with [`Error::AlreadyExists`] if the name is taken and
     /// [`Error::InsufficientSpace`] if the filesystem cannot hold it (nothing is left behind).
     pub fn create(self) -> Result<ReplayBuffer> {
+        self.create_ring(None)
+    }
+
+    /// Creates the ring: a plain one, or an episode buffer's (whose schema already holds the
+    /// metadata fields).
+    fn create_ring(self, episodes: Option<layout::EpisodeSpec>) -> Result<ReplayBuffer> {
         let (Some(capacity), Some(schema)) = (self.capacity, self.schema) else {
             return Err(Error::InvalidArgument(
                 "creating a buffer needs a capacity and a schema".into(),
@@ -214,7 +220,7 @@ impl Builder {
             schema,
             self.sampler,
             self.limiter,
-            None,
+            episodes,
         )
     }
 

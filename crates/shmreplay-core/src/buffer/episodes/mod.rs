@@ -226,7 +226,7 @@ impl EpisodeBuilder {
             ));
         };
         let (schema, spec) = self.episodes.resolve(user)?;
-        let ring = self.ring.schema(schema).create_episodes(spec)?;
+        let ring = self.ring.schema(schema).create_ring(Some(spec))?;
         Ok(EpisodeBuffer::wrap(ring, spec))
     }
 
@@ -295,6 +295,11 @@ impl EpisodeBuffer {
         &self.ring.schema().fields()[..self.prev_field]
     }
 
+    /// How many of the fields are observations.
+    pub fn observation_count(&self) -> usize {
+        self.spec.observations.count_ones() as usize
+    }
+
     /// The buffer's episode settings, with field names.
     pub fn episodes(&self) -> Episodes {
         self.ring.episodes().expect("an episode buffer's ring")
@@ -315,26 +320,6 @@ impl EpisodeBuffer {
 
     fn link(&self, index: usize) -> &AtomicU64 {
         self.ring.segment.word(self.links + index * 8)
-    }
-}
-
-impl Builder {
-    /// Creates the ring of an episode buffer (`schema` already holds the metadata fields).
-    fn create_episodes(self, spec: EpisodeSpec) -> Result<ReplayBuffer> {
-        let (Some(capacity), Some(schema)) = (self.capacity, self.schema) else {
-            return Err(Error::InvalidArgument(
-                "creating a buffer needs a capacity and a schema".into(),
-            ));
-        };
-        ReplayBuffer::create_at(
-            &self.name,
-            self.dir.as_deref(),
-            capacity,
-            schema,
-            self.sampler,
-            self.limiter,
-            Some(spec),
-        )
     }
 }
 

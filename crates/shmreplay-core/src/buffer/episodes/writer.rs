@@ -31,6 +31,18 @@ struct Stream {
     pending: VecDeque<(u64, Option<f64>)>,
 }
 
+impl Stream {
+    /// A stream whose new episode's first frame is `ticket`.
+    fn started(ticket: u64) -> Stream {
+        Stream {
+            state: State::Running,
+            last: ticket,
+            position: 0,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum State {
     /// Never reset: `step` refuses it.
@@ -144,12 +156,7 @@ impl EpisodeBuffer {
                 // Its first frame is lost (superseded: this writer fell a lap behind).
                 stream.state = State::Detached;
             } else {
-                *stream = Stream {
-                    state: State::Running,
-                    last: ticket,
-                    position: 0,
-                    pending: VecDeque::new(),
-                };
+                *stream = Stream::started(ticket);
             }
         }
         result
@@ -268,12 +275,7 @@ impl EpisodeBuffer {
                     }
                 }
                 (_, _) => {
-                    *stream = Stream {
-                        state: State::Running,
-                        last: ticket,
-                        position: 0,
-                        pending: VecDeque::new(),
-                    };
+                    *stream = Stream::started(ticket);
                 }
             }
         }
