@@ -2,8 +2,9 @@
 //! envs in one small ring that wraps many times, while samplers check every item (stacks,
 //! n-step return, bootstrap stack, discount, flags, sequences) against what the writers wrote.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shmreplay_core::{
     DType, EpisodeBuffer, EpisodeWriter, Episodes, Error, InColumn, NoBlocking, OutColumn, Padding,
@@ -59,8 +60,9 @@ fn buffer(
         .unwrap()
 }
 
-/// Writes `steps` vector-env steps of `envs` envs as writer `id`.
-fn write(buffer: &EpisodeBuffer, id: u32, envs: u32, steps: u32) {
+/// Writes `steps` vector-env steps of `envs` envs as writer `id`, calling `midway` once half
+/// of them are written.
+fn write(buffer: &EpisodeBuffer, id: u32, envs: u32, steps: u32, midway: impl Fn()) {
     let mut writer: EpisodeWriter = buffer.writer(envs as usize).unwrap();
     // (episode, position of the last frame written, ended)
     let mut at: Vec<(u32, u32, bool)> = (0..envs).map(|_| (0, 0, false)).collect();
@@ -76,7 +78,10 @@ fn write(buffer: &EpisodeBuffer, id: u32, envs: u32, steps: u32) {
             &mut NoBlocking,
         )
         .unwrap();
-    for _ in 0..steps {
+    for step in 0..steps {
+        if step == steps / 2 {
+            midway();
+        }
         let (mut obs, mut actions, mut rewards) = (Vec::new(), Vec::new(), Vec::new());
         let (mut terminated, mut truncated) = (Vec::new(), Vec::new());
         for e in 0..envs {
@@ -135,8 +140,14 @@ fn expected_stack(frame: [u32; 4], end: u32, stack: u32, padding: Padding) -> Ve
         .collect()
 }
 
-/// Samples `batches` batches of steps and checks every item; returns how many were checked.
-fn check_steps(buffer: &EpisodeBuffer, batches: usize, stop: Option<&AtomicBool>) -> usize {
+/// Samples `batches` batches of steps and checks every item; returns how many were checked,
+/// a count it also publishes in `progress` after every batch.
+fn check_steps(
+    buffer: &EpisodeBuffer,
+    batches: usize,
+    stop: Option<&AtomicBool>,
+    progress: &AtomicUsize,
+) -> usize {
     let e = buffer.episodes();
     let (stack, n_step) = (e.frame_stack, e.n_step);
     let b = 16;
@@ -210,6 +221,7 @@ fn check_steps(buffer: &EpisodeBuffer, batches: usize, stop: Option<&AtomicBool>
             );
             checked += 1;
         }
+        progress.store(checked, Ordering::Release);
     }
     checked
 }
@@ -224,15 +236,30 @@ fn every_sampled_step_matches_the_oracle_while_writers_wrap_the_ring() {
         let name = shmreplay_core::unique_name();
         let buffer = Arc::new(buffer(&name, 300, stack, n_step, padding));
         let stop = Arc::new(AtomicBool::new(false));
-        // The sampler starts first and samples until the writers are done.
+        let progress = Arc::new(AtomicUsize::new(0));
+        // The sampler starts first and samples until the writers are done; the writers wait
+        // half-way until it has checked some items, so it always samples while they write
+        // (and the ring has wrapped by then: 3 writers x 4 envs x 1500 steps >> 300 slots).
         let sampler = {
-            let (buffer, stop) = (Arc::clone(&buffer), Arc::clone(&stop));
-            std::thread::spawn(move || check_steps(&buffer, usize::MAX, Some(&stop)))
+            let (buffer, stop, progress) = (
+                Arc::clone(&buffer),
+                Arc::clone(&stop),
+                Arc::clone(&progress),
+            );
+            std::thread::spawn(move || check_steps(&buffer, usize::MAX, Some(&stop), &progress))
         };
         let writers: Vec<_> = (0..3)
             .map(|id| {
-                let buffer = Arc::clone(&buffer);
-                std::thread::spawn(move || write(&buffer, id, 4, 3000))
+                let (buffer, progress) = (Arc::clone(&buffer), Arc::clone(&progress));
+                std::thread::spawn(move || {
+                    write(&buffer, id, 4, 3000, || {
+                        let deadline = Instant::now() + Duration::from_secs(60);
+                        while progress.load(Ordering::Acquire) < 64 {
+                            assert!(Instant::now() < deadline, "the sampler checked nothing");
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    })
+                })
             })
             .collect();
         for w in writers {
@@ -240,9 +267,12 @@ fn every_sampled_step_matches_the_oracle_while_writers_wrap_the_ring() {
         }
         stop.store(true, Ordering::Relaxed);
         let during = sampler.join().unwrap();
-        let after = check_steps(&buffer, 200, None);
+        let after = check_steps(&buffer, 200, None, &AtomicUsize::new(0));
         assert!(after == 200 * 16, "{after} items checked after the writers");
-        assert!(during > 0, "nothing sampled while the writers wrote");
+        assert!(
+            during >= 64,
+            "{during} items checked while the writers wrote"
+        );
         buffer.ring().unlink().unwrap();
     }
 }
@@ -251,7 +281,7 @@ fn every_sampled_step_matches_the_oracle_while_writers_wrap_the_ring() {
 fn sequences_match_the_oracle() {
     let name = shmreplay_core::unique_name();
     let buffer = buffer(&name, 2000, 2, 1, Padding::Zeros);
-    write(&buffer, 0, 3, 300);
+    write(&buffer, 0, 3, 300, || {});
     let (b, length, period) = (32usize, 5usize, 2usize);
     let stack = 2;
     let mut obs = vec![0u8; b * (length + 1) * stack * 16];
