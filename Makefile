@@ -8,7 +8,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEMO_ARGS ?=
 
-.PHONY: demo test dev venv rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow bench-episodes bench-batches soak
+.PHONY: demo test dev venv examples-deps apex apex-check bench-apex rust-test rust-test-debug loom pytest test-kernels typecheck lint fmt clean bench bench-deps bench-quick bench-prioritized bench-flow bench-episodes bench-batches soak
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -72,6 +72,25 @@ typecheck: dev
 	$(PY) -m mypy python/shmreplay
 
 test: rust-test rust-test-debug loom typecheck pytest test-kernels
+
+# The Ape-X DQN example (examples/apex_dqn.py): its extra (`shmreplay[examples]`: JAX, optax,
+# matplotlib) installed into the venv, then a run on CartPole-v1 until a mean return of 475.
+examples-deps: $(VENV)/.examples-installed
+$(VENV)/.examples-installed: pyproject.toml | venv
+	$(PY) -m pip install --quiet $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['examples']))")
+	touch $@
+
+APEX_ARGS ?=
+apex: dev examples-deps
+	$(PY) examples/apex_dqn.py $(APEX_ARGS)
+
+# CI's learning check: 90 s of CartPole must end at least 5x above a random policy's return.
+apex-check: dev examples-deps
+	$(PY) examples/apex_dqn.py --minutes 1.5 --beat-random 5 --plot "" $(APEX_ARGS)
+
+# examples/apex_dqn.py timed: shmreplay against a single-process NumPy buffer, 3 seeds, + Pong.
+bench-apex: dev examples-deps
+	$(PY) benches/apex.py $(BENCH_ARGS)
 
 # The benchmark suite against the peers (optional extras installed here) and the limit.
 bench-deps: $(VENV)/.bench-installed

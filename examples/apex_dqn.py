@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -417,6 +418,19 @@ def summary(cfg: Config, score: Score, learner: Learner, env_steps: int, elapsed
 # ------------------------------------------------------------------------------------------------
 
 
+def watch_actors(actors: list[Any], buf: shmreplay.EpisodeBuffer, ended: threading.Event, lost: list[str], deadline: float) -> None:
+    """Reports actors that die and shuts the buffer down (which ends the learner's ``batches()``)
+    when none is left or the time budget is over, even while the learner waits for data."""
+    while not ended.wait(0.2):
+        for p in actors:
+            if p.exitcode is not None and p.name not in lost:
+                lost.append(p.name)
+                print(f"\n{p.name} (pid {p.pid}) died (exit code {p.exitcode}); learning goes on with the others", flush=True)
+        if len(lost) == len(actors) or time.monotonic() > deadline + 5.0:
+            buf.shutdown()
+            return
+
+
 def run_shmreplay(cfg: Config) -> dict[str, Any]:
     probe, spec = make_envs(cfg, 1)
     probe.close()
@@ -456,10 +470,15 @@ def run_shmreplay(cfg: Config) -> dict[str, Any]:
     for p in actors:
         p.start()
     score = Score(cfg)
+    print(f"actor pids: {' '.join(str(p.pid) for p in actors)}", flush=True)
     start = time.monotonic()
+    ended = threading.Event()
+    lost: list[str] = []  # actors that died
+    watchdog = threading.Thread(target=watch_actors, args=(actors, buf, ended, lost, start + cfg.minutes * 60), daemon=True)
+    watchdog.start()
     last_print = 0.0
     try:
-        batches = buf.batches(cfg.batch_size, prefetch=2, beta=cfg.beta)
+        batches = buf.batches(cfg.batch_size, prefetch=2, beta=cfg.beta)  # ends when buf shuts down
         for batch, info in batches:
             buf.update_priorities(info["key"], learner.update(batch, info["weight"]) + 1e-6)
             if learner.updates % cfg.publish_every == 0:
@@ -476,11 +495,9 @@ def run_shmreplay(cfg: Config) -> dict[str, Any]:
                 print(progress_line(cfg, score, learner, env_steps, now - start), end="", flush=True)
                 if score.reached_at is not None or now - start >= cfg.minutes * 60:
                     break
-                dead = [p.name for p in actors if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"actor(s) {dead} died; see their output above")
         batches.close()
     finally:
+        ended.set()
         print()
         elapsed = time.monotonic() - start
         env_steps = buf.stats()["inserts"] - cfg.num_envs  # one frame per env step, plus each env's o_0
@@ -494,6 +511,8 @@ def run_shmreplay(cfg: Config) -> dict[str, Any]:
         for handle in (buf, params_slot, finished):
             handle.unlink()
             handle.close()
+    if len(lost) == len(actors):
+        raise RuntimeError("every actor died; see their output above")
     return summary(cfg, score, learner, env_steps, elapsed)
 
 
@@ -657,10 +676,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "min_size": "frames before learning starts", "target_every": "updates between target-network copies",
         "publish_every": "updates between parameter publications", "hidden": "MLP width (CartPole)",
         "plot": "PNG of the score against wall time ('' for none)", "json_out": "write the result as JSON here",
+        "name": "names of the buffers: NAME, NAME-params, NAME-episodes (default: apex-<pid>)",
         "beat_random": "exit 1 unless the final score is at least this many times a random policy's (CartPole)",
     }  # fmt: skip
     for field in dataclasses.fields(Config):
-        if field.name in ("env", "buffer", "name"):
+        if field.name in ("env", "buffer"):
             continue
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
@@ -668,7 +688,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.add_argument(flag, type=kind, default=default, help=helps.get(field.name, field.name.replace("_", " ")))
     p.add_argument("--no-target", action="store_true", help="run the whole --minutes, do not stop at --target-return")
     args = p.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if f.name != "name"}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
     if args.no_target:
         values["target_return"] = None
     cfg = Config(**values)
@@ -688,7 +708,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    print(f"Ape-X DQN on {cfg.env}: {cfg.buffer} buffer, {cfg.actors} actors x {cfg.envs_per_actor} envs, seed {cfg.seed}")
+    who = f"{cfg.actors} actor processes x {cfg.envs_per_actor} envs" if cfg.buffer == "shmreplay" else f"one process, {cfg.num_envs} envs"
+    print(f"Ape-X DQN on {cfg.env}: {cfg.buffer} buffer, {who}, seed {cfg.seed}")
     try:
         result = run_shmreplay(cfg) if cfg.buffer == "shmreplay" else run_numpy(cfg)
     except KeyboardInterrupt:
