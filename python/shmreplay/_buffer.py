@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 import os
+import sys
 from types import TracebackType
 from typing import Any, Literal, Mapping, overload
 
@@ -64,9 +65,42 @@ def _shape(field: str, shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
+# The gymnasium spaces a field may be given as: each is one fixed-shape numpy array.
+_SPACES = ("Box", "Discrete", "MultiBinary", "MultiDiscrete")
+
+
+def _space_pair(field: str, spec: Any) -> tuple[Any, Any] | None:
+    """``(shape, dtype)`` of a gymnasium space (``None`` if ``spec`` is not one): ``Box``,
+    ``MultiBinary`` and ``MultiDiscrete`` by their ``shape`` and ``dtype``, ``Discrete`` a
+    scalar of its dtype (int64). Other spaces are refused with a ``TypeError``.
+
+    gymnasium is an optional dependency, never imported here: a space exists only if its
+    program imported gymnasium already."""
+    gymnasium = sys.modules.get("gymnasium")
+    spaces = getattr(gymnasium, "spaces", None)
+    if spaces is None or not isinstance(spec, spaces.Space):
+        return None
+    if isinstance(spec, spaces.Discrete):
+        return (), spec.dtype
+    if isinstance(spec, (spaces.Box, spaces.MultiBinary, spaces.MultiDiscrete)):
+        return spec.shape, spec.dtype
+    hint = (
+        " (a Dict space can be the whole fields= mapping, one field per entry)"
+        if isinstance(spec, spaces.Dict)
+        else ""
+    )
+    raise TypeError(
+        f"field {field!r}: a gymnasium {type(spec).__name__} space ({spec!r}) cannot be a field; "
+        f"fields take {', '.join(_SPACES)} spaces or (shape, dtype) pairs{hint}"
+    )
+
+
 def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
     if not isinstance(fields, Mapping):
-        raise TypeError("fields must be a mapping {name: (shape, dtype)}")
+        raise TypeError(
+            "fields must be a mapping {name: (shape, dtype) or gymnasium space} "
+            f"(or a gymnasium Dict space), got {type(fields).__name__}"
+        )
     if not fields:
         raise ValueError("fields must name at least one field")
     parsed = []
@@ -77,8 +111,14 @@ def _parse_fields(fields: Any) -> list[tuple[str, str, list[int]]]:
             raise ValueError(
                 f"a field may not be named {name!r}: add/extend take their {name} under that name"
             )
-        if not isinstance(spec, (tuple, list)) or len(spec) != 2:
-            raise TypeError(f"field {name!r}: expected a (shape, dtype) pair, got {spec!r}")
+        pair = _space_pair(name, spec)
+        if pair is not None:
+            spec = pair
+        elif not isinstance(spec, (tuple, list)) or len(spec) != 2:
+            raise TypeError(
+                f"field {name!r}: expected a (shape, dtype) pair or a gymnasium space "
+                f"({', '.join(_SPACES)}), got {spec!r}"
+            )
         shape, dtype = spec
         parsed.append((name, _dtype_code(name, dtype)[1], list(_shape(name, shape))))
     return parsed
@@ -95,6 +135,22 @@ def _int_arg(name: str, value: Any, minimum: int | None, maximum: int | None = N
         raise ValueError(f"{name} must be >= {minimum}, got {n}")
     if maximum is not None and n > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {n}")
+    return n
+
+
+def _seed_arg(value: Any, optional: bool = True) -> int | None:
+    """A handle's seed: an int in ``[0, 2**64)``, or ``None`` (unseeded) if ``optional``."""
+    if value is None and optional:
+        return None
+    want = "an int or None" if optional else "an int"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"seed must be {want}, got a bool")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"seed must be {want}, got {type(value).__name__}") from None
+    if not 0 <= n < 1 << 64:
+        raise ValueError(f"seed must be between 0 and 2**64 - 1, got {n}")
     return n
 
 
@@ -353,6 +409,7 @@ class ReplayBuffer(_Handle):
         path: PathLike | None = None,
         sampler: Sampler | None = None,
         limiter: Limiter | None = None,
+        seed: int | None = None,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -360,7 +417,10 @@ class ReplayBuffer(_Handle):
             name: unique on this machine (letters, digits, ``._-``); ``None`` picks one.
             capacity: number of slots (records) in the ring.
             fields: ``{name: (shape, dtype)}``; shape ``()`` for scalars, dtype any numpy
-                bool/int/uint/float dtype or its name.
+                bool/int/uint/float dtype or its name. A field may be given as a gymnasium
+                space instead: ``Box``, ``MultiBinary``, ``MultiDiscrete`` (its shape and
+                dtype; bounds are not checked) or ``Discrete`` (a scalar of its dtype, int64);
+                a gymnasium ``Dict`` of those can be the whole mapping.
             path: directory for the segment file (default ``/dev/shm``).
             sampler: :class:`Uniform` (the default), :class:`Prioritized` or :class:`Queue`;
                 fixed for the buffer's life, and what every process that attaches gets.
@@ -368,6 +428,8 @@ class ReplayBuffer(_Handle):
                 :class:`SampleToInsertRatio`: when samples and inserts may proceed (calls that
                 may not yet wait; see ``timeout=``). A :class:`Queue` has its own flow control
                 and takes none.
+            seed: seeds this handle's random draws (see :meth:`seed`); ``None`` (the default):
+                unseeded, different in every handle and process.
 
         Raises:
             FileExistsError: the name is taken.
@@ -377,6 +439,7 @@ class ReplayBuffer(_Handle):
         """
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
+        seed = _seed_arg(seed)
         sampling = sampler_args(sampler)
         limiting = limiter_args(limiter)
         if limiting is not None:
@@ -391,12 +454,14 @@ class ReplayBuffer(_Handle):
             name = _core.unique_name()
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling, limiting)
+        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling, limiting, seed)
         return cls(raw, directory, owner=True)
 
     @classmethod
-    def attach(cls, name: str, *, path: PathLike | None = None) -> "ReplayBuffer":
+    def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "ReplayBuffer":
         """Opens an existing buffer, from any process of the same user.
+
+        ``seed`` seeds this handle's random draws (see :meth:`seed`; ``None``: unseeded).
 
         Raises:
             FileNotFoundError: no buffer of that name.
@@ -405,8 +470,9 @@ class ReplayBuffer(_Handle):
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        seed = _seed_arg(seed)
         directory = _dir_arg(path)
-        return cls(_core.RawBuffer.attach(name, directory), directory, owner=False)
+        return cls(_core.RawBuffer.attach(name, directory, seed), directory, owner=False)
 
     @classmethod
     def inspect(cls, name: str, *, path: PathLike | None = None) -> "ReplayBuffer":
@@ -739,6 +805,26 @@ class ReplayBuffer(_Handle):
             return dict(out), info
 
         return Batches(sample, prefetch, bool(copy), seconds)
+
+    def seed(self, seed: int) -> None:
+        """Seeds this handle's random draws (``sample``, ``batches``), an int in ``[0, 2**64)``.
+
+        From here on the handle draws one fixed sequence: two handles seeded alike, in the same
+        process or not, draw the same rows from a buffer in the same state, and a rerun of a
+        seeded program reproduces its draws. The seed belongs to this handle only (each process
+        seeds its own; a pickled handle arrives unseeded). Unseeded handles draw differently in
+        every handle and process.
+
+        * A forked child using a seeded handle it inherited repeats its parent's draws unless
+          it calls ``seed()`` with its own value.
+        * Each call takes the next state atomically: threads sharing a seeded handle draw
+          distinct rows, but which thread gets which is not reproducible.
+        * A slot found mid-write is redrawn, which uses up draws: draws reproduce on a buffer
+          that nobody writes while they are made.
+        """
+        n = _seed_arg(seed, optional=False)
+        assert n is not None
+        self._raw.reseed(n)
 
     def update_priorities(self, keys: Any, priorities: Any) -> int:
         """Sets the raw priorities of the records ``keys`` (``info["key"]`` of :meth:`sample`),

@@ -22,6 +22,7 @@ from ._buffer import (
     _out_arrays,
     _parse_fields,
     _priorities,
+    _seed_arg,
     _timeout,
     _to_column,
 )
@@ -102,6 +103,7 @@ class EpisodeBuffer(_Handle):
         sampler: Sampler | None = None,
         limiter: Limiter | None = None,
         path: PathLike | None = None,
+        seed: int | None = None,
     ) -> "EpisodeBuffer":
         """Creates an episode buffer of ``capacity`` frames (steps and episode starts together).
 
@@ -109,7 +111,8 @@ class EpisodeBuffer(_Handle):
             name: unique on this machine (letters, digits, ``._-``); ``None`` picks one.
             capacity: slots; each holds one frame (an episode's first observation, or the
                 observation after a step with that step's other fields).
-            fields: ``{name: (shape, dtype)}`` of one step, as :meth:`ReplayBuffer.create`.
+            fields: ``{name: (shape, dtype) or gymnasium space}`` of one step, as
+                :meth:`ReplayBuffer.create`.
             observation: the observation field(s): stored once per frame, stacked when sampled.
             reward: the scalar float32/float64 field summed over ``n_step`` steps by
                 :meth:`sample` (``None``: no reward field).
@@ -122,6 +125,7 @@ class EpisodeBuffer(_Handle):
             limiter: as :meth:`ReplayBuffer.create`: every frame written counts as an insert,
                 every item sampled as a sample.
             path: directory of the segment file (default ``/dev/shm``).
+            seed: seeds this handle's random draws (see :meth:`seed`; ``None``: unseeded).
 
         Raises:
             ValueError, TypeError: invalid arguments (an unknown observation or reward field, a
@@ -132,6 +136,7 @@ class EpisodeBuffer(_Handle):
         """
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
+        seed = _seed_arg(seed)
         names = [f[0] for f in parsed]
         observations = _names_arg("observation", observation)
         if reward is not None and not isinstance(reward, str):
@@ -172,21 +177,23 @@ class EpisodeBuffer(_Handle):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
         raw = _core.RawEpisodes.create(
             name, directory, capacity, parsed, observations, reward, frame_stack, stack_padding,
-            n_step, float(gamma), sampling, limiting,
+            n_step, float(gamma), sampling, limiting, seed,
         )
         return cls(raw, directory, owner=True)
 
     @classmethod
-    def attach(cls, name: str, *, path: PathLike | None = None) -> "EpisodeBuffer":
-        """Opens an existing episode buffer, from any process of the same user.
+    def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "EpisodeBuffer":
+        """Opens an existing episode buffer, from any process of the same user; ``seed`` as
+        in :meth:`create`.
 
         Raises ``FileNotFoundError`` (no such buffer), ``ValueError`` (a :class:`ReplayBuffer`,
         not an episode buffer), :class:`CorruptSegmentError`, ``PermissionError``.
         """
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
+        seed = _seed_arg(seed)
         directory = _dir_arg(path)
-        return cls(_core.RawEpisodes.attach(name, directory), directory, owner=False)
+        return cls(_core.RawEpisodes.attach(name, directory, seed), directory, owner=False)
 
     # ---- properties ----
 
@@ -479,6 +486,11 @@ class EpisodeBuffer(_Handle):
                 return dict(out), self._draw_info(drawn, True)  # type: ignore[return-value]
 
         return Batches(sample, prefetch, bool(copy), seconds)
+
+    def seed(self, seed: int) -> None:
+        """Seeds this handle's random draws (:meth:`sample`, :meth:`sample_sequences`,
+        :meth:`batches`): as :meth:`ReplayBuffer.seed`."""
+        self._ring.seed(seed)
 
     def update_priorities(self, keys: Any, priorities: Any) -> int:
         """As :meth:`ReplayBuffer.update_priorities`, with the keys :meth:`sample` returns."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Literal, Optional, Tuple, TypedDict, Union
+from typing import TYPE_CHECKING, Any, Literal, Optional, Tuple, TypedDict, Union
 
 if sys.version_info >= (3, 11):
     from typing import NotRequired
@@ -14,13 +14,18 @@ else:  # pragma: no cover
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:  # gymnasium is optional: never imported at run time
+    from gymnasium.spaces import Space
+
 Shape = Union[int, Tuple[int, ...]]
 """A field's shape: ``()`` for scalars, an int for 1-d, a tuple of ints."""
 DTypeLike = Union[str, type, "np.dtype[Any]"]
 """A field's dtype: ``np.uint8``, ``"float32"``, ``np.dtype("i4")``..."""
-FieldSpec = Tuple[Shape, Any]
+FieldSpec = Union[Tuple[Shape, Any], "Space[Any]"]
 """``(shape, dtype)`` of one field; the dtype is anything ``np.dtype()`` takes (typed ``Any`` so
-that a dict literal mixing ``np.uint8`` and ``"float32"`` type-checks)."""
+that a dict literal mixing ``np.uint8`` and ``"float32"`` type-checks). Or a gymnasium space:
+``Box``, ``MultiBinary``, ``MultiDiscrete`` (their shape and dtype) or ``Discrete`` (a scalar of
+its dtype, int64)."""
 PathLike = Union[str, "os.PathLike[str]"]
 
 

@@ -147,7 +147,7 @@ impl RawEpisodes {
     #[staticmethod]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (name, dir, capacity, fields, observations, reward, frame_stack, padding,
-                        n_step, gamma, sampler=None, limiter=None))]
+                        n_step, gamma, sampler=None, limiter=None, seed=None))]
     fn create(
         py: Python<'_>,
         name: &str,
@@ -162,6 +162,7 @@ impl RawEpisodes {
         gamma: f64,
         sampler: Option<SamplerArgs>,
         limiter: Option<LimiterArgs>,
+        seed: Option<u64>,
     ) -> PyResult<RawEpisodes> {
         let sampler = sampler_of(sampler)?;
         let limiter = limiter_of(limiter)?;
@@ -196,15 +197,24 @@ impl RawEpisodes {
                 .episodes(episodes)
                 .sampler(sampler)
                 .limiter(limiter)
+                .seed_opt(seed)
                 .create()
         })
     }
 
     #[staticmethod]
-    #[pyo3(signature = (name, dir))]
-    fn attach(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawEpisodes> {
+    #[pyo3(signature = (name, dir, seed=None))]
+    fn attach(
+        py: Python<'_>,
+        name: &str,
+        dir: Option<PathBuf>,
+        seed: Option<u64>,
+    ) -> PyResult<RawEpisodes> {
         RawEpisodes::open(py, || {
-            EpisodeBuffer::builder(name).dir_opt(dir.as_deref()).open()
+            EpisodeBuffer::builder(name)
+                .dir_opt(dir.as_deref())
+                .seed_opt(seed)
+                .open()
         })
     }
 

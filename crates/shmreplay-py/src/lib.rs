@@ -302,7 +302,8 @@ impl RawBuffer {
     /// (uniform), `(alpha, eps, stratified)` or `"queue"`, `limiter` None or `(kind,
     /// samples_per_insert, min_size, min_diff, max_diff)`.
     #[staticmethod]
-    #[pyo3(signature = (name, dir, capacity, fields, sampler=None, limiter=None))]
+    #[pyo3(signature = (name, dir, capacity, fields, sampler=None, limiter=None, seed=None))]
+    #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
         name: &str,
@@ -311,6 +312,7 @@ impl RawBuffer {
         fields: Vec<(String, String, Vec<usize>)>,
         sampler: Option<SamplerArgs>,
         limiter: Option<LimiterArgs>,
+        seed: Option<u64>,
     ) -> PyResult<RawBuffer> {
         let sampler = sampler_of(sampler)?;
         let limiter = limiter_of(limiter)?;
@@ -327,14 +329,25 @@ impl RawBuffer {
                 .schema(parsed)
                 .sampler(sampler)
                 .limiter(limiter)
+                .seed_opt(seed)
                 .create()
         })
     }
 
     #[staticmethod]
-    #[pyo3(signature = (name, dir))]
-    fn attach(py: Python<'_>, name: &str, dir: Option<PathBuf>) -> PyResult<RawBuffer> {
-        RawBuffer::open(py, || ReplayBuffer::attach(name, dir.as_deref()))
+    #[pyo3(signature = (name, dir, seed=None))]
+    fn attach(
+        py: Python<'_>,
+        name: &str,
+        dir: Option<PathBuf>,
+        seed: Option<u64>,
+    ) -> PyResult<RawBuffer> {
+        RawBuffer::open(py, || {
+            ReplayBuffer::builder(name)
+                .dir_opt(dir.as_deref())
+                .seed_opt(seed)
+                .open()
+        })
     }
 
     #[staticmethod]
@@ -409,6 +422,12 @@ impl RawBuffer {
     fn can_insert(&self, py: Python<'_>, k: u64) -> PyResult<bool> {
         let buffer = self.get()?;
         Ok(py.detach(|| buffer.can_insert(k)))
+    }
+
+    /// Seeds this handle's random draws (see `ReplayBuffer::reseed`).
+    fn reseed(&self, seed: u64) -> PyResult<()> {
+        self.get()?.reseed(seed);
+        Ok(())
     }
 
     /// Makes every waiting call (in every process) fail with `ShutdownError`.

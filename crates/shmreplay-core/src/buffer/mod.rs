@@ -11,7 +11,7 @@ mod writer;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -159,6 +159,7 @@ pub struct Builder {
     schema: Option<Schema>,
     sampler: Sampler,
     limiter: Option<Limiter>,
+    seed: Option<u64>,
 }
 
 impl Builder {
@@ -199,6 +200,19 @@ impl Builder {
         self
     }
 
+    /// Seeds the handle's random draws (create, open or inspect; default none: a fresh
+    /// sequence per handle and per process). See [`ReplayBuffer::reseed`].
+    pub fn seed(mut self, seed: u64) -> Builder {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The seed, if any (`None` keeps the default: unseeded).
+    pub fn seed_opt(mut self, seed: Option<u64>) -> Builder {
+        self.seed = seed;
+        self
+    }
+
     /// Creates the buffer. Fails with [`Error::AlreadyExists`] if the name is taken and
     /// [`Error::InsufficientSpace`] if the filesystem cannot hold it (nothing is left behind).
     pub fn create(self) -> Result<ReplayBuffer> {
@@ -213,7 +227,7 @@ impl Builder {
                 "creating a buffer needs a capacity and a schema".into(),
             ));
         };
-        ReplayBuffer::create_at(
+        let buffer = ReplayBuffer::create_at(
             &self.name,
             self.dir.as_deref(),
             capacity,
@@ -221,7 +235,8 @@ impl Builder {
             self.sampler,
             self.limiter,
             episodes,
-        )
+        )?;
+        Ok(seeded(buffer, self.seed))
     }
 
     /// Attaches to the existing buffer, after validating everything in its header. An
@@ -234,13 +249,15 @@ impl Builder {
 
     /// Attaches to the existing buffer, whatever its kind.
     fn open_any(self) -> Result<ReplayBuffer> {
-        ReplayBuffer::open(&self.name, self.dir.as_deref(), true)
+        let buffer = ReplayBuffer::open(&self.name, self.dir.as_deref(), true)?;
+        Ok(seeded(buffer, self.seed))
     }
 
     /// Opens the buffer just to look at it: not counted as attached, no prefaulting; it
     /// registers if it is used to write or sample.
     pub fn inspect(self) -> Result<ReplayBuffer> {
-        ReplayBuffer::open(&self.name, self.dir.as_deref(), false)
+        let buffer = ReplayBuffer::open(&self.name, self.dir.as_deref(), false)?;
+        Ok(seeded(buffer, self.seed))
     }
 }
 
@@ -261,7 +278,11 @@ pub struct ReplayBuffer {
     lock_image: AtomicU64,
     /// The registration (see [`registration_word`]), readable without locking (0: none).
     registered: AtomicU64,
+    /// The state of this handle's generator: each sampling call takes the next one.
     rng: AtomicU64,
+    /// Whether `rng` was seeded ([`ReplayBuffer::reseed`]): then the draws do not depend on
+    /// the process.
+    seeded: AtomicBool,
     /// When this handle next looks for tree changes left half-done by dead processes
     /// (nanoseconds since `clock`).
     repair_due: AtomicU64,
@@ -283,6 +304,7 @@ impl ReplayBuffer {
             schema: None,
             sampler: Sampler::Uniform,
             limiter: None,
+            seed: None,
         }
     }
 
@@ -409,6 +431,7 @@ impl ReplayBuffer {
             lock_image: AtomicU64::new(image),
             registered: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
+            seeded: AtomicBool::new(false),
             repair_due: AtomicU64::new(0),
             waiters_check_due: AtomicU64::new(0),
             clock: Instant::now(),
@@ -839,11 +862,33 @@ impl ReplayBuffer {
         Ok(rows.unwrap_or(0))
     }
 
-    /// A generator for one call, distinct per call, per handle and per process (a forked child
-    /// starts with its parent's state and must not repeat its draws).
+    /// Seeds this handle's random draws: from now on, its sampling calls draw one fixed
+    /// sequence, the same for every handle seeded with `seed` (in any process), so that two
+    /// handles seeded alike draw the same rows from a buffer in the same state.
+    ///
+    /// The seed is this handle's only, never shared through the buffer. A seeded handle's
+    /// draws do not depend on the process: a forked child using a handle inherited after the
+    /// seed repeats its parent's draws unless it reseeds. Each call takes the next state
+    /// atomically, so calls from several threads on one handle draw distinct rows, but which
+    /// thread gets which is not reproducible. A slot found mid-write is redrawn, which takes
+    /// draws from the sequence: draws reproduce on a buffer nobody writes while they are made.
+    pub fn reseed(&self, seed: u64) {
+        // Mixed first, so that seeds differing by a multiple of the per-call step still give
+        // unrelated sequences.
+        self.rng.store(mix64(seed), Ordering::Relaxed);
+        self.seeded.store(true, Ordering::Relaxed);
+    }
+
+    /// A generator for one call, distinct per call and per handle. Unseeded, also per process
+    /// (a forked child starts with its parent's state and must not repeat its draws); seeded,
+    /// the same in every process (see [`reseed`](Self::reseed)).
     fn rng_for_call(&self) -> Rng {
         let state = self.rng.fetch_add(GOLDEN, Ordering::Relaxed);
-        let mut rng = Rng(state ^ u64::from(liveness::pid()).rotate_left(40));
+        let mut rng = if self.seeded.load(Ordering::Relaxed) {
+            Rng(state)
+        } else {
+            Rng(state ^ u64::from(liveness::pid()).rotate_left(40))
+        };
         rng.next();
         rng
     }
@@ -962,6 +1007,22 @@ impl Rng {
     pub(crate) fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next()) * u128::from(n)) >> 64) as u64
     }
+}
+
+/// splitmix64's finaliser: a bijection of `u64` that scatters nearby inputs.
+fn mix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `buffer`, its draws seeded with `seed` if there is one.
+fn seeded(buffer: ReplayBuffer, seed: Option<u64>) -> ReplayBuffer {
+    if let Some(seed) = seed {
+        buffer.reseed(seed);
+    }
+    buffer
 }
 
 /// A fresh generator seeded from the clock and the pid.

@@ -218,6 +218,18 @@ impl EpisodeBuilder {
         self
     }
 
+    /// Seeds the handle's random draws (create or open); see [`ReplayBuffer::reseed`].
+    pub fn seed(mut self, seed: u64) -> EpisodeBuilder {
+        self.ring = self.ring.seed(seed);
+        self
+    }
+
+    /// The seed, if any (`None`: unseeded).
+    pub fn seed_opt(mut self, seed: Option<u64>) -> EpisodeBuilder {
+        self.ring = self.ring.seed_opt(seed);
+        self
+    }
+
     /// Creates the buffer (errors as [`Builder::create`]).
     pub fn create(self) -> Result<EpisodeBuffer> {
         let Some(user) = &self.ring.schema else {
@@ -283,6 +295,12 @@ impl EpisodeBuffer {
     /// or sampling records through it is refused ([`Error::InvalidArgument`]).
     pub fn ring(&self) -> &ReplayBuffer {
         &self.ring
+    }
+
+    /// Seeds this handle's draws ([`sample_columns`](Self::sample_columns),
+    /// [`sample_sequences`](Self::sample_sequences)); see [`ReplayBuffer::reseed`].
+    pub fn reseed(&self, seed: u64) {
+        self.ring.reseed(seed);
     }
 
     /// [`ring`](Self::ring), shared: it stays mapped while either handle lives.
