@@ -14,7 +14,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.23" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" "mypy>=1.10" "gymnasium>=1.0" "ale-py>=0.10"
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.23" "pytest>=8" "pytest-timeout>=2.3" "hypothesis>=6" "mypy>=1.10" "gymnasium>=1.0" "ale-py>=0.10" "rich>=13"
 	touch $@
 
 # Build the Rust extension (release) into the venv, with the Python sources editable. The
@@ -55,7 +55,8 @@ rust-test-debug:
 loom:
 	RUSTFLAGS="--cfg loom" cargo test -p shmreplay-core --release --lib --target-dir target/loom -- loom
 
-pytest: dev
+# examples-deps: tests/test_apex_example.py runs the Ape-X example (JAX) end to end.
+pytest: dev examples-deps
 	$(PY) -m pytest -q tests
 
 # The multi-process tests again under every copy kernel this CPU can run, each forced in turn
