@@ -7,10 +7,14 @@
     shmreplay info NAME [--json]       schema, sizes, counters and attached processes
     shmreplay gc [--dry-run] [--json]  remove this user's stale buffers, never a live one
     shmreplay rm NAME [NAME ...]       remove segments (``--stale``: same as ``gc``)
+    shmreplay top [NAME ...]           live view: fill, inserts/s, samples/s, retries/s, time
+                                       waiting, priority total, attached pids; ``q`` quits
+                                       (``--once``: one frame, ``--json``: JSON Lines)
     shmreplay demo [--synthetic] ...   live actor-learner demo with Atari frames
 
 Every subcommand takes ``--path DIR`` for buffers outside the default directory (/dev/shm).
-Errors are one line on stderr and exit code 1.
+Errors are one line on stderr and exit code 1 (a malformed option: usage and exit code 2, as
+argparse does). Ctrl-C exits with code 130.
 
 Names, paths and reasons come from a shared directory where anyone can create files, so all
 text printed from the filesystem goes through :func:`~shmreplay._format.printable` (``--json``
@@ -295,6 +299,61 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# top
+# --------------------------------------------------------------------------------------------
+
+
+def _interval(text: str) -> float:
+    from ._top import parse_interval
+
+    try:
+        return parse_interval(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    import shmreplay
+
+    from . import _core, _top
+
+    names: list[str] = list(dict.fromkeys(args.names))  # in order, once each
+    if names:
+        for name in names:
+            try:
+                _core.validate_name(name)
+            except ValueError as exc:
+                raise CliError(f"{_one_line(exc)}") from None
+        buffers, unreadable = _core.scan(args.path)
+        present = {b["name"] for b in buffers}
+        corrupt = {u["name"]: u["reason"] for u in unreadable}
+        for name in names:
+            if name in corrupt:
+                raise CliError(f"{name!r} is not a readable buffer: {corrupt[name]}")
+            if name not in present:
+                raise CliError(f"no buffer named {name!r} in {_directory(args.path)}")
+    return _top.run(
+        args.path,
+        names,
+        args.path if args.path is not None else shmreplay.DEFAULT_DIR,
+        interval=args.interval,
+        once=args.once,
+        as_json=args.json,
+        count=args.count,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------
 
@@ -354,6 +413,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", metavar="NAME", nargs="*")
     p.add_argument("--stale", action="store_true", help="also remove every stale buffer (as `gc`)")
     p.set_defaults(func=cmd_rm)
+
+    p = add(
+        "top",
+        "live view of the buffers: fill, inserts/s, samples/s, retries/s, time waiting, "
+        "priority total and attached pids, refreshed every interval; q or Ctrl-C quits",
+    )
+    p.add_argument(
+        "names", metavar="NAME", nargs="*", help="only these buffers (default: every buffer in the directory)"
+    )
+    p.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=_interval,
+        default=1.0,
+        help="seconds between refreshes, and over which rates are measured (default: 1)",
+    )
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument(
+        "--once",
+        action="store_true",
+        help="print one frame and exit; its rates are measured over one interval (two readings)",
+    )
+    frames.add_argument("--count", metavar="N", type=_count, default=None, help="stop after N refreshes")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per refresh and line (JSON Lines); rates are null in the first",
+    )
+    p.epilog = (
+        "Rates are per second between two refreshes (\"–\" until there are two). INS WAIT and "
+        "SMP WAIT: seconds per second that inserts and samples spent blocked by flow control, "
+        "summed over processes, counted when a wait ends. When stdout is not a terminal, frames "
+        "are printed one after another. Exit code 0 (q, --once, --count), 130 on Ctrl-C."
+    )
+    p.set_defaults(func=cmd_top)
 
     p = add(
         "demo",
