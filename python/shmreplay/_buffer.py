@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping, overload
 
 import numpy as np
 
-from . import _core
+from . import _core, _sigterm
 from ._batches import Batches
 from ._limiters import Limiter, limiter_args, limiter_of
 from ._samplers import Prioritized, Queue, Sampler, Uniform, sampler_args, sampler_of
@@ -152,6 +152,12 @@ def _seed_arg(value: Any, optional: bool = True) -> int | None:
     if not 0 <= n < 1 << 64:
         raise ValueError(f"seed must be between 0 and 2**64 - 1, got {n}")
     return n
+
+
+def _bool_arg(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def _timeout(value: Any) -> float | None:
@@ -381,7 +387,7 @@ class ReplayBuffer(_Handle):
     (or pass it to a child process: it pickles by name).
     """
 
-    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner", "_sampler", "_limiter")
+    __slots__ = ("_raw", "_fields", "_names", "_dir", "_owner", "_sampler", "_limiter", "__weakref__")
 
     def __init__(self, raw: _core.RawBuffer, path: str | None, owner: bool) -> None:
         """Internal: use :meth:`create` or :meth:`attach`."""
@@ -410,6 +416,7 @@ class ReplayBuffer(_Handle):
         sampler: Sampler | None = None,
         limiter: Limiter | None = None,
         seed: int | None = None,
+        cleanup_on_sigterm: bool = False,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -430,6 +437,12 @@ class ReplayBuffer(_Handle):
                 and takes none.
             seed: seeds this handle's random draws (see :meth:`seed`); ``None`` (the default):
                 unseeded, different in every handle and process.
+            cleanup_on_sigterm: if this process gets SIGTERM while this handle is open,
+                unlink the buffer (as leaving the creator's ``with`` block does), then go on as
+                before: a Python SIGTERM handler installed earlier runs, else the process dies
+                of SIGTERM. Installs a SIGTERM handler the first time, which only the main
+                thread can do (``ValueError`` elsewhere). A process that ignores SIGTERM keeps
+                ignoring it; a forked child never unlinks its parent's buffers.
 
         Raises:
             FileExistsError: the name is taken.
@@ -440,6 +453,7 @@ class ReplayBuffer(_Handle):
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
         seed = _seed_arg(seed)
+        cleanup = _bool_arg("cleanup_on_sigterm", cleanup_on_sigterm)
         sampling = sampler_args(sampler)
         limiting = limiter_args(limiter)
         if limiting is not None:
@@ -454,8 +468,13 @@ class ReplayBuffer(_Handle):
             name = _core.unique_name()
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        raw = _core.RawBuffer.create(name, directory, capacity, parsed, sampling, limiting, seed)
-        return cls(raw, directory, owner=True)
+        buffer_name = name
+
+        def make() -> "ReplayBuffer":
+            raw = _core.RawBuffer.create(buffer_name, directory, capacity, parsed, sampling, limiting, seed)
+            return cls(raw, directory, owner=True)
+
+        return _sigterm.created(make, cleanup)
 
     @classmethod
     def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "ReplayBuffer":

@@ -9,7 +9,7 @@ from typing import Any, Literal, Mapping, Sequence, overload
 
 import numpy as np
 
-from . import _core
+from . import _core, _sigterm
 from ._buffer import (
     _PHYSICAL_MEMORY,
     FieldTypes,
@@ -17,6 +17,7 @@ from ._buffer import (
     ReplayBuffer,
     _Handle,
     _beta_arg,
+    _bool_arg,
     _dir_arg,
     _int_arg,
     _out_arrays,
@@ -70,7 +71,10 @@ class EpisodeBuffer(_Handle):
     writers; a step whose window or stack would need an evicted frame is never sampled.
     """
 
-    __slots__ = ("_raw", "_ring", "_fields", "_observations", "_reward", "_frame_stack", "_padding", "_n_step", "_gamma")
+    __slots__ = (
+        "_raw", "_ring", "_fields", "_observations", "_reward", "_frame_stack", "_padding", "_n_step", "_gamma",
+        "__weakref__",
+    )
 
     def __init__(self, raw: _core.RawEpisodes, path: str | None, owner: bool) -> None:
         """Internal: use :meth:`create` or :meth:`attach`."""
@@ -104,6 +108,7 @@ class EpisodeBuffer(_Handle):
         limiter: Limiter | None = None,
         path: PathLike | None = None,
         seed: int | None = None,
+        cleanup_on_sigterm: bool = False,
     ) -> "EpisodeBuffer":
         """Creates an episode buffer of ``capacity`` frames (steps and episode starts together).
 
@@ -126,6 +131,8 @@ class EpisodeBuffer(_Handle):
                 every item sampled as a sample.
             path: directory of the segment file (default ``/dev/shm``).
             seed: seeds this handle's random draws (see :meth:`seed`; ``None``: unseeded).
+            cleanup_on_sigterm: unlink the buffer if this process gets SIGTERM, as
+                :meth:`ReplayBuffer.create`.
 
         Raises:
             ValueError, TypeError: invalid arguments (an unknown observation or reward field, a
@@ -137,6 +144,7 @@ class EpisodeBuffer(_Handle):
         capacity = _int_arg("capacity", capacity, 1, _core.MAX_CAPACITY)
         parsed = _parse_fields(fields)
         seed = _seed_arg(seed)
+        cleanup = _bool_arg("cleanup_on_sigterm", cleanup_on_sigterm)
         names = [f[0] for f in parsed]
         observations = _names_arg("observation", observation)
         if reward is not None and not isinstance(reward, str):
@@ -175,11 +183,16 @@ class EpisodeBuffer(_Handle):
             name = _core.unique_name()
         elif not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        raw = _core.RawEpisodes.create(
-            name, directory, capacity, parsed, observations, reward, frame_stack, stack_padding,
-            n_step, float(gamma), sampling, limiting, seed,
-        )
-        return cls(raw, directory, owner=True)
+        buffer_name = name
+
+        def make() -> "EpisodeBuffer":
+            raw = _core.RawEpisodes.create(
+                buffer_name, directory, capacity, parsed, observations, reward, frame_stack,
+                stack_padding, n_step, float(gamma), sampling, limiting, seed,
+            )
+            return cls(raw, directory, owner=True)
+
+        return _sigterm.created(make, cleanup)
 
     @classmethod
     def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "EpisodeBuffer":
