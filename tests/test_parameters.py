@@ -42,7 +42,7 @@ P = 1_000_000
 START_TIMEOUT = 60.0  # spawn children import numpy and shmreplay
 
 # Actor state words.
-ITERATIONS, READS, LAST, TORN, BACKWARDS, EMPTY, MISSING, ATTACHED, DONE, SLOW = range(10)
+ITERATIONS, READS, LAST, TORN, BACKWARDS, EMPTY, MISSING, ATTACHED, DONE, SLOW, CONTENDED = range(11)
 # Learner state words.
 PUBLISHED, RETRIES, LEARNER_DONE, WRITING = range(4)
 
@@ -89,6 +89,8 @@ def actor(name: str, path: str, state: Any, stop: Any) -> None:
             state[MISSING] += 1
         except EmptyBufferError:  # the same for sample(1); also while a write is in flight
             state[EMPTY] += 1
+        except shmreplay.ContendedError:  # slot[0] found the slot busy for 10 s: a failure
+            state[CONTENDED] += 1
         else:
             if not (params == np.float32(version)).all():
                 state[TORN] += 1
@@ -103,9 +105,13 @@ def actor(name: str, path: str, state: Any, stop: Any) -> None:
     state[DONE] = 1
 
 
-def learner(name: str, path: str, state: Any, stop: Any, create: bool, base: int) -> None:
-    """Publishes versions ``base + 1, base + 2, ...`` until ``stop``: creates the slot (and
-    removes it on exit, as its creator) or attaches to it."""
+def learner(name: str, path: str, state: Any, stop: Any, create: bool, base: int, pause: float) -> None:
+    """Publishes versions ``base + 1, base + 2, ...`` until ``stop``, ``pause`` seconds apart:
+    creates the slot (and removes it on exit, as its creator) or attaches to it.
+
+    A pause, as a learner that publishes every few updates has: a read needs the slot unchanged
+    for as long as its copy takes, and a writer rewriting 4 MB back to back can starve readers
+    (seqlock readers never block the writer)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if create:
         slot = ReplayBuffer.create(name, capacity=1, fields=fields(), path=path)
@@ -120,6 +126,7 @@ def learner(name: str, path: str, state: Any, stop: Any, create: bool, base: int
             state[WRITING] = version
             slot.add(params=params, version=version)
             state[PUBLISHED] = version
+            time.sleep(pause)
         state[RETRIES] = slot.stats()["retries"]
     state[LEARNER_DONE] = 1
 
@@ -168,7 +175,7 @@ class Actors:
 
     def __init__(self, name: str, path: str) -> None:
         self.stop = _flag()
-        self.states = [_words(10), _words(10)]
+        self.states = [_words(11), _words(11)]
         self.procs = [
             multiprocessing.get_context(method).Process(target=actor, args=(name, path, state, self.stop), daemon=True)
             for method, state in zip(("spawn", "fork"), self.states)
@@ -196,6 +203,7 @@ class Actors:
         s = self.states[i]
         assert s[TORN] == 0, f"actor {i}: {s[TORN]} torn reads of {s[READS]}"
         assert s[BACKWARDS] == 0, f"actor {i}: versions went backwards {s[BACKWARDS]} times"
+        assert s[CONTENDED] == 0, f"actor {i}: slot[0] raised ContendedError {s[CONTENDED]} times"
 
     def kill(self) -> None:
         helpers.kill_and_reap(self.procs)
@@ -209,7 +217,7 @@ class Actors:
 def test_actors_read_consistent_versions_and_a_killed_actor_stops_nobody(mp_ctx, shm_name, tmp_path):
     path = str(tmp_path)
     lstate, lstop = _words(4), _flag()
-    learner_proc = mp_ctx.Process(target=learner, args=(shm_name, path, lstate, lstop, True, 0), daemon=True)
+    learner_proc = mp_ctx.Process(target=learner, args=(shm_name, path, lstate, lstop, True, 0, 0.002), daemon=True)
     actors = Actors(shm_name, path)
     try:
         learner_proc.start()
@@ -277,7 +285,7 @@ def test_learner_killed_inside_the_copy(mp_ctx, shm_name, tmp_path):
                 assert actors.states[i][LAST] <= 20
             # A new learner takes the slot over; the actors read its versions.
             lstop = _flag()
-            second = mp_ctx.Process(target=learner, args=(shm_name, path, _words(4), lstop, False, 1000), daemon=True)
+            second = mp_ctx.Process(target=learner, args=(shm_name, path, _words(4), lstop, False, 1000, 0.002), daemon=True)
             second.start()
             try:
                 _wait(lambda: all(s[LAST] > 1000 for s in actors.states), START_TIMEOUT, "the actors to read the new learner's versions")
@@ -296,7 +304,7 @@ def test_learner_killed_inside_the_copy(mp_ctx, shm_name, tmp_path):
 
 
 def test_learner_killed_at_random_moments(mp_ctx, shm_name, tmp_path):
-    """Learners publishing as fast as they can are SIGKILLed at random moments, round after
+    """Learners publishing every millisecond are SIGKILLed at random moments, round after
     round (each new one takes over), until kills have landed both inside a copy and outside.
     After each kill the slot holds the last complete version (or, killed inside the copy, no
     record), the actors keep going, and no read is ever torn or older than one read before."""
@@ -312,7 +320,7 @@ def test_learner_killed_at_random_moments(mp_ctx, shm_name, tmp_path):
             while rounds < 40 and not (rounds >= 4 and outcomes["mid-copy"] and outcomes["complete"]):
                 rounds += 1
                 lstate = _words(4)
-                learner_proc = mp_ctx.Process(target=learner, args=(shm_name, path, lstate, _flag(), False, rounds * 100_000), daemon=True)
+                learner_proc = mp_ctx.Process(target=learner, args=(shm_name, path, lstate, _flag(), False, rounds * 100_000, 0.001), daemon=True)
                 learner_proc.start()
                 _wait(lambda: lstate[PUBLISHED] >= rounds * 100_000 + 3, START_TIMEOUT, "the learner to publish")
                 time.sleep(float(rng.uniform(0.0, 0.05)))
