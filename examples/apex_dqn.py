@@ -298,10 +298,11 @@ class Episodes:
 
 
 def read_params(slot: shmreplay.ReplayBuffer) -> tuple[np.ndarray, int] | None:
-    """The newest published parameters and their version, or None before the first."""
+    """The newest published parameters and their version; None before the first, or when the
+    learner kept rewriting the slot while we read (the actor keeps its parameters a while)."""
     try:
         batch = slot.sample(1)
-    except shmreplay.EmptyBufferError:
+    except (shmreplay.EmptyBufferError, shmreplay.ContendedError):
         return None
     return batch["params"][0], int(batch["version"][0])
 
