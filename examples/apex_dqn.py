@@ -307,16 +307,28 @@ def read_params(slot: shmreplay.ReplayBuffer) -> tuple[np.ndarray, int] | None:
     return batch["params"][0], int(batch["version"][0])
 
 
+def shut_down_when_orphaned(learner: int, buf: shmreplay.EpisodeBuffer) -> None:
+    while os.getppid() == learner:
+        time.sleep(0.5)
+    buf.shutdown()
+
+
 def actor_main(cfg: Config, actor_id: int, names: dict[str, str]) -> None:
     """An actor process: acts with the newest parameters and writes every step; ends when the
     learner shuts the buffer down."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the learner, which shuts down
     buf = shmreplay.EpisodeBuffer.attach(names["replay"])
+    # A learner killed outright (SIGKILL) shuts nothing down: then the actors do it themselves,
+    # which ends their waits on the limiter; the segments become stale for `shmreplay gc`.
+    learner = os.getppid()
+    threading.Thread(target=shut_down_when_orphaned, args=(learner, buf), daemon=True).start()
     params_slot = shmreplay.ReplayBuffer.attach(names["params"])
     finished = shmreplay.ReplayBuffer.attach(names["episodes"])
     envs, spec = make_envs(cfg, cfg.envs_per_actor)
     ladder = epsilon_ladder(cfg.num_envs)
-    mine = slice(actor_id * cfg.envs_per_actor, (actor_id + 1) * cfg.envs_per_actor)
+    # Env i of the ladder belongs to actor i % actors: each actor holds both ends of the ladder,
+    # so losing one still leaves explorers and greedy envs.
+    mine = np.arange(actor_id, cfg.num_envs, cfg.actors)
     policy = Policy(cfg, spec, ladder[mine], seed=cfg.seed * 1000 + actor_id)
     version = -1
     writer = buf.writer(num_envs=cfg.envs_per_actor)
@@ -344,7 +356,7 @@ def actor_main(cfg: Config, actor_id: int, names: dict[str, str]) -> None:
             priority = policy.priority(q, action, reward.astype(np.float64), terminated.astype(np.float64), q_next)
             writer.step(obs=obs, action=action, reward=reward, terminated=terminated, truncated=truncated, priority=priority)
             for env, ret, length in episodes.step(reward, terminated, truncated):
-                finished.add(env=mine.start + env, eps=ladder[mine.start + env], ret=ret, length=length, time=time.time())
+                finished.add(env=mine[env], eps=ladder[mine[env]], ret=ret, length=length, time=time.time())
             q = q_next
     except shmreplay.ShutdownError:
         pass
@@ -357,6 +369,18 @@ def actor_main(cfg: Config, actor_id: int, names: dict[str, str]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The learner's bookkeeping
 # ------------------------------------------------------------------------------------------------
+
+
+class ActorsLost(Exception):
+    """Every actor process died."""
+
+
+class Terminated(Exception):
+    """SIGTERM: stop as for Ctrl-C (shut the buffers down, remove them)."""
+
+
+def terminate(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 class Score:
@@ -426,7 +450,9 @@ def watch_actors(actors: list[Any], buf: shmreplay.EpisodeBuffer, ended: threadi
         for p in actors:
             if p.exitcode is not None and p.name not in lost:
                 lost.append(p.name)
-                print(f"\n{p.name} (pid {p.pid}) died (exit code {p.exitcode}); learning goes on with the others", flush=True)
+                left = len(actors) - len(lost)
+                goes_on = f"learning goes on with {left} actor(s)" if left else "no actor left: stopping"
+                print(f"\n{p.name} (pid {p.pid}) died (exit code {p.exitcode}); {goes_on}", flush=True)
         if len(lost) == len(actors) or time.monotonic() > deadline + 5.0:
             buf.shutdown()
             return
@@ -513,7 +539,7 @@ def run_shmreplay(cfg: Config) -> dict[str, Any]:
             handle.unlink()
             handle.close()
     if len(lost) == len(actors):
-        raise RuntimeError("every actor died; see their output above")
+        raise ActorsLost("every actor died; see their output above")
     return summary(cfg, score, learner, env_steps, elapsed)
 
 
@@ -711,11 +737,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     who = f"{cfg.actors} actor processes x {cfg.envs_per_actor} envs" if cfg.buffer == "shmreplay" else f"one process, {cfg.num_envs} envs"
     print(f"Ape-X DQN on {cfg.env}: {cfg.buffer} buffer, {who}, seed {cfg.seed}")
+    signal.signal(signal.SIGTERM, terminate)
     try:
         result = run_shmreplay(cfg) if cfg.buffer == "shmreplay" else run_numpy(cfg)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("\nterminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except ActorsLost as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     reached = result["reached_target_s"]
     print(
         f"{result['env_steps']:,} env steps ({result['env_steps_per_s']:,.0f}/s), {result['updates']:,} updates "

@@ -164,3 +164,77 @@ def test_the_numpy_baseline_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
     result = json.loads(out.read_text())
     assert result["buffer"] == "numpy" and result["updates"] > 0
+
+
+def _start_and_wait_for_learning(name: str, tmp_path: Path) -> tuple[subprocess.Popen[str], list[int], list[str]]:
+    """Starts a run; returns once its learner has made an update, with the actors' pids."""
+    proc, _ = _run("--minutes", "1", "--no-target", name=name, tmp_path=tmp_path)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    pids: list[int] = []
+    deadline = time.monotonic() + 120
+    while not lines or not re.search(r"updates\s+[1-9]", lines[-1]):
+        chunk = proc.stdout.readline()
+        assert chunk and time.monotonic() < deadline, "".join(lines)
+        lines.extend(chunk.replace("\r", "\n").splitlines(keepends=True) or [chunk])
+        if chunk.startswith("actor pids:"):
+            pids = [int(p) for p in chunk.split(":")[1].split()]
+    return proc, pids, lines
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_stops_the_run_like_ctrl_c(tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    name = f"apex-term-{os.getpid()}"
+    proc, pids, lines = _start_and_wait_for_learning(name, tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(lines) + rest
+    assert proc.returncode == 143, text
+    assert "Traceback" not in text, text
+    assert _leftovers(name) == []
+    deadline = time.monotonic() + 15
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, "actors outlived the learner"
+        time.sleep(0.1)
+
+
+def test_actors_stop_when_the_learner_is_killed(tmp_path: Path) -> None:
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    name = f"apex-kill-{os.getpid()}"
+    proc, pids, _ = _start_and_wait_for_learning(name, tmp_path)
+    try:
+        proc.kill()  # no cleanup at all: the actors must notice and stop
+        proc.wait(30)
+        deadline = time.monotonic() + 20
+        while not all(_gone(p) for p in pids):
+            assert time.monotonic() < deadline, "actors outlived a SIGKILLed learner"
+            time.sleep(0.1)
+    finally:
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # the segments are stale now: gc removes them
+    deadline = time.monotonic() + 10
+    while _leftovers(name):
+        shmreplay.gc()
+        assert time.monotonic() < deadline, _leftovers(name)
+        time.sleep(0.2)
