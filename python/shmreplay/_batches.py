@@ -44,6 +44,10 @@ class Batches(Iterator["tuple[Batch, SampleInfo]"]):
     batch half-written. An error of a sample (``EmptyBufferError``, ``TimeoutError`` after
     ``timeout``) is raised by the ``next()`` that would have returned that batch, and ends the
     iteration.
+
+    On a ``Queue()`` buffer the thread takes rows out of the queue ahead of the learner: the
+    batches taken but not yet handed out when the iterator closes (at most ``prefetch + 1``)
+    are lost, as for a consumer that dies.
     """
 
     def __init__(self, sample: SampleFn, prefetch: int, copy: bool, timeout: float | None) -> None:
