@@ -12,7 +12,11 @@ Real processes (spawn and fork) create buffers, say they are ready and get SIGTE
 * a Python SIGTERM handler installed before runs after the cleanup; a process that ignores
   SIGTERM keeps ignoring it; a forked child of the creator (which inherits the handler) never
   removes its parent's buffers; a SIGTERM arriving while such a buffer is being created
-  leaves nothing behind;
+  leaves nothing behind, and so does one in another thread creating in a loop;
+* a handler installed later that chains to shmreplay's, followed by another opted-in create
+  (which installs shmreplay's again on top of it), runs once: the process dies of SIGTERM
+  instead of the two handlers calling each other until ``RecursionError``; a previous handler
+  that returns lets the process go on, and a later SIGTERM cleans up again;
 * the option is refused (before anything is made) where it cannot work: not a bool, or the
   first such create in a thread other than the main one.
 """
@@ -47,6 +51,12 @@ def _segments(directory: Any) -> list[str]:
 
 def _everything(directory: Any) -> list[str]:
     return sorted(os.listdir(directory))
+
+
+def _wait_until_empty(directory: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _segments(directory) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,6 +150,72 @@ def slow_creator(path: str, conn: Any) -> None:
     conn.send(("created",))
     time.sleep(100)
     buf.close()
+
+
+
+def rechaining_creator(path: str, conn: Any) -> None:
+    """Creates an opted-in buffer, installs a handler that chains to the one it replaces
+    (shmreplay's), then creates another opted-in buffer (which installs shmreplay's on top):
+    each handler then chains to the other."""
+    keep = [ReplayBuffer.create("a", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True)]
+    old = signal.getsignal(signal.SIGTERM)
+    assert callable(old)
+
+    def mine(signum: int, frame: Any) -> None:
+        conn.send(("mine",))
+        old(signum, frame)
+
+    signal.signal(signal.SIGTERM, mine)
+    keep.append(ReplayBuffer.create("b", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True))
+    conn.send(("ready", os.getpid()))
+    try:
+        time.sleep(100)
+    except BaseException as e:  # noqa: BLE001 - RecursionError, before the fix
+        conn.send(("escaped", type(e).__name__))
+        raise
+
+
+def returning_creator(path: str, conn: Any, release: Any) -> None:
+    """A previous handler that returns: the process goes on after the cleanup; a buffer
+    created afterwards is removed by the next SIGTERM, which the handler survives again."""
+    got: list[int] = []
+    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    first = ReplayBuffer.create("first", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True)
+    conn.send(("ready", os.getpid()))
+    release.poll(60)
+    release.recv()
+    conn.send(("after first", len(got), os.path.exists(first.path)))
+    second = ReplayBuffer.create("second", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True)
+    conn.send(("second",))
+    release.poll(60)
+    release.recv()
+    conn.send(("after second", len(got), os.path.exists(second.path)))
+
+
+def looping_creator(path: str, conn: Any) -> None:
+    """Creates an opted-in buffer in the main thread, then another thread creates opted-in
+    buffers in a loop (keeping the last few, unlinking the older ones; at most 60 s), which is
+    where SIGTERM finds it."""
+    first = ReplayBuffer.create("first", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True)
+    made = threading.Event()
+
+    def loop() -> None:
+        keep: list[Any] = []
+        deadline = time.monotonic() + 60
+        i = 0
+        while time.monotonic() < deadline:
+            keep.append(ReplayBuffer.create(f"t{i}", capacity=8, fields=FIELDS, path=path, cleanup_on_sigterm=True))
+            i += 1
+            if len(keep) > 4:
+                keep.pop(0).unlink()
+            if i == 20:
+                made.set()
+
+    threading.Thread(target=loop, daemon=True).start()
+    made.wait(30)
+    conn.send(("ready", os.getpid()))
+    time.sleep(100)
+    first.close()
 
 
 def plain_creator(path: str, conn: Any) -> None:
@@ -299,6 +375,62 @@ def test_sigterm_during_the_create_leaves_nothing(mp_ctx, shm_subdir):
             time.sleep(float(rng.uniform(0.0, 0.12)))
             child.term()
             assert child.proc.exitcode == -signal.SIGTERM
+            assert _everything(shm_subdir) == []
+        finally:
+            child.kill()
+
+
+def test_a_later_handler_chaining_to_ours_then_another_create_does_not_recurse(mp_ctx, tmp_path):
+    path = str(tmp_path)
+    child = Child(mp_ctx, rechaining_creator, path).start()
+    try:
+        assert child.recv()[0] == "ready"
+        assert _segments(path) == ["a", "b"]
+        took = child.term()
+        assert child.proc.exitcode == -signal.SIGTERM, f"exit code {child.proc.exitcode}"
+        assert took < 5
+        assert child.recv(10) == ("mine",)  # it ran, once, and nothing escaped
+        with pytest.raises(EOFError):
+            child.conn.recv()
+        assert _everything(path) == []
+    finally:
+        child.kill()
+
+
+def test_a_previous_handler_that_returns_lets_the_process_go_on(mp_ctx, tmp_path):
+    path = str(tmp_path)
+    child = Child(mp_ctx, returning_creator, path, release=True).start()
+    try:
+        assert child.recv()[0] == "ready"
+        os.kill(child.proc.pid, signal.SIGTERM)
+        _wait_until_empty(path)
+        child.release.send("go")
+        assert child.recv(10) == ("after first", 1, False)
+        assert child.recv(10) == ("second",)
+        assert _segments(path) == ["second"]
+        os.kill(child.proc.pid, signal.SIGTERM)
+        _wait_until_empty(path)
+        child.release.send("go")
+        assert child.recv(10) == ("after second", 2, False)
+        child.proc.join(10)
+        assert child.proc.exitcode == 0
+        assert _everything(path) == []
+    finally:
+        child.kill()
+
+
+def test_sigterm_while_another_thread_creates_in_a_loop_leaves_nothing(mp_ctx, shm_subdir):
+    """Opted-in creates racing the handler in another thread: those under way finish and are
+    unlinked, later ones are refused; the process dies of SIGTERM and nothing is left."""
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    for _ in range(3):
+        child = Child(mp_ctx, looping_creator, str(shm_subdir)).start()
+        try:
+            assert child.recv()[0] == "ready"
+            time.sleep(float(rng.uniform(0.0, 0.05)))
+            took = child.term()
+            assert child.proc.exitcode == -signal.SIGTERM, f"exit code {child.proc.exitcode}"
+            assert took < 5
             assert _everything(shm_subdir) == []
         finally:
             child.kill()
