@@ -169,11 +169,18 @@ class PtyTop:
         self.read_for(0.2)
         return self.proc.poll()
 
+    def hang_up(self) -> None:
+        """Closes the master end, as a terminal window or tmux pane that is closed: the kernel
+        sends SIGHUP to top, the session leader."""
+        os.close(self.master)
+        self.master = -1
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
-        os.close(self.master)
+        if self.master >= 0:
+            os.close(self.master)
         os.close(self.slave)
 
 
@@ -222,6 +229,8 @@ def assert_terminal_restored(t: PtyTop) -> None:
     lflag = 3
     for flag in (termios.ICANON, termios.ECHO):
         assert after[lflag] & flag == t.modes_before[lflag] & flag, "the terminal was left in cbreak mode"
+    hidden, shown = t.raw.rfind(b"\x1b[?25l"), t.raw.rfind(b"\x1b[?25h")
+    assert shown >= hidden, "the cursor was left hidden"
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,6 +277,78 @@ def test_ctrl_c_quits_cleanly(writer: Writer, pty_top: Callable[..., PtyTop], ho
 
 
 # --------------------------------------------------------------------------------------------
+# (2b) SIGTERM, SIGHUP, a closed terminal: the terminal restored, exit code 128 + signal
+# --------------------------------------------------------------------------------------------
+
+
+def json_shown(text: str) -> bool:
+    return any(line.strip().startswith('{"time"') for line in text.replace("\r", "\n").splitlines())
+
+
+@pytest.mark.parametrize("mode", ["live", "json"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_restore_the_terminal(
+    writer: Writer, pty_top: Callable[..., PtyTop], mode: str, sig: signal.Signals
+) -> None:
+    t = pty_top(writer.name, "--path", writer.path, "--interval", INTERVAL, *(["--json"] if mode == "json" else []))
+    assert t.read_until(shows_inserts(writer.name) if mode == "live" else json_shown, 30), t.text
+    lflag = termios.tcgetattr(t.slave)[3]
+    assert not lflag & termios.ECHO, "keys are not read in cbreak mode"  # so there is something to restore
+    if mode == "live":
+        assert b"\x1b[?25l" in t.raw  # the cursor is hidden while the live view runs
+    os.kill(t.proc.pid, sig)
+    code = t.wait(5)
+    assert code == 128 + sig, f"exit code {code} after {sig.name}:\n{t.text}"
+    assert "Traceback" not in t.text, t.text
+    assert_terminal_restored(t)
+
+
+@pytest.mark.parametrize("mode", ["live", "json"])
+def test_a_closed_terminal_ends_top(writer: Writer, pty_top: Callable[..., PtyTop], mode: str) -> None:
+    t = pty_top(writer.name, "--path", writer.path, "--interval", INTERVAL, *(["--json"] if mode == "json" else []))
+    assert t.read_until(shows_inserts(writer.name) if mode == "live" else json_shown, 30), t.text
+    t.hang_up()
+    try:
+        code = t.proc.wait(5)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 128 + signal.SIGHUP, f"exit code {code} after the terminal hung up"
+
+
+def test_quit_on_signals_restores_the_handlers() -> None:
+    """In process: the handlers raise once and are put back; an ignored signal stays ignored."""
+    from shmreplay import _top
+
+    def mine(signum: int, frame: Any) -> None:  # pragma: no cover - never called
+        raise AssertionError("the previous handler was called")
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, mine)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        reached = False
+        with _top._quit_on_signals() as caught:
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # the handler raises between two bytecodes
+                time.sleep(0.01)
+            reached = True
+        assert not reached, "SIGTERM did not leave the block"
+        assert caught == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        with _top._quit_on_signals() as caught:  # an error without a signal is not swallowed
+            with pytest.raises(OSError):
+                raise OSError("boom")
+        assert caught == []
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------------------------
 # (3) --json: JSON Lines with rates from the second line on
 # --------------------------------------------------------------------------------------------
 
@@ -296,6 +377,47 @@ def test_json_lines(writer: Writer) -> None:
             assert b["inserts_per_s"] > 0 and b["samples_per_s"] > 0, b
             assert all(isinstance(b[k], float) and b[k] >= 0 for k in rates), b
             assert b["inserts"] > frames[i - 1]["buffers"][0]["inserts"]
+
+
+def test_q_quits_json_on_a_terminal(writer: Writer, pty_top: Callable[..., PtyTop]) -> None:
+    # A long interval: q must cut the wait short, not wait for the next refresh.
+    t = pty_top(writer.name, "--path", writer.path, "--interval", "60", "--json")
+    assert t.read_until(json_shown, 30), t.text
+    lflag = termios.tcgetattr(t.slave)[3]
+    assert not lflag & termios.ICANON and not lflag & termios.ECHO
+    os.write(t.master, b"q")
+    code = t.wait(5)
+    assert code == 0, f"exit code {code} after q:\n{t.text}"
+    assert "Traceback" not in t.text
+    assert_terminal_restored(t)
+
+
+@pytest.mark.parametrize("args", [[], ["--json"], ["--once"]], ids=["plain", "json", "once"])
+def test_a_closed_stdout_exits_0(shm_dir: Path, args: list[str]) -> None:
+    """``top | head -1``: exit code 0 and no error, as ``ls | head -1``."""
+    buf = shmreplay.ReplayBuffer.create("piped", capacity=10, fields=FIELDS, path=shm_dir)
+    proc = subprocess.Popen(
+        top_argv("--path", str(shm_dir), "--interval", "0.05", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(),
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        if args != ["--once"]:  # --once writes once: close the pipe before it does
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready and proc.stdout.readline(), "top printed nothing"
+        proc.stdout.close()
+        code = proc.wait(30)
+        err = proc.stderr.read().decode()
+        assert code == 0, f"exit code {code} with stdout closed: {err}"
+        assert err == ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        buf.unlink()
+        buf.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,18 +14,27 @@ Modes (see :func:`run`):
   ``top`` runs and restored on every way out), Ctrl-C quits with exit code 130.
 * plain, when stdout is not a terminal (``top > file``, a pipe): the same frames printed one
   after another, without cursor control, every interval, until ``--count`` or Ctrl-C.
-* ``--json``: one JSON object per refresh and line (JSON Lines), flushed after each line.
+* ``--json``: one JSON object per refresh and line (JSON Lines), flushed after each line;
+  ``q`` quits too when stdin is a terminal.
 * ``--once``: one frame (table or JSON) whose rates are measured: two readings one interval
   apart, then the frame.
+
+While ``top`` has the terminal changed (the live view, or keys read in cbreak mode), SIGTERM
+and SIGHUP (``kill``, a closed terminal window) restore it like ``q`` does, then ``top`` exits
+with 128 + the signal number (143, 129); the previous handlers are put back before it returns.
+A stdout closed early (``top | head -1``) ends it with exit code 0, as the other commands.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -380,7 +389,64 @@ def _cbreak(fd: Optional[int]) -> Iterator[None]:
         tty.setcbreak(fd, termios.TCSANOW)
         yield
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error:  # the terminal hung up: nothing left to restore
+            pass
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM and SIGHUP handlers of :func:`_quit_on_signals` (a BaseException,
+    like KeyboardInterrupt, so that no ``except Exception`` on the way stops it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+QUIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _quit_on_signals() -> Iterator[list[int]]:
+    """SIGTERM and SIGHUP leave the block as an exception (so that the ``with`` blocks inside
+    restore the terminal) instead of killing the process; yields the list the signals caught
+    are appended to: non-empty afterwards means "exit with 128 + its first signal".
+
+    Only the first signal raises; one that arrives while the terminal is being restored is just
+    recorded. An error while unwinding after a signal (writing to a terminal that hung up) is
+    dropped: the signal decides the exit code. A signal that is ignored (``nohup``) stays
+    ignored; outside the main thread nothing is installed. The previous handlers are restored
+    on the way out."""
+    caught: list[int] = []
+    armed = True
+
+    def handler(signum: int, _frame: Any) -> None:
+        nonlocal armed
+        caught.append(signum)
+        if armed:
+            armed = False
+            raise _Terminated(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in QUIT_SIGNALS:
+            current = signal.getsignal(sig)
+            if current == signal.SIG_IGN or current is None:  # None: set outside Python, keep it
+                continue
+            previous[sig] = current
+            signal.signal(sig, handler)
+    try:
+        yield caught
+    except _Terminated:
+        pass
+    except Exception:
+        if not caught:
+            raise
+    finally:
+        armed = False
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _wait(fd: Optional[int], seconds: float) -> bool:
@@ -420,8 +486,10 @@ def run(
     stdin: Optional[IO[str]] = None,
 ) -> int:
     """Runs ``shmreplay top`` until ``q``, ``count`` refreshes, or (``once``) one frame;
-    returns the exit code. Ctrl-C propagates as ``KeyboardInterrupt`` once the terminal is
-    restored (the CLI turns it into exit code 130)."""
+    returns the exit code (128 + the signal after SIGTERM or SIGHUP while the terminal is in
+    use, see :func:`_quit_on_signals`). Ctrl-C propagates as ``KeyboardInterrupt`` once the
+    terminal is restored (the CLI turns it into exit code 130), a closed stdout as
+    ``BrokenPipeError`` (the CLI: exit code 0)."""
     out = sys.stdout if stdout is None else stdout
     inp = sys.stdin if stdin is None else stdin
 
@@ -437,28 +505,57 @@ def run(
         return 0
 
     if as_json:
-        previous: Optional[Snapshot] = None
-        frames = 0
-        while True:
-            snapshot = read(path, names)
-            _print_json(out, frame_json(snapshot, previous, directory))
-            previous, frames = snapshot, frames + 1
-            if count is not None and frames >= count:
-                return 0
-            time.sleep(interval)
+        fd = _key_fd(inp)
+        if fd is None:  # the terminal is left as it is: SIGTERM and SIGHUP do what they do
+            _json_lines(out, None, path, names, directory, interval, count)
+            return 0
+        with _quit_on_signals() as caught, _cbreak(fd):
+            _json_lines(out, fd, path, names, directory, interval, count)
+        return 128 + caught[0] if caught else 0
 
     console = _console(out)
     if not console.is_terminal:
         return _plain(console, path, names, directory, interval, count)
-    return _live(console, _key_fd(inp), path, names, directory, interval, count)
+    with _quit_on_signals() as caught:
+        _live(console, _key_fd(inp), path, names, directory, interval, count)
+    return 128 + caught[0] if caught else 0
+
+
+def _json_lines(
+    out: IO[str],
+    fd: Optional[int],
+    path: Optional[str],
+    names: Sequence[str],
+    directory: str,
+    interval: float,
+    count: Optional[int],
+) -> None:
+    """One JSON object per refresh and line, until ``count`` or ``q`` on ``fd``."""
+    previous: Optional[Snapshot] = None
+    frames = 0
+    while True:
+        snapshot = read(path, names)
+        _print_json(out, frame_json(snapshot, previous, directory))
+        previous, frames = snapshot, frames + 1
+        if count is not None and frames >= count:
+            return
+        if _wait(fd, interval):
+            return
 
 
 def _console(out: IO[str]) -> Console:
     from rich.console import Console
 
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's default raises SystemExit(1); `top | head -1` exits 0 as `ls | head -1`
+            # does: the CLI catches BrokenPipeError.
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     # Not a terminal (a file, a pipe): as wide as the frame needs, unless COLUMNS says.
     wide = None if "COLUMNS" in os.environ or out.isatty() else 160
-    return Console(file=out, highlight=False, emoji=False, width=wide)
+    return _Console(file=out, highlight=False, emoji=False, width=wide)
 
 
 def _print_json(out: IO[str], obj: dict[str, Any]) -> None:
@@ -492,7 +589,7 @@ def _live(
     directory: str,
     interval: float,
     count: Optional[int],
-) -> int:
+) -> None:
     """The table redrawn in place; ``q`` on the terminal quits."""
     from rich.live import Live
 
@@ -514,7 +611,6 @@ def _live(
             previous, snapshot = snapshot, read(path, names)
             live.update(frame(snapshot, previous), refresh=True)
             frames += 1
-    return 0
 
 
 def parse_interval(text: str) -> float:

@@ -442,10 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one JSON object per refresh and line (JSON Lines); rates are null in the first",
     )
     p.epilog = (
-        "Rates are per second between two refreshes (\"–\" until there are two). INS WAIT and "
-        "SMP WAIT: seconds per second that inserts and samples spent blocked by flow control, "
+        "Rates are per second between two refreshes (\"–\" until there are two). WAIT INS and "
+        "WAIT SMP: seconds per second that inserts and samples spent blocked by flow control, "
         "summed over processes, counted when a wait ends. When stdout is not a terminal, frames "
-        "are printed one after another. Exit code 0 (q, --once, --count), 130 on Ctrl-C."
+        "are printed one after another. Exit code 0 (q, --once, --count, stdout closed), 130 on "
+        "Ctrl-C; on a terminal, SIGTERM and SIGHUP restore it and exit with 143 and 129."
     )
     p.set_defaults(func=cmd_top)
 
