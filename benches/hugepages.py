@@ -1,4 +1,4 @@
-"""Does a huge-page tmpfs make ``sample(256)`` cheaper on big buffers? (issue 10)
+"""Do huge pages make ``sample(256)`` cheaper on big buffers? (issue 10; ``huge_pages=True``)
 
     sudo .venv/bin/python benches/hugepages.py                  # mounts, measures, unmounts
     .venv/bin/python benches/hugepages.py --dir /mnt/huge       # an existing huge=always tmpfs
@@ -10,7 +10,8 @@ A script, not a test. With no ``--dir`` it mounts a tmpfs with ``huge=always`` (
 
 and unmounts it at the end (``--keep``: leave it). At 100k, 1M and 10M slots of the control
 workload (workloads.CONTROL: obs/next_obs float32[17], action float32[6], reward float32, done
-bool) it creates and fills a buffer with ``path=`` on that tmpfs and on the default /dev/shm;
+bool) it creates and fills a buffer with ``path=`` on that tmpfs, on the default /dev/shm, and on
+/dev/shm with ``huge_pages=True`` (``MADV_COLLAPSE``: 2 MiB pages without root or a mount);
 a *freshly started process* attaches it and times ``buf.sample(256)``, once into reused arrays
 (``out=``) and once into fresh arrays, in alternating rounds (µs per call, median of the
 rounds). For reference, the same process shape times the plain numpy gather of 256 packed
@@ -60,6 +61,7 @@ THP_FILES = ("enabled", "shmem_enabled", "defrag")
 # (key, label, memory description template); {huge} and {shm} are the two directories
 VARIANTS = [
     ("shmreplay:shm", "shmreplay", "/dev/shm"),
+    ("shmreplay:shm+huge_pages", "shmreplay, huge_pages=True", "/dev/shm"),
     ("shmreplay:huge", "shmreplay", "huge tmpfs"),
     ("numpy:private4k", "numpy gather (limit)", "private, MADV_NOHUGEPAGE"),
     ("numpy:privatethp", "numpy gather", "private, MADV_HUGEPAGE"),
@@ -260,17 +262,19 @@ def fill_buffer(buf: Any, cap: int) -> None:
         i += 1
 
 
-def measure_shmreplay(directory: str, cap: int, args: argparse.Namespace) -> dict:
+def measure_shmreplay(directory: str, cap: int, args: argparse.Namespace, huge_pages: bool = False) -> dict:
     import shmreplay
 
     before = meminfo()
     t0 = time.perf_counter()
-    buf = shmreplay.ReplayBuffer.create(None, capacity=cap, fields=dict(CONTROL.fields), path=directory)
+    buf = shmreplay.ReplayBuffer.create(None, capacity=cap, fields=dict(CONTROL.fields), path=directory, huge_pages=huge_pages)
+    created = time.perf_counter() - t0
     try:
         fill_buffer(buf, cap)
         after = meminfo()
         res = in_fresh_process(probe_shmreplay, buf.name, directory, args.batch, args.rounds, args.seconds)
         res["create_fill_s"] = time.perf_counter() - t0
+        res["create_s"] = created
         res["ShmemHugePages_added_kb"] = after["ShmemHugePages"] - before["ShmemHugePages"]
         return res
     finally:
@@ -304,6 +308,8 @@ def measure_numpy_file(directory: str, cap: int, args: argparse.Namespace) -> di
 def measure(key: str, cap: int, dirs: dict[str, str], args: argparse.Namespace) -> dict:
     if key == "shmreplay:shm":
         return measure_shmreplay(dirs["shm"], cap, args)
+    if key == "shmreplay:shm+huge_pages":
+        return measure_shmreplay(dirs["shm"], cap, args, huge_pages=True)
     if key == "shmreplay:huge":
         return measure_shmreplay(dirs["huge"], cap, args)
     if key == "numpy:private4k":
@@ -347,6 +353,8 @@ def summarise(doc: dict) -> None:
                 row["KernelPageSize"] = last["KernelPageSize"]
                 row["THPeligible"] = last["THPeligible"]
                 row["record_bytes"] = ok[-1]["record_bytes"]
+                if "create_s" in ok[-1]:
+                    row["create_s"] = statistics.median(r["create_s"] for r in ok)
                 if "ShmemHugePages_added_kb" in ok[-1]:
                     row["ShmemHugePages_added_mb"] = [r["ShmemHugePages_added_kb"] / 1024 for r in ok]
             rows.append(row)
@@ -394,14 +402,16 @@ def table(doc: dict) -> str:
                 file_huge = f"{min(added):,.0f} MiB" if added is not None else "-"
             else:
                 mapped = file_huge = "-"
-            body.append([f"{cap:,}", what, mem, f"{r.get('record_bytes', '?')} B", _us(r, "out"), _us(r, "fresh"), mapped, file_huge])
-        body.append([""] * 8)
+            create = f"{r['create_s']:.2f}" if "create_s" in r else "-"
+            body.append([f"{cap:,}", what, mem, f"{r.get('record_bytes', '?')} B", _us(r, "out"), _us(r, "fresh"), mapped, file_huge, create])
+        body.append([""] * 9)
     if body:
         body.pop()
-    out.append(_grid(["slots", "what", "memory", "record", "out= us/call", "fresh us/call", "2 MiB-mapped (smaps)", "ShmemHugePages +"], body, right_from=3))
+    out.append(_grid(["slots", "what", "memory", "record", "out= us/call", "fresh us/call", "2 MiB-mapped (smaps)", "ShmemHugePages +", "create s"], body, right_from=3))
     gains = []
     for cap in cfg["caps"]:
-        for a, b, what in (("shmreplay:shm", "shmreplay:huge", "shmreplay"), ("numpy:private4k", "numpy:privatethp", "numpy private"),
+        for a, b, what in (("shmreplay:shm", "shmreplay:huge", "shmreplay"), ("shmreplay:shm", "shmreplay:shm+huge_pages", "shmreplay huge_pages=True"),
+                           ("numpy:private4k", "numpy:privatethp", "numpy private"),
                            ("numpy:fileshm", "numpy:filehuge", "numpy file")):
             ra, rb = by.get((cap, a)), by.get((cap, b))
             if ra and rb and ra["out_us"] and rb["out_us"]:

@@ -154,6 +154,19 @@ def _seed_arg(value: Any, optional: bool = True) -> int | None:
     return n
 
 
+def _warn_without_huge_pages(buf: Any) -> None:
+    """Warns if a buffer created with ``huge_pages=True`` got no 2 MiB page at all."""
+    if buf.nbytes >= 2 << 20 and not buf.huge_page_bytes():
+        import warnings
+
+        warnings.warn(
+            f"huge_pages=True: the kernel gave buffer {buf.name!r} no 2 MiB pages (they need "
+            "Linux 6.1+, a tmpfs, and free memory); it works on ordinary pages",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _bool_arg(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -417,6 +430,7 @@ class ReplayBuffer(_Handle):
         limiter: Limiter | None = None,
         seed: int | None = None,
         cleanup_on_sigterm: bool = False,
+        huge_pages: bool = False,
     ) -> "ReplayBuffer":
         """Creates a new buffer of ``capacity`` slots.
 
@@ -443,6 +457,14 @@ class ReplayBuffer(_Handle):
                 of SIGTERM. Installs a SIGTERM handler the first time, which only the main
                 thread can do (``ValueError`` elsewhere). A process that ignores SIGTERM keeps
                 ignoring it; a forked child never unlinks its parent's buffers.
+            huge_pages: back the segment with 2 MiB pages, so that sampling a large buffer
+                takes far fewer TLB misses in every process (``sample(256)`` at 10M control
+                slots: 93 µs on 4 KiB pages, 35 µs on 2 MiB pages, on the development machine).
+                It makes creating slower (the kernel moves every page: about 3 s per GiB
+                measured in a VM), so it pays for buffers of hundreds of MB and more. Needs
+                Linux 6.1+ and a tmpfs such as ``/dev/shm``; no root. If the kernel gives no
+                huge page, a ``RuntimeWarning`` says so and the buffer works on ordinary pages.
+                See :meth:`huge_page_bytes`.
 
         Raises:
             FileExistsError: the name is taken.
@@ -454,6 +476,7 @@ class ReplayBuffer(_Handle):
         parsed = _parse_fields(fields)
         seed = _seed_arg(seed)
         cleanup = _bool_arg("cleanup_on_sigterm", cleanup_on_sigterm)
+        huge = _bool_arg("huge_pages", huge_pages)
         sampling = sampler_args(sampler)
         limiting = limiter_args(limiter)
         if limiting is not None:
@@ -471,10 +494,13 @@ class ReplayBuffer(_Handle):
         buffer_name = name
 
         def make() -> "ReplayBuffer":
-            raw = _core.RawBuffer.create(buffer_name, directory, capacity, parsed, sampling, limiting, seed)
+            raw = _core.RawBuffer.create(buffer_name, directory, capacity, parsed, sampling, limiting, seed, huge)
             return cls(raw, directory, owner=True)
 
-        return _sigterm.created(make, cleanup)
+        buf = _sigterm.created(make, cleanup)
+        if huge:
+            _warn_without_huge_pages(buf)
+        return buf
 
     @classmethod
     def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "ReplayBuffer":
@@ -537,6 +563,13 @@ class ReplayBuffer(_Handle):
     def nbytes(self) -> int:
         """Bytes of the whole segment."""
         return self._raw.segment_bytes
+
+    def huge_page_bytes(self) -> int | None:
+        """Bytes of this process's mapping of the segment that are on 2 MiB pages (see
+        ``huge_pages=`` of :meth:`create`), as ``/proc/self/smaps`` reports; ``None`` where it
+        cannot be read. Every attached handle maps the whole segment; an :meth:`inspect`
+        handle counts only the pages it has touched."""
+        return self._raw.huge_page_bytes()
 
     @property
     def sampler(self) -> Sampler:

@@ -26,6 +26,7 @@ from ._buffer import (
     _seed_arg,
     _timeout,
     _to_column,
+    _warn_without_huge_pages,
 )
 from ._batches import Batches
 from ._limiters import Limiter, limiter_args
@@ -109,6 +110,7 @@ class EpisodeBuffer(_Handle):
         path: PathLike | None = None,
         seed: int | None = None,
         cleanup_on_sigterm: bool = False,
+        huge_pages: bool = False,
     ) -> "EpisodeBuffer":
         """Creates an episode buffer of ``capacity`` frames (steps and episode starts together).
 
@@ -133,6 +135,7 @@ class EpisodeBuffer(_Handle):
             seed: seeds this handle's random draws (see :meth:`seed`; ``None``: unseeded).
             cleanup_on_sigterm: unlink the buffer if this process gets SIGTERM, as
                 :meth:`ReplayBuffer.create`.
+            huge_pages: back the segment with 2 MiB pages, as :meth:`ReplayBuffer.create`.
 
         Raises:
             ValueError, TypeError: invalid arguments (an unknown observation or reward field, a
@@ -145,6 +148,7 @@ class EpisodeBuffer(_Handle):
         parsed = _parse_fields(fields)
         seed = _seed_arg(seed)
         cleanup = _bool_arg("cleanup_on_sigterm", cleanup_on_sigterm)
+        huge = _bool_arg("huge_pages", huge_pages)
         names = [f[0] for f in parsed]
         observations = _names_arg("observation", observation)
         if reward is not None and not isinstance(reward, str):
@@ -188,11 +192,14 @@ class EpisodeBuffer(_Handle):
         def make() -> "EpisodeBuffer":
             raw = _core.RawEpisodes.create(
                 buffer_name, directory, capacity, parsed, observations, reward, frame_stack,
-                stack_padding, n_step, float(gamma), sampling, limiting, seed,
+                stack_padding, n_step, float(gamma), sampling, limiting, seed, huge,
             )
             return cls(raw, directory, owner=True)
 
-        return _sigterm.created(make, cleanup)
+        buf = _sigterm.created(make, cleanup)
+        if huge:
+            _warn_without_huge_pages(buf)
+        return buf
 
     @classmethod
     def attach(cls, name: str, *, path: PathLike | None = None, seed: int | None = None) -> "EpisodeBuffer":
@@ -265,6 +272,10 @@ class EpisodeBuffer(_Handle):
     def nbytes(self) -> int:
         """Bytes of the segment (everything included)."""
         return self._ring.nbytes
+
+    def huge_page_bytes(self) -> int | None:
+        """As :meth:`ReplayBuffer.huge_page_bytes`."""
+        return self._ring.huge_page_bytes()
 
     @property
     def bytes_per_step(self) -> float:

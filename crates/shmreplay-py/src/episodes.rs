@@ -147,7 +147,7 @@ impl RawEpisodes {
     #[staticmethod]
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (name, dir, capacity, fields, observations, reward, frame_stack, padding,
-                        n_step, gamma, sampler=None, limiter=None, seed=None))]
+                        n_step, gamma, sampler=None, limiter=None, seed=None, huge_pages=false))]
     fn create(
         py: Python<'_>,
         name: &str,
@@ -163,6 +163,7 @@ impl RawEpisodes {
         sampler: Option<SamplerArgs>,
         limiter: Option<LimiterArgs>,
         seed: Option<u64>,
+        huge_pages: bool,
     ) -> PyResult<RawEpisodes> {
         let sampler = sampler_of(sampler)?;
         let limiter = limiter_of(limiter)?;
@@ -198,6 +199,7 @@ impl RawEpisodes {
                 .sampler(sampler)
                 .limiter(limiter)
                 .seed_opt(seed)
+                .huge_pages(huge_pages)
                 .create()
         })
     }

@@ -302,7 +302,8 @@ impl RawBuffer {
     /// (uniform), `(alpha, eps, stratified)` or `"queue"`, `limiter` None or `(kind,
     /// samples_per_insert, min_size, min_diff, max_diff)`.
     #[staticmethod]
-    #[pyo3(signature = (name, dir, capacity, fields, sampler=None, limiter=None, seed=None))]
+    #[pyo3(signature = (name, dir, capacity, fields, sampler=None, limiter=None, seed=None,
+                        huge_pages=false))]
     #[allow(clippy::too_many_arguments)]
     fn create(
         py: Python<'_>,
@@ -313,6 +314,7 @@ impl RawBuffer {
         sampler: Option<SamplerArgs>,
         limiter: Option<LimiterArgs>,
         seed: Option<u64>,
+        huge_pages: bool,
     ) -> PyResult<RawBuffer> {
         let sampler = sampler_of(sampler)?;
         let limiter = limiter_of(limiter)?;
@@ -330,6 +332,7 @@ impl RawBuffer {
                 .sampler(sampler)
                 .limiter(limiter)
                 .seed_opt(seed)
+                .huge_pages(huge_pages)
                 .create()
         })
     }
@@ -379,6 +382,12 @@ impl RawBuffer {
     #[getter]
     fn segment_bytes(&self) -> PyResult<u64> {
         Ok(self.get()?.segment_bytes())
+    }
+
+    /// Bytes of this process's mapping on 2 MiB pages (None: unknown).
+    fn huge_page_bytes(&self, py: Python<'_>) -> PyResult<Option<u64>> {
+        let buffer = self.get()?;
+        Ok(py.detach(|| buffer.huge_page_bytes()))
     }
 
     /// `[(name, dtype code, shape)]` in record order.

@@ -160,6 +160,7 @@ pub struct Builder {
     sampler: Sampler,
     limiter: Option<Limiter>,
     seed: Option<u64>,
+    huge_pages: bool,
 }
 
 impl Builder {
@@ -213,6 +214,19 @@ impl Builder {
         self
     }
 
+    /// Backs the new segment with 2 MiB pages where the kernel can (create only; default
+    /// false). Random sampling of a large buffer then takes far fewer TLB misses, in every
+    /// process that attaches it: `sample(256)` at 10M control slots went from 93 µs to 35 µs
+    /// (uniform) on the development machine. It costs time at creation, when the kernel moves
+    /// the pages (about 3 s per GiB measured in a VM); worth it for buffers of hundreds of MB
+    /// and more. Needs Linux 6.1+ (`MADV_COLLAPSE`) and a tmpfs (as `/dev/shm`); no root, and
+    /// whatever the system's `shmem_enabled` says unless it is `deny`. Where the kernel
+    /// refuses, the buffer works on ordinary pages: see [`ReplayBuffer::huge_page_bytes`].
+    pub fn huge_pages(mut self, huge_pages: bool) -> Builder {
+        self.huge_pages = huge_pages;
+        self
+    }
+
     /// Creates the buffer. Fails with [`Error::AlreadyExists`] if the name is taken and
     /// [`Error::InsufficientSpace`] if the filesystem cannot hold it (nothing is left behind).
     pub fn create(self) -> Result<ReplayBuffer> {
@@ -222,21 +236,8 @@ impl Builder {
     /// Creates the ring: a plain one, or an episode buffer's (whose schema already holds the
     /// metadata fields).
     fn create_ring(self, episodes: Option<layout::EpisodeSpec>) -> Result<ReplayBuffer> {
-        let (Some(capacity), Some(schema)) = (self.capacity, self.schema) else {
-            return Err(Error::InvalidArgument(
-                "creating a buffer needs a capacity and a schema".into(),
-            ));
-        };
-        let buffer = ReplayBuffer::create_at(
-            &self.name,
-            self.dir.as_deref(),
-            capacity,
-            schema,
-            self.sampler,
-            self.limiter,
-            episodes,
-        )?;
-        Ok(seeded(buffer, self.seed))
+        let seed = self.seed;
+        Ok(seeded(ReplayBuffer::create_at(self, episodes)?, seed))
     }
 
     /// Attaches to the existing buffer, after validating everything in its header. An
@@ -305,6 +306,7 @@ impl ReplayBuffer {
             sampler: Sampler::Uniform,
             limiter: None,
             seed: None,
+            huge_pages: false,
         }
     }
 
@@ -315,7 +317,11 @@ impl ReplayBuffer {
         capacity: u64,
         schema: Schema,
     ) -> Result<ReplayBuffer> {
-        Self::create_at(name, dir, capacity, schema, Sampler::Uniform, None, None)
+        Self::builder(name)
+            .dir_opt(dir)
+            .capacity(capacity)
+            .schema(schema)
+            .create()
     }
 
     /// Attaches to existing buffer `name` in `dir`; see [`Builder::open`].
@@ -328,16 +334,23 @@ impl ReplayBuffer {
         Self::open(name, dir, false)
     }
 
-    fn create_at(
-        name: &str,
-        dir: Option<&Path>,
-        capacity: u64,
-        schema: Schema,
-        sampler: Sampler,
-        limiter: Option<Limiter>,
-        episodes: Option<layout::EpisodeSpec>,
-    ) -> Result<ReplayBuffer> {
-        let path = segment_path(name, dir)?;
+    fn create_at(options: Builder, episodes: Option<layout::EpisodeSpec>) -> Result<ReplayBuffer> {
+        let Builder {
+            name,
+            dir,
+            capacity: Some(capacity),
+            schema: Some(schema),
+            sampler,
+            limiter,
+            huge_pages,
+            ..
+        } = options
+        else {
+            return Err(Error::InvalidArgument(
+                "creating a buffer needs a capacity and a schema".into(),
+            ));
+        };
+        let path = segment_path(&name, dir.as_deref())?;
         let text = schema.encode();
         let mut layout = Layout::new(
             capacity,
@@ -370,6 +383,7 @@ impl ReplayBuffer {
         let (segment, file) = Segment::create(
             &path,
             layout.total_bytes as u64,
+            huge_pages,
             take_creator_lock,
             |segment| {
                 layout::write_header(segment, &schema, &layout, &text, me, unix_nanos());
@@ -382,7 +396,7 @@ impl ReplayBuffer {
         )?;
         // The lock belongs to the file description, which the duplicate shares with `file`:
         // closing the duplicate leaves it held by `file`, which the handle keeps.
-        let buffer = ReplayBuffer::from_parts(segment, file, schema, layout, name, path);
+        let buffer = ReplayBuffer::from_parts(segment, file, schema, layout, &name, path);
         {
             let mut handle = buffer.lock_handle(&mut NoBlocking)?;
             handle.entry = Some(0);
@@ -486,6 +500,13 @@ impl ReplayBuffer {
     /// Bytes of the whole segment.
     pub fn segment_bytes(&self) -> u64 {
         self.layout.total_bytes as u64
+    }
+
+    /// Bytes of this process's mapping of the segment that are mapped with 2 MiB pages (see
+    /// [`Builder::huge_pages`]); `None` where `/proc/self/smaps` cannot be read. A handle from
+    /// [`ReplayBuffer::inspect`] counts only the pages it has touched.
+    pub fn huge_page_bytes(&self) -> Option<u64> {
+        self.segment.huge_page_bytes()
     }
 
     /// Removes the segment file if it is still the one this handle mapped ([`Error::NotFound`]

@@ -1,16 +1,23 @@
 //! One shared-memory file mapped into this process: creation with the whole size reserved,
 //! opening with ownership checks, and bounds-checked atomic access to its bytes.
 //!
-//! Turning mapped addresses into `&AtomicU64` and handing them to the copy kernels is the
-//! `unsafe` here. Every access is bounds-checked, so the layers above work with byte offsets
-//! and cannot touch memory outside the mapping.
+//! Every segment is mapped at a 2 MiB-aligned address, and a new segment's pages are collapsed
+//! into 2 MiB pages where the kernel can (`MADV_COLLAPSE`, Linux 6.1+: it works on tmpfs even
+//! when `shmem_enabled` is `never`, the usual setting, without root). Every process that maps
+//! such a file aligned then reaches it through 2 MiB page-table entries: one TLB entry covers
+//! 512 times the memory, which is what random sampling of a large buffer runs short of.
+//!
+//! Mapping, and turning mapped addresses into `&AtomicU64` and handing them to the copy
+//! kernels, is the `unsafe` here. Every access is bounds-checked, so the layers above work with
+//! byte offsets and cannot touch memory outside the mapping.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
-use memmap2::{Advice, MmapRaw};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
@@ -19,11 +26,135 @@ use crate::platform::files::{self, RemoveOnDrop, Reserve};
 use crate::platform::interrupt::Patience;
 use crate::platform::memory::{Input, Output};
 
+/// The size of a huge page (x86-64, and arm64 with 4 KiB base pages).
+const HUGE_PAGE: usize = 2 << 20;
+/// `madvise` advice: populate the range writable now (Linux 5.14+).
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+/// `madvise` advice: back the range with huge pages now (Linux 6.1+).
+const MADV_COLLAPSE: libc::c_int = 25;
+/// Ranges given to one `madvise` call, so that Ctrl-C is noticed between them.
+const ADVICE_CHUNK: usize = 64 << 20;
+
+/// A shared, writable mapping of a whole file at a 2 MiB-aligned address; unmapped on drop.
+#[derive(Debug)]
+struct Mapping {
+    start: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is shared memory that every thread (and process) reaches only through
+// atomics and the copy kernels; the pointer is never freed while a `Mapping` exists.
+unsafe impl Send for Mapping {}
+// SAFETY: as for `Send`: `&Mapping` hands out nothing but the address.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `file` from its start. The address is 2 MiB-aligned (file offset
+    /// and address congruent modulo 2 MiB), so that 2 MiB pages of the file can be mapped
+    /// whole: `len + 2 MiB` of address space is reserved, the file mapped over its first
+    /// aligned part, and the rest given back.
+    fn new(file: &File, len: usize) -> std::io::Result<Mapping> {
+        let span = len
+            .checked_add(HUGE_PAGE)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a new private anonymous mapping at an address the kernel picks: it replaces
+        // nothing, and PROT_NONE with MAP_NORESERVE commits no memory.
+        let reserved = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if reserved == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let base = reserved as usize;
+        let start = base.next_multiple_of(HUGE_PAGE);
+        let page = page_size();
+        let end = start + len.next_multiple_of(page);
+        // SAFETY: `[start, end)` lies inside the reservation made above, which this function
+        // alone owns, so MAP_FIXED replaces nothing else: `base` is page-aligned, so
+        // `start - base <= 2 MiB - page`, and `end - start < len + page`.
+        let mapped = unsafe {
+            libc::mmap(
+                start as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        let error = (mapped == libc::MAP_FAILED).then(std::io::Error::last_os_error);
+        // Give back what the file does not cover: the reservation before `start` and after
+        // `end` (everything, if the mapping failed).
+        let unused = match error {
+            Some(_) => vec![(base, span)],
+            None => vec![(base, start - base), (end, base + span - end)],
+        };
+        for (address, bytes) in unused.into_iter().filter(|&(_, bytes)| bytes > 0) {
+            // SAFETY: a part of the reservation made above that nothing else uses.
+            unsafe { libc::munmap(address as *mut libc::c_void, bytes) };
+        }
+        match (error, NonNull::new(mapped.cast::<u8>())) {
+            (None, Some(start)) => Ok(Mapping { start, len }),
+            (Some(e), _) => Err(e),
+            (None, None) => Err(std::io::Error::from_raw_os_error(libc::EFAULT)),
+        }
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.start.as_ptr()
+    }
+
+    fn as_mut_ptr(&self) -> *mut u8 {
+        self.start.as_ptr()
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// `madvise(advice)` over `[offset, offset + len)` (`offset` page-aligned).
+    fn advise(&self, offset: usize, len: usize, advice: libc::c_int) -> std::io::Result<()> {
+        assert!(offset % page_size() == 0 && offset.saturating_add(len) <= self.len);
+        // SAFETY: the range lies inside this mapping (checked), and the two advices used here
+        // (populate, collapse) change no byte of it: they only fill page tables or move the
+        // same contents to huge pages.
+        let result = unsafe { libc::madvise(self.as_mut_ptr().add(offset).cast(), len, advice) };
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made by `new`, unmapped once; nothing borrowed from it outlives
+        // `self` (every reference handed out borrows the `Segment` that owns it).
+        unsafe { libc::munmap(self.start.as_ptr().cast(), self.len) };
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the system.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as usize,
+        _ => 4096,
+    }
+}
+
 /// A mapped segment file. The mapping stays valid after the file is closed or unlinked; the
 /// handle keeps one descriptor of the file for its locks (see `locks`).
 #[derive(Debug)]
 pub(crate) struct Segment {
-    map: MmapRaw,
+    map: Mapping,
     /// `(device, inode)` of the file mapped: tells whether a path still names this segment.
     file_id: (u64, u64),
 }
@@ -37,10 +168,12 @@ impl Segment {
     /// complete segment. Nothing is left behind on error.
     ///
     /// `lock` gets the file as soon as it exists, to take the creator's locks before the long
-    /// reservation; `init` fills in the mapping before anyone can see it.
+    /// reservation; `init` fills in the mapping before anyone can see it. With `huge_pages`,
+    /// the pages are moved to 2 MiB pages first (see [`Segment::collapse`]).
     pub(crate) fn create(
         path: &Path,
         size: u64,
+        huge_pages: bool,
         lock: impl FnOnce(&File) -> Result<()>,
         init: impl FnOnce(&Segment) -> Result<()>,
     ) -> Result<(Segment, File)> {
@@ -73,6 +206,9 @@ impl Segment {
         })?;
         let segment = Segment::map(&file, &temp)?;
         segment.prefault(&mut patience)?;
+        if huge_pages {
+            segment.collapse(&mut patience)?;
+        }
         init(&segment)?;
         files::publish(&temp, path)?;
         remove_on_error.disarm();
@@ -139,8 +275,12 @@ impl Segment {
         let meta = file
             .metadata()
             .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        let len = usize::try_from(meta.len()).map_err(|_| Error::Corrupt {
+            path: path.to_owned(),
+            reason: format!("file size {} does not fit in memory", meta.len()),
+        })?;
         let map =
-            MmapRaw::map_raw(file).map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+            Mapping::new(file, len).map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
         Ok(Segment {
             map,
             file_id: (meta.dev(), meta.ino()),
@@ -157,18 +297,39 @@ impl Segment {
     ///
     /// Done in chunks, polling `patience` in between: a 5.6 GB segment takes seconds.
     pub(crate) fn prefault(&self, patience: &mut Patience) -> Result<()> {
-        const CHUNK: usize = 64 << 20;
-        for offset in (0..self.map.len()).step_by(CHUNK) {
+        for offset in (0..self.map.len()).step_by(ADVICE_CHUNK) {
             if patience.interrupted() {
                 return Err(Error::Interrupted);
             }
-            let len = CHUNK.min(self.map.len() - offset);
-            if self
-                .map
-                .advise_range(Advice::PopulateWrite, offset, len)
-                .is_err()
-            {
+            let len = ADVICE_CHUNK.min(self.map.len() - offset);
+            if self.map.advise(offset, len, MADV_POPULATE_WRITE).is_err() {
                 break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every whole 2 MiB stretch of the segment to a 2 MiB page. Random access then
+    /// takes a TLB miss per 2 MiB instead of per 4 KiB, in this process and in every process
+    /// that maps the file (aligned, as `Mapping` does). Slow: the kernel copies every page into
+    /// fresh memory (about 3 s per GiB in the development VM). Best effort: the kernel may lack
+    /// the advice (before 6.1), refuse it (`shmem_enabled` set to `deny`, a filesystem that is
+    /// not tmpfs) or find no free 2 MiB of memory; the segment then stays on whatever pages it
+    /// has, which changes nothing but speed.
+    fn collapse(&self, patience: &mut Patience) -> Result<()> {
+        let end = self.map.len() / HUGE_PAGE * HUGE_PAGE;
+        for offset in (0..end).step_by(ADVICE_CHUNK) {
+            if patience.interrupted() {
+                return Err(Error::Interrupted);
+            }
+            let len = ADVICE_CHUNK.min(end - offset);
+            match self.map.advise(offset, len, MADV_COLLAPSE) {
+                // Not supported here at all: no later stretch would do better.
+                Err(e) if [libc::EINVAL, libc::EPERM].contains(&e.raw_os_error().unwrap_or(0)) => {
+                    break
+                }
+                // Busy pages, or no huge page free right now: the next stretch may get one.
+                _ => {}
             }
         }
         Ok(())
@@ -297,6 +458,23 @@ impl Segment {
     pub(crate) fn file_id(&self) -> (u64, u64) {
         self.file_id
     }
+
+    /// Bytes of this process's mapping of the segment that are mapped with 2 MiB pages, as
+    /// `/proc/self/smaps` tells (`None` if it cannot be read). Only pages this process has
+    /// touched count: an attached handle has touched them all (it prefaults).
+    pub(crate) fn huge_page_bytes(&self) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let start = format!("{:x}-", self.map.as_ptr() as usize);
+        let mut lines = smaps.lines().skip_while(|line| !line.starts_with(&start));
+        lines.next()?;
+        let kib = lines
+            // The next mapping's header line has no colon right after its first word.
+            .take_while(|line| line.split_whitespace().next().is_some_and(|w| w.ends_with(':')))
+            .filter(|line| line.starts_with("ShmemPmdMapped:") || line.starts_with("FilePmdMapped:"))
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+        Some(kib * 1024)
+    }
 }
 
 #[cfg(test)]
@@ -317,6 +495,7 @@ mod tests {
         let (seg, _) = Segment::create(
             &path,
             1 << 16,
+            false,
             |_| Ok(()),
             |s| {
                 s.word(0).store(7, std::sync::atomic::Ordering::Relaxed);
@@ -332,7 +511,7 @@ mod tests {
             "space must be reserved, not sparse"
         );
         assert!(matches!(
-            Segment::create(&path, 1 << 16, |_| Ok(()), |_| Ok(())),
+            Segment::create(&path, 1 << 16, false, |_| Ok(()), |_| Ok(())),
             Err(Error::AlreadyExists(_))
         ));
         seg.word(8).store(42, std::sync::atomic::Ordering::Relaxed);
@@ -349,6 +528,7 @@ mod tests {
         let (seg, _) = Segment::create(
             &path,
             4096,
+            false,
             |_| Ok(()),
             |s| {
                 assert!(
@@ -361,7 +541,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(seg.len(), 4096);
-        let again = Segment::create(&path, 4096, |_| Ok(()), |_| panic!("must not initialise"));
+        let again = Segment::create(&path, 4096, false, |_| Ok(()), |_| panic!("must not initialise"));
         assert!(matches!(again, Err(Error::AlreadyExists(_))));
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -374,7 +554,7 @@ mod tests {
     #[test]
     fn too_big_fails_cleanly() {
         let path = temp_path("huge");
-        let err = Segment::create(&path, u64::MAX / 2, |_| Ok(()), |_| Ok(())).unwrap_err();
+        let err = Segment::create(&path, u64::MAX / 2, false, |_| Ok(()), |_| Ok(())).unwrap_err();
         assert!(matches!(err, Error::InsufficientSpace { .. }), "{err}");
         assert!(!path.exists());
     }
@@ -398,7 +578,7 @@ mod tests {
     #[should_panic(expected = "out of bounds")]
     fn access_outside_the_mapping_panics() {
         let path = temp_path("bounds");
-        let (seg, _) = Segment::create(&path, 4096, |_| Ok(()), |_| Ok(())).unwrap();
+        let (seg, _) = Segment::create(&path, 4096, false, |_| Ok(()), |_| Ok(())).unwrap();
         std::fs::remove_file(&path).unwrap();
         seg.load_bytes(4090, &mut [0u8; 8], Kernel::Words);
     }

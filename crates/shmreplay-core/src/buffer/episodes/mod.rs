@@ -218,6 +218,12 @@ impl EpisodeBuilder {
         self
     }
 
+    /// Backs the segment with 2 MiB pages (create only); see [`Builder::huge_pages`].
+    pub fn huge_pages(mut self, huge_pages: bool) -> EpisodeBuilder {
+        self.ring = self.ring.huge_pages(huge_pages);
+        self
+    }
+
     /// Seeds the handle's random draws (create or open); see [`ReplayBuffer::reseed`].
     pub fn seed(mut self, seed: u64) -> EpisodeBuilder {
         self.ring = self.ring.seed(seed);
