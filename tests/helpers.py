@@ -381,6 +381,16 @@ def child_check_keys(name: str, path: str | None, fields: Mapping[str, Any], key
         buf.close()
 
 
+def child_huge_page_bytes(name: str, path: str | None, fields: Mapping[str, Any], keys: list[int]) -> int | None:
+    """Attach by name, check the rows (as child_check_keys), report the 2 MiB-mapped bytes."""
+    buf = _attach(name, path)
+    try:
+        assert_slots_hold_keys(buf, fields, keys)
+        return buf.huge_page_bytes()
+    finally:
+        buf.close()
+
+
 def child_use_handle(buf: Any, fields: Mapping[str, Any], check_keys: list[int], write_start: int, n: int, close: bool) -> dict:
     """Use a handle received from the parent (inherited by fork or pickled by spawn)."""
     assert not buf.closed

@@ -279,8 +279,8 @@ impl Segment {
             path: path.to_owned(),
             reason: format!("file size {} does not fit in memory", meta.len()),
         })?;
-        let map =
-            Mapping::new(file, len).map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
+        let map = Mapping::new(file, len)
+            .map_err(|e| Error::io(format!("mmap {}", path.display()), e))?;
         Ok(Segment {
             map,
             file_id: (meta.dev(), meta.ino()),
@@ -469,8 +469,14 @@ impl Segment {
         lines.next()?;
         let kib = lines
             // The next mapping's header line has no colon right after its first word.
-            .take_while(|line| line.split_whitespace().next().is_some_and(|w| w.ends_with(':')))
-            .filter(|line| line.starts_with("ShmemPmdMapped:") || line.starts_with("FilePmdMapped:"))
+            .take_while(|line| {
+                line.split_whitespace()
+                    .next()
+                    .is_some_and(|w| w.ends_with(':'))
+            })
+            .filter(|line| {
+                line.starts_with("ShmemPmdMapped:") || line.starts_with("FilePmdMapped:")
+            })
             .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum::<u64>();
         Some(kib * 1024)
@@ -541,7 +547,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(seg.len(), 4096);
-        let again = Segment::create(&path, 4096, false, |_| Ok(()), |_| panic!("must not initialise"));
+        let again = Segment::create(
+            &path,
+            4096,
+            false,
+            |_| Ok(()),
+            |_| panic!("must not initialise"),
+        );
         assert!(matches!(again, Err(Error::AlreadyExists(_))));
         let names: Vec<_> = std::fs::read_dir(&dir)
             .unwrap()
@@ -572,6 +584,88 @@ mod tests {
             Segment::open(&path, 4096),
             Err(Error::NotFound(_))
         ));
+    }
+
+    /// Whether this kernel can give a tmpfs file 2 MiB pages without a mount option:
+    /// `MADV_COLLAPSE` (Linux 6.1+), unless `shmem_enabled` is `deny`.
+    fn kernel_collapses_tmpfs() -> bool {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut numbers = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse::<u32>().ok());
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default();
+        version >= (6, 1) && !shmem.contains("[deny]") && !shmem.is_empty()
+    }
+
+    #[test]
+    fn mappings_are_2mib_aligned() {
+        let path = temp_path("aligned");
+        let (seg, _) =
+            Segment::create(&path, (3 << 20) + 8, false, |_| Ok(()), |_| Ok(())).unwrap();
+        assert_eq!(seg.map.as_ptr() as usize % HUGE_PAGE, 0);
+        let (again, _) = Segment::open(&path, 4096).unwrap();
+        assert_eq!(again.map.as_ptr() as usize % HUGE_PAGE, 0);
+        // Both map the same bytes, through the last word of the odd-sized tail.
+        let last = (3 << 20) as usize;
+        seg.word(last)
+            .store(0x5eed, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            again.word(last).load(std::sync::atomic::Ordering::Relaxed),
+            0x5eed
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn huge_pages_back_a_new_tmpfs_segment_for_every_process_that_maps_it() {
+        let path = PathBuf::from(format!(
+            "/dev/shm/shmreplay-segment-test-huge-{}",
+            std::process::id()
+        ));
+        let size = (8 << 20) + 64;
+        let (seg, _) = Segment::create(
+            &path,
+            size,
+            true,
+            |_| Ok(()),
+            |s| {
+                s.word(8).store(77, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let (other, _) = Segment::open(&path, 4096).unwrap();
+        other.prefault(&mut Patience::new()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(other.word(8).load(std::sync::atomic::Ordering::Relaxed), 77);
+        let (mine, theirs) = (
+            seg.huge_page_bytes().unwrap(),
+            other.huge_page_bytes().unwrap(),
+        );
+        if kernel_collapses_tmpfs() {
+            // Every whole 2 MiB of the 8 MiB + 64 B: the odd tail stays on 4 KiB pages.
+            assert_eq!((mine, theirs), (8 << 20, 8 << 20));
+        } else {
+            assert_eq!(
+                (mine, theirs),
+                (0, 0),
+                "no huge pages expected on this kernel"
+            );
+        }
+        // Without asking, a new segment stays on the system's default pages.
+        let plain = PathBuf::from(format!(
+            "/dev/shm/shmreplay-segment-test-plain-{}",
+            std::process::id()
+        ));
+        let (seg, _) = Segment::create(&plain, 8 << 20, false, |_| Ok(()), |_| Ok(())).unwrap();
+        std::fs::remove_file(&plain).unwrap();
+        let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+            .unwrap_or_default();
+        if shmem.contains("[never]") || shmem.contains("[deny]") {
+            assert_eq!(seg.huge_page_bytes(), Some(0));
+        }
     }
 
     #[test]
