@@ -458,13 +458,13 @@ class ReplayBuffer(_Handle):
                 thread can do (``ValueError`` elsewhere). A process that ignores SIGTERM keeps
                 ignoring it; a forked child never unlinks its parent's buffers.
             huge_pages: back the segment with 2 MiB pages, so that sampling a large buffer
-                takes far fewer TLB misses in every process (``sample(256)`` at 10M control
-                slots: 93 µs on 4 KiB pages, 35 µs on 2 MiB pages, on the development machine).
-                It makes creating slower (the kernel moves every page: about 3 s per GiB
-                measured in a VM), so it pays for buffers of hundreds of MB and more. Needs
-                Linux 6.1+ and a tmpfs such as ``/dev/shm``; no root. If the kernel gives no
-                huge page, a ``RuntimeWarning`` says so and the buffer works on ordinary pages.
-                See :meth:`huge_page_bytes`.
+                takes fewer TLB misses in every process (``sample(256)`` at 1M control slots:
+                29.8 µs on 4 KiB pages, 25.4 µs on 2 MiB pages, on the development VM; README,
+                "Big buffers: huge pages"). It makes creating slower (the kernel moves every
+                page: about 3 s per GiB there), so it is for buffers of hundreds of MB and more.
+                Needs Linux 6.1+ and a tmpfs such as ``/dev/shm``; no root. If the kernel gives
+                no huge page, a ``RuntimeWarning`` says so and the buffer works on ordinary
+                pages. See :meth:`huge_page_bytes`.
 
         Raises:
             FileExistsError: the name is taken.
