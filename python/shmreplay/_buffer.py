@@ -155,16 +155,37 @@ def _seed_arg(value: Any, optional: bool = True) -> int | None:
 
 
 def _warn_without_huge_pages(buf: Any) -> None:
-    """Warns if a buffer created with ``huge_pages=True`` got no 2 MiB page at all."""
-    if buf.nbytes >= 2 << 20 and not buf.huge_page_bytes():
-        import warnings
+    """Warns if a buffer just created with ``huge_pages=True`` got no huge page at all (not if
+    that cannot be told: ``/proc/self/smaps`` unreadable). A warning turned into an error
+    leaves nothing behind: the buffer is removed and closed first."""
+    if buf.nbytes < _HUGE_PAGE or buf.huge_page_bytes() != 0:
+        return
+    import warnings
 
+    try:
         warnings.warn(
-            f"huge_pages=True: the kernel gave buffer {buf.name!r} no 2 MiB pages (they need "
+            f"huge_pages=True: the kernel gave buffer {buf.name!r} no huge pages (they need "
             "Linux 6.1+, a tmpfs, and free memory); it works on ordinary pages",
             RuntimeWarning,
             stacklevel=3,
         )
+    except BaseException:
+        try:
+            buf.unlink()
+        finally:
+            buf.close()
+        raise
+
+
+def _huge_page_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+_HUGE_PAGE = _huge_page_size()
 
 
 def _bool_arg(name: str, value: Any) -> bool:
@@ -565,10 +586,11 @@ class ReplayBuffer(_Handle):
         return self._raw.segment_bytes
 
     def huge_page_bytes(self) -> int | None:
-        """Bytes of this process's mapping of the segment that are on 2 MiB pages (see
+        """Bytes of this process's mapping of the segment that are on huge (2 MiB) pages (see
         ``huge_pages=`` of :meth:`create`), as ``/proc/self/smaps`` reports; ``None`` where it
-        cannot be read. Every attached handle maps the whole segment; an :meth:`inspect`
-        handle counts only the pages it has touched."""
+        cannot be read. The creator and every attached handle map the whole segment; an
+        :meth:`inspect` handle, or one inherited by a forked child, counts only the pages it has
+        touched since."""
         return self._raw.huge_page_bytes()
 
     @property
