@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import report  # noqa: E402
 import sysinfo  # noqa: E402
 from workloads import ATARI  # noqa: E402
 
@@ -117,12 +118,8 @@ def main() -> int:
                     "load_avg_end": os.getloadavg()},
         "config": {"size_mb": args.size_mb, "seconds": args.seconds},
         "gb_per_s": {str(n): [x / 1e9 for x in r] for n, r in rates.items()}, "targets": targets,
-        "command": " ".join([os.path.relpath(sys.executable), os.path.relpath(__file__), *sys.argv[1:]]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(f"\nwrote {args.json}")
+    report.save(doc, args.json)
     return 0
 
 

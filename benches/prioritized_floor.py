@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import report  # noqa: E402
 import sysinfo  # noqa: E402
 from workloads import CONTROL  # noqa: E402
 
@@ -146,12 +146,8 @@ def main() -> int:
                     "load_avg_end": os.getloadavg()},
         "config": {"seconds": args.seconds, "reps": args.reps, "batch": BATCH},
         "sample_us": {str(k): v for k, v in sample.items()}, "update_us": update,
-        "command": " ".join([os.path.relpath(sys.executable), os.path.relpath(__file__), *sys.argv[1:]]),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(doc, f, indent=1)
-    print(f"\nwrote {args.json}")
+    report.save(doc, args.json)
     return 0
 
 

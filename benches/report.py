@@ -331,6 +331,14 @@ def write_json(doc: dict, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def save(doc: dict, path: str) -> None:
+    """Writes a script's results to ``path`` with the command that made them, and says so."""
+    doc["command"] = " ".join([os.path.relpath(sys.executable), os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(doc, path)
+    print(f"\nwrote {path}")
+
+
 # ---------------------------------------------------------------------------------------
 # Chart
 # ---------------------------------------------------------------------------------------
