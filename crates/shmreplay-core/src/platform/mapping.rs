@@ -1,11 +1,12 @@
 //! One shared-memory file mapped into this process: creation with the whole size reserved,
 //! opening with ownership checks, and bounds-checked atomic access to its bytes.
 //!
-//! Every segment is mapped at a 2 MiB-aligned address, and a new segment's pages are collapsed
-//! into 2 MiB pages where the kernel can (`MADV_COLLAPSE`, Linux 6.1+: it works on tmpfs even
-//! when `shmem_enabled` is `never`, the usual setting, without root). Every process that maps
-//! such a file aligned then reaches it through 2 MiB page-table entries: one TLB entry covers
-//! 512 times the memory, which is what random sampling of a large buffer runs short of.
+//! Every segment is mapped at an address aligned to the huge page size (2 MiB on x86-64), and a
+//! new segment created with `huge_pages` has its pages moved to huge pages where the kernel can
+//! (`MADV_COLLAPSE`, Linux 6.1+: it works on tmpfs even when `shmem_enabled` is `never`, the
+//! usual setting, without root). Every process that maps such a file aligned then reaches it
+//! through 2 MiB page-table entries: one TLB entry covers 512 times the memory, which is what
+//! random sampling of a large buffer runs short of.
 //!
 //! Mapping, and turning mapped addresses into `&AtomicU64` and handing them to the copy
 //! kernels, is the `unsafe` here. Every access is bounds-checked, so the layers above work with
