@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -14,6 +15,13 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import helpers  # noqa: E402
+
+# A run started in the background of a shell without job control (`cmd &`) or under nohup
+# inherits SIGINT or SIGHUP ignored, and so would every process the tests start: the Ctrl-C,
+# SIGHUP and closed-terminal tests would then wait for an exit that never comes. Tests send
+# these signals on purpose, so they get the default dispositions back.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 # Every name this session hands out starts with this prefix, so cleanup never touches
 # segments that belong to anybody else (other test runs, the demo, a user's buffers).
