@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -123,15 +123,9 @@ def test_learning_goes_on_when_an_actor_is_killed_and_nothing_is_left_behind(tmp
     name = f"apex-test-{os.getpid()}"
     proc, pids, lines = _start_and_wait_for_learning(name, tmp_path, minutes=0.6)
     out = tmp_path / f"{name}.json"
-    try:
-        assert len(pids) == 2
-        os.kill(pids[0], signal.SIGKILL)  # mid-run: writing, waiting or acting
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = "".join(lines) + rest
+    assert len(pids) == 2
+    # Mid-run: writing, waiting or acting.
+    text = _finish_after(proc, lines, lambda: os.kill(pids[0], signal.SIGKILL), timeout=120)
     assert proc.returncode == 0, text
     assert f"actor-0 (pid {pids[0]}) died" in text, text
     assert "Traceback" not in text, text
@@ -168,6 +162,26 @@ def _start_and_wait_for_learning(name: str, tmp_path: Path, minutes: float = 1.0
     return proc, pids, lines
 
 
+def _finish_after(proc: subprocess.Popen[str], lines: list[str], act: Callable[[], object], timeout: float) -> str:
+    """Does ``act`` to a running example, waits for it to end, and returns all it printed; it
+    is killed if the test fails first."""
+    try:
+        act()
+        rest, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return "".join(lines) + rest
+
+
+def _wait_gone(pids: list[int], seconds: float, why: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 def _gone(pid: int) -> bool:
     try:
         return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
@@ -180,21 +194,11 @@ def test_sigterm_stops_the_run_like_ctrl_c(tmp_path: Path) -> None:
     pytest.importorskip("optax")
     name = f"apex-term-{os.getpid()}"
     proc, pids, lines = _start_and_wait_for_learning(name, tmp_path)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    text = "".join(lines) + rest
+    text = _finish_after(proc, lines, lambda: proc.send_signal(signal.SIGTERM), timeout=60)
     assert proc.returncode == 143, text
     assert "Traceback" not in text, text
     assert _leftovers(name) == []
-    deadline = time.monotonic() + 15
-    while not all(_gone(p) for p in pids):
-        assert time.monotonic() < deadline, "actors outlived the learner"
-        time.sleep(0.1)
+    _wait_gone(pids, 15, "actors outlived the learner")
 
 
 def test_actors_stop_when_the_learner_is_killed(tmp_path: Path) -> None:
@@ -205,10 +209,7 @@ def test_actors_stop_when_the_learner_is_killed(tmp_path: Path) -> None:
     try:
         proc.kill()  # no cleanup at all: the actors must notice and stop
         proc.wait(30)
-        deadline = time.monotonic() + 20
-        while not all(_gone(p) for p in pids):
-            assert time.monotonic() < deadline, "actors outlived a SIGKILLed learner"
-            time.sleep(0.1)
+        _wait_gone(pids, 20, "actors outlived a SIGKILLed learner")
     finally:
         for p in pids:
             try:

@@ -259,6 +259,12 @@ class Child:
     def kill(self) -> None:
         helpers.kill_and_reap([self.proc])
 
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
 
 @pytest.fixture
 def shm_subdir():
@@ -279,8 +285,7 @@ def shm_subdir():
 def test_sigterm_removes_the_opted_in_buffers_of_the_creator(mp_ctx, tmp_path):
     path = str(tmp_path)
     with ReplayBuffer.create("held", capacity=8, fields=FIELDS, path=path) as held:
-        child = Child(mp_ctx, creator, path, "held").start()
-        try:
+        with Child(mp_ctx, creator, path, "held").start() as child:
             msg = child.recv()
             assert msg[0] == "ready" and msg[2] == 1, msg
             assert _segments(path) == ["episodes", "held", "plain", "ring", "threaded"]
@@ -296,15 +301,12 @@ def test_sigterm_removes_the_opted_in_buffers_of_the_creator(mp_ctx, tmp_path):
             assert shmreplay.gc(path) == ["plain"]
             assert _segments(path) == ["held"]
             assert held.stats()["attached"] == 1
-        finally:
-            child.kill()
 
 
 @pytest.mark.parametrize("kind", ["ring", "episodes"])
 def test_sigterm_reaches_a_creator_waiting_in_sample(mp_ctx, kind, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, waiting_creator, path, kind).start()
-    try:
+    with Child(mp_ctx, waiting_creator, path, kind).start() as child:
         assert child.recv()[0] == "ready"
         time.sleep(0.5)  # well inside sample()'s wait
         assert child.proc.is_alive() and not child.conn.poll(), "sample() did not wait"
@@ -312,27 +314,21 @@ def test_sigterm_reaches_a_creator_waiting_in_sample(mp_ctx, kind, tmp_path):
         assert child.proc.exitcode == -signal.SIGTERM
         assert took < 2, f"the waiting creator took {took:.2f}s to die"
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 def test_a_python_handler_installed_before_runs_after_the_cleanup(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, chained_creator, path).start()
-    try:
+    with Child(mp_ctx, chained_creator, path).start() as child:
         assert child.recv()[0] == "ready"
         child.term()
         assert child.recv(10) == ("handler", False)  # the segment was gone when it ran
         assert child.proc.exitcode == 7
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 def test_a_process_ignoring_sigterm_keeps_ignoring_it(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, ignoring_creator, path, release=True).start()
-    try:
+    with Child(mp_ctx, ignoring_creator, path, release=True).start() as child:
         msg = child.recv()
         assert msg == ("ready", child.proc.pid, True)
         os.kill(child.proc.pid, signal.SIGTERM)
@@ -343,14 +339,11 @@ def test_a_process_ignoring_sigterm_keeps_ignoring_it(mp_ctx, tmp_path):
         assert child.recv(10) == ("alive", True)
         child.proc.join(10)
         assert child.proc.exitcode == 0
-    finally:
-        child.kill()
 
 
 def test_a_forked_child_never_removes_its_parents_buffers(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, forking_creator, path).start()
-    try:
+    with Child(mp_ctx, forking_creator, path).start() as child:
         _, _, grandchild = child.recv()
         os.kill(grandchild, signal.SIGTERM)
         # The grandchild inherited the handler: it died of SIGTERM, the buffer stays.
@@ -359,8 +352,6 @@ def test_a_forked_child_never_removes_its_parents_buffers(mp_ctx, tmp_path):
         child.term()
         assert child.proc.exitcode == -signal.SIGTERM
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 def test_sigterm_during_the_create_leaves_nothing(mp_ctx, shm_subdir):
@@ -369,21 +360,17 @@ def test_sigterm_during_the_create_leaves_nothing(mp_ctx, shm_subdir):
     (no segment, no half-made hidden file)."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     for _ in range(4):
-        child = Child(mp_ctx, slow_creator, str(shm_subdir)).start()
-        try:
+        with Child(mp_ctx, slow_creator, str(shm_subdir)).start() as child:
             assert child.recv()[0] == "creating"
             time.sleep(float(rng.uniform(0.0, 0.12)))
             child.term()
             assert child.proc.exitcode == -signal.SIGTERM
             assert _everything(shm_subdir) == []
-        finally:
-            child.kill()
 
 
 def test_a_later_handler_chaining_to_ours_then_another_create_does_not_recurse(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, rechaining_creator, path).start()
-    try:
+    with Child(mp_ctx, rechaining_creator, path).start() as child:
         assert child.recv()[0] == "ready"
         assert _segments(path) == ["a", "b"]
         took = child.term()
@@ -393,14 +380,11 @@ def test_a_later_handler_chaining_to_ours_then_another_create_does_not_recurse(m
         with pytest.raises(EOFError):
             child.conn.recv()
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 def test_a_previous_handler_that_returns_lets_the_process_go_on(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, returning_creator, path, release=True).start()
-    try:
+    with Child(mp_ctx, returning_creator, path, release=True).start() as child:
         assert child.recv()[0] == "ready"
         os.kill(child.proc.pid, signal.SIGTERM)
         _wait_until_empty(path)
@@ -415,8 +399,6 @@ def test_a_previous_handler_that_returns_lets_the_process_go_on(mp_ctx, tmp_path
         child.proc.join(10)
         assert child.proc.exitcode == 0
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 def test_sigterm_while_another_thread_creates_in_a_loop_leaves_nothing(mp_ctx, shm_subdir):
@@ -424,22 +406,18 @@ def test_sigterm_while_another_thread_creates_in_a_loop_leaves_nothing(mp_ctx, s
     unlinked, later ones are refused; the process dies of SIGTERM and nothing is left."""
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     for _ in range(3):
-        child = Child(mp_ctx, looping_creator, str(shm_subdir)).start()
-        try:
+        with Child(mp_ctx, looping_creator, str(shm_subdir)).start() as child:
             assert child.recv()[0] == "ready"
             time.sleep(float(rng.uniform(0.0, 0.05)))
             took = child.term()
             assert child.proc.exitcode == -signal.SIGTERM, f"exit code {child.proc.exitcode}"
             assert took < 5
             assert _everything(shm_subdir) == []
-        finally:
-            child.kill()
 
 
 def test_without_the_option_the_segment_stays_until_gc(mp_ctx, tmp_path):
     path = str(tmp_path)
-    child = Child(mp_ctx, plain_creator, path).start()
-    try:
+    with Child(mp_ctx, plain_creator, path).start() as child:
         assert child.recv()[0] == "ready"
         child.term()
         assert child.proc.exitcode == -signal.SIGTERM
@@ -449,8 +427,6 @@ def test_without_the_option_the_segment_stays_until_gc(mp_ctx, tmp_path):
         assert shmreplay.gc(path, dry_run=True) == ["leftover"]
         assert shmreplay.gc(path) == ["leftover"]
         assert _everything(path) == []
-    finally:
-        child.kill()
 
 
 @pytest.mark.parametrize("bad", ["yes", 1, None])

@@ -158,7 +158,7 @@ def _warn_without_huge_pages(buf: Any) -> None:
     """Warns if a buffer just created with ``huge_pages=True`` got no huge page at all (not if
     that cannot be told: ``/proc/self/smaps`` unreadable). A warning turned into an error
     leaves nothing behind: the buffer is removed and closed first."""
-    if buf.nbytes < _HUGE_PAGE or buf.huge_page_bytes() != 0:
+    if buf.nbytes < _core.HUGE_PAGE_BYTES or buf.huge_page_bytes() != 0:
         return
     import warnings
 
@@ -175,17 +175,6 @@ def _warn_without_huge_pages(buf: Any) -> None:
         finally:
             buf.close()
         raise
-
-
-def _huge_page_size() -> int:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 2 << 20
-
-
-_HUGE_PAGE = _huge_page_size()
 
 
 def _bool_arg(name: str, value: Any) -> bool:

@@ -8,6 +8,7 @@ import numpy as np
 DEFAULT_DIR: str
 MAX_CAPACITY: int
 MAX_EPISODE_WINDOW: int
+HUGE_PAGE_BYTES: int
 MAX_NAME_LEN: int
 
 @final

@@ -531,11 +531,21 @@ def _json_lines(
     count: Optional[int],
 ) -> None:
     """One JSON object per refresh and line, until ``count`` or ``q`` on ``fd``."""
+    for snapshot, previous in _snapshots(fd, path, names, interval, count):
+        _print_json(out, frame_json(snapshot, previous, directory))
+
+
+def _snapshots(
+    fd: Optional[int], path: Optional[str], names: Sequence[str], interval: float, count: Optional[int]
+) -> Iterator[tuple[Snapshot, Optional[Snapshot]]]:
+    """``(snapshot, the one before)`` every ``interval``, until ``count`` of them or ``q`` on
+    ``fd``. The wait comes after each one is handed out, so a caller's context (the terminal
+    in cbreak mode) holds while it waits."""
     previous: Optional[Snapshot] = None
     frames = 0
     while True:
         snapshot = read(path, names)
-        _print_json(out, frame_json(snapshot, previous, directory))
+        yield snapshot, previous
         previous, frames = snapshot, frames + 1
         if count is not None and frames >= count:
             return
@@ -567,18 +577,12 @@ def _plain(
     console: Console, path: Optional[str], names: Sequence[str], directory: str, interval: float, count: Optional[int]
 ) -> int:
     """Frames one after another, separated by a blank line: for a file or a pipe."""
-    previous: Optional[Snapshot] = None
-    frames = 0
-    while True:
-        snapshot = read(path, names)
+    for frames, (snapshot, previous) in enumerate(_snapshots(None, path, names, interval, count)):
         if frames:
             console.print()
         console.print(render(snapshot, previous, directory, interval, keys=False, width=console.width))
         console.file.flush()
-        previous, frames = snapshot, frames + 1
-        if count is not None and frames >= count:
-            return 0
-        time.sleep(interval)
+    return 0
 
 
 def _live(
@@ -596,8 +600,8 @@ def _live(
     def frame(snapshot: Snapshot, previous: Optional[Snapshot]) -> RenderableType:
         return render(snapshot, previous, directory, interval, keys=fd is not None, width=console.width)
 
-    snapshot = read(path, names)
-    frames = 1
+    snapshots = _snapshots(fd, path, names, interval, count)
+    snapshot, _ = next(snapshots)
     with _cbreak(fd), Live(
         frame(snapshot, None),
         console=console,
@@ -605,12 +609,8 @@ def _live(
         redirect_stdout=False,
         redirect_stderr=False,
     ) as live:
-        while count is None or frames < count:
-            if _wait(fd, interval):
-                break
-            previous, snapshot = snapshot, read(path, names)
+        for snapshot, previous in snapshots:
             live.update(frame(snapshot, previous), refresh=True)
-            frames += 1
 
 
 def parse_interval(text: str) -> float:

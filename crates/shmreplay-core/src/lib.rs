@@ -184,6 +184,7 @@ pub use layout::{
     MAX_HANDLES,
 };
 #[cfg(not(loom))]
+pub use platform::mapping::huge_page_size;
 pub use platform::{copy, interrupt};
 #[cfg(not(loom))]
 pub use registry::{

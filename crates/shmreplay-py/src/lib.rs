@@ -816,6 +816,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_test_extend_pausing, m)?)?;
     m.add("DEFAULT_DIR", shmreplay_core::DEFAULT_DIR)?;
     m.add("MAX_CAPACITY", shmreplay_core::MAX_CAPACITY)?;
+    m.add("HUGE_PAGE_BYTES", shmreplay_core::huge_page_size())?;
     m.add("MAX_EPISODE_WINDOW", shmreplay_core::MAX_EPISODE_WINDOW)?;
     m.add("MAX_NAME_LEN", shmreplay_core::MAX_NAME_LEN)?;
     Ok(())

@@ -56,8 +56,9 @@ impl Mapping {
     /// whole: `len + 2 MiB` of address space is reserved, the file mapped over its first
     /// aligned part, and the rest given back.
     fn new(file: &File, len: usize) -> std::io::Result<Mapping> {
+        let huge = huge_page_size();
         let span = len
-            .checked_add(huge_page_size())
+            .checked_add(huge)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
         // SAFETY: a new private anonymous mapping at an address the kernel picks: it replaces
         // nothing, and PROT_NONE with MAP_NORESERVE commits no memory.
@@ -75,7 +76,7 @@ impl Mapping {
             return Err(std::io::Error::last_os_error());
         }
         let base = reserved as usize;
-        let start = base.next_multiple_of(huge_page_size());
+        let start = base.next_multiple_of(huge);
         let page = page_size();
         let end = start + len.next_multiple_of(page);
         // SAFETY: `[start, end)` lies inside the reservation made above, which this function
@@ -145,8 +146,9 @@ impl Drop for Mapping {
     }
 }
 
-/// The size of a PMD-mapped huge page, as the kernel says (2 MiB where it does not).
-fn huge_page_size() -> usize {
+/// The size of a PMD-mapped huge page, as the kernel says (2 MiB where it does not): what
+/// `huge_pages` segments are moved to, and what every mapping is aligned to.
+pub fn huge_page_size() -> usize {
     static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *SIZE.get_or_init(|| {
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
@@ -309,19 +311,13 @@ impl Segment {
     /// Fills this process's page tables for the whole mapping now, so that inserts and samples
     /// do not take a page fault on every 4 KiB they touch for the first time (8x slower first
     /// writes of Atari records, measured). Best effort: kernels before 5.14 lack the advice.
-    ///
-    /// Done in chunks, polling `patience` in between: a 5.6 GB segment takes seconds.
     pub(crate) fn prefault(&self, patience: &mut Patience) -> Result<()> {
-        for offset in (0..self.map.len()).step_by(ADVICE_CHUNK) {
-            if patience.interrupted() {
-                return Err(Error::Interrupted);
-            }
-            let len = ADVICE_CHUNK.min(self.map.len() - offset);
-            if self.map.advise(offset, len, MADV_POPULATE_WRITE).is_err() {
-                break;
-            }
-        }
-        Ok(())
+        self.advise_in_chunks(
+            self.map.len(),
+            MADV_POPULATE_WRITE,
+            patience,
+            |result, _| result.is_ok(),
+        )
     }
 
     /// Moves every whole 2 MiB stretch of the segment to a 2 MiB page. Random access then
@@ -333,29 +329,47 @@ impl Segment {
     /// has, which changes nothing but speed.
     fn collapse(&self, patience: &mut Patience) -> Result<()> {
         let huge = huge_page_size();
-        let end = self.map.len() / huge * huge;
         let mut collapsed = false;
-        for offset in (0..end).step_by(ADVICE_CHUNK.next_multiple_of(huge)) {
+        self.advise_in_chunks(
+            self.map.len() / huge * huge,
+            MADV_COLLAPSE,
+            patience,
+            |result, again| {
+                // Busy pages, or no huge page free right now (EAGAIN; some kernels say EINVAL for
+                // a page momentarily referenced): once more, then on to the next stretch.
+                match result.or_else(|_| again()) {
+                    Ok(()) => collapsed = true,
+                    // Refused from the start: not supported here, no later stretch would do better.
+                    Err(e) if !collapsed => {
+                        return ![libc::EINVAL, libc::EPERM]
+                            .contains(&e.raw_os_error().unwrap_or(0))
+                    }
+                    Err(_) => {}
+                }
+                true
+            },
+        )
+    }
+
+    /// `madvise(advice)` over `[0, end)` in chunks of whole huge pages, polling `patience`
+    /// in between (a 5.6 GB segment takes seconds). `go_on(result, again)` gets each chunk's
+    /// result and a way to advise that chunk once more; it returns whether to go on.
+    fn advise_in_chunks(
+        &self,
+        end: usize,
+        advice: libc::c_int,
+        patience: &mut Patience,
+        mut go_on: impl FnMut(std::io::Result<()>, &dyn Fn() -> std::io::Result<()>) -> bool,
+    ) -> Result<()> {
+        let chunk = ADVICE_CHUNK.next_multiple_of(huge_page_size());
+        for offset in (0..end).step_by(chunk) {
             if patience.interrupted() {
                 return Err(Error::Interrupted);
             }
-            let len = ADVICE_CHUNK.next_multiple_of(huge).min(end - offset);
-            // Busy pages, or no huge page free right now (EAGAIN; some kernels say EINVAL for
-            // a page momentarily referenced): once more, then on to the next stretch.
-            let result = self
-                .map
-                .advise(offset, len, MADV_COLLAPSE)
-                .or_else(|_| self.map.advise(offset, len, MADV_COLLAPSE));
-            match result {
-                Ok(()) => collapsed = true,
-                // Refused from the start: not supported here, no later stretch would do better.
-                Err(e)
-                    if !collapsed
-                        && [libc::EINVAL, libc::EPERM].contains(&e.raw_os_error().unwrap_or(0)) =>
-                {
-                    break
-                }
-                Err(_) => {}
+            let len = chunk.min(end - offset);
+            let advise = || self.map.advise(offset, len, advice);
+            if !go_on(advise(), &advise) {
+                break;
             }
         }
         Ok(())
