@@ -507,37 +507,33 @@ def run(
     if as_json:
         fd = _key_fd(inp)
         if fd is None:  # the terminal is left as it is: SIGTERM and SIGHUP do what they do
-            _json_lines(out, None, path, names, directory, interval, count)
+            _json_lines(out, _snapshots(None, path, names, interval, count), directory)
             return 0
         with _quit_on_signals() as caught, _cbreak(fd):
-            _json_lines(out, fd, path, names, directory, interval, count)
+            _json_lines(out, _snapshots(fd, path, names, interval, count), directory)
         return 128 + caught[0] if caught else 0
 
     console = _console(out)
     if not console.is_terminal:
-        return _plain(console, path, names, directory, interval, count)
+        return _plain(console, _snapshots(None, path, names, interval, count), directory, interval)
+    fd = _key_fd(inp)
     with _quit_on_signals() as caught:
-        _live(console, _key_fd(inp), path, names, directory, interval, count)
+        _live(console, _snapshots(fd, path, names, interval, count), fd, directory, interval)
     return 128 + caught[0] if caught else 0
 
 
-def _json_lines(
-    out: IO[str],
-    fd: Optional[int],
-    path: Optional[str],
-    names: Sequence[str],
-    directory: str,
-    interval: float,
-    count: Optional[int],
-) -> None:
-    """One JSON object per refresh and line, until ``count`` or ``q`` on ``fd``."""
-    for snapshot, previous in _snapshots(fd, path, names, interval, count):
+Frames = Iterator[tuple[Snapshot, Optional[Snapshot]]]
+
+
+def _json_lines(out: IO[str], frames: Frames, directory: str) -> None:
+    """One JSON object per refresh and line."""
+    for snapshot, previous in frames:
         _print_json(out, frame_json(snapshot, previous, directory))
 
 
 def _snapshots(
     fd: Optional[int], path: Optional[str], names: Sequence[str], interval: float, count: Optional[int]
-) -> Iterator[tuple[Snapshot, Optional[Snapshot]]]:
+) -> Frames:
     """``(snapshot, the one before)`` every ``interval``, until ``count`` of them or ``q`` on
     ``fd``. The wait comes after each one is handed out, so a caller's context (the terminal
     in cbreak mode) holds while it waits."""
@@ -573,35 +569,25 @@ def _print_json(out: IO[str], obj: dict[str, Any]) -> None:
     out.flush()
 
 
-def _plain(
-    console: Console, path: Optional[str], names: Sequence[str], directory: str, interval: float, count: Optional[int]
-) -> int:
+def _plain(console: Console, frames: Frames, directory: str, interval: float) -> int:
     """Frames one after another, separated by a blank line: for a file or a pipe."""
-    for frames, (snapshot, previous) in enumerate(_snapshots(None, path, names, interval, count)):
-        if frames:
+    for n, (snapshot, previous) in enumerate(frames):
+        if n:
             console.print()
         console.print(render(snapshot, previous, directory, interval, keys=False, width=console.width))
         console.file.flush()
     return 0
 
 
-def _live(
-    console: Console,
-    fd: Optional[int],
-    path: Optional[str],
-    names: Sequence[str],
-    directory: str,
-    interval: float,
-    count: Optional[int],
-) -> None:
-    """The table redrawn in place; ``q`` on the terminal quits."""
+def _live(console: Console, frames: Frames, fd: Optional[int], directory: str, interval: float) -> None:
+    """The table redrawn in place; ``q`` on the terminal ``fd`` (the one ``frames`` waits on)
+    quits."""
     from rich.live import Live
 
     def frame(snapshot: Snapshot, previous: Optional[Snapshot]) -> RenderableType:
         return render(snapshot, previous, directory, interval, keys=fd is not None, width=console.width)
 
-    snapshots = _snapshots(fd, path, names, interval, count)
-    snapshot, _ = next(snapshots)
+    snapshot, _ = next(frames)
     with _cbreak(fd), Live(
         frame(snapshot, None),
         console=console,
@@ -609,7 +595,7 @@ def _live(
         redirect_stdout=False,
         redirect_stderr=False,
     ) as live:
-        for snapshot, previous in snapshots:
+        for snapshot, previous in frames:
             live.update(frame(snapshot, previous), refresh=True)
 
 
