@@ -185,6 +185,7 @@ pub use layout::{
 };
 #[cfg(not(loom))]
 pub use platform::mapping::huge_page_size;
+#[cfg(not(loom))]
 pub use platform::{copy, interrupt};
 #[cfg(not(loom))]
 pub use registry::{
