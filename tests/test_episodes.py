@@ -1984,7 +1984,10 @@ def test_writer_processes_interleave_into_one_wrapping_ring(shm_name, mp_ctx):
             kill_and_reap([wp.proc for wp in writers])
         assert counts["items"] > 0, "nothing was sampled while the writers wrote"
         assert len(buf) == cap
-        assert buf.stats()["inserts"] == total_frames, (buf.stats()["inserts"], total_frames)
+        # A writer descheduled between its ticket and its slot may be lapped and its frame
+        # superseded (the ring wraps ~80 times); no writer dies, so no frame is lost.
+        stats = buf.stats()
+        assert stats["inserts"] + stats["superseded"] == total_frames and stats["lost"] == 0, (stats, total_frames)
         for _ in range(20):
             _sample_and_check(buf, cfg, oracle, keybook, counts, "after writing")
         assert sum(counts[f"writer{w}"] > 0 for w in range(n_writers)) >= 3, f"items come from the writers: {counts}"

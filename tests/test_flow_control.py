@@ -2449,9 +2449,13 @@ def test_timeouts_racing_with_wakes_never_half_succeed(shm_name, kind, cap):
         inserted = res[2][1] + res[3][1]
         assert sum(r[3] for r in res) > 50, "the race never produced timeouts"
         s = buf.stats()
-        # stats()["inserts"] counts committed rows: in a ring of 8 two writers may supersede rows
+        # stats()["inserts"] counts committed rows. In a ring, a writer descheduled between taking
+        # its ticket and claiming the slot may be lapped by the other writer (the samplers keep
+        # the limiter open) and its row superseded, whatever the capacity; a queue never
+        # overwrites an undelivered row. Nobody dies, so no row is lost.
         assert s["inserts"] + s["superseded"] + s["lost"] == inserted, f"stats {s} != successful inserts {inserted}"
-        if cap > 8 or kind == "queue":
+        assert s["lost"] == 0, f"no writer died, yet rows were lost: {s}"
+        if kind == "queue":
             assert s["inserts"] == inserted, f"stats inserts {s['inserts']} != successful inserts {inserted}"
         assert s["samples"] == sampled, f"stats samples {s['samples']} != successful samples {sampled}"
         if kind == "queue":
