@@ -116,6 +116,8 @@ pub(crate) struct CopyPlan {
 pub(crate) struct Kernels {
     load: Kernel,
     store: Kernel,
+    /// Stores of rows a queue's consumers will take while they are still in the cache.
+    store_read_soon: Kernel,
 }
 
 impl Kernels {
@@ -123,6 +125,15 @@ impl Kernels {
         Kernels {
             load: Kernel::for_load(len),
             store: Kernel::for_store(len),
+            store_read_soon: Kernel::for_store_read_soon(len),
+        }
+    }
+
+    fn store(&self, read_soon: bool) -> Kernel {
+        if read_soon {
+            self.store_read_soon
+        } else {
+            self.store
         }
     }
 }

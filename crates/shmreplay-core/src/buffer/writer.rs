@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::priority::{LeafWriter, RowPriorities};
 use super::{Backoff, Blocking, InColumn, NoBlocking, Orphan, ReplayBuffer, WAIT_LIMIT};
 use crate::error::{Error, Result};
-use crate::layout::{self, STAGED_RECORD_BYTES};
+use crate::layout::{self, Flow, STAGED_RECORD_BYTES};
 use crate::platform::interrupt::Patience;
 use crate::platform::liveness::Liveness;
 use crate::platform::locks::LockFile;
@@ -132,6 +132,7 @@ impl ReplayBuffer {
         // handle: another thread of this process inserting through it waits its turn, and the
         // entry's queue claim is this call's alone).
         let admitted = self.admit_insert(n as u64, entry, blocking)?;
+        let read_soon = admitted.is_some_and(|first| self.read_soon(first + n as u64));
         // Rows that the same call would overwrite at once are never written.
         let skipped = n.saturating_sub(self.layout.capacity);
         let mut writer = RowWriter {
@@ -140,6 +141,7 @@ impl ReplayBuffer {
             entry,
             leaves: priorities.map(|p| LeafWriter::new(self, p)),
             tickets,
+            read_soon,
             inserted: 0,
             recovered: 0,
             superseded: skipped as u64,
@@ -217,6 +219,22 @@ impl ReplayBuffer {
             })
     }
 
+    /// True in a queue whose consumers are so close behind that the rows up to ticket `end`
+    /// would still be in the cache when they take them (see `copy::cache_reach`): then ordinary
+    /// stores leave the lines there for them, where streaming stores would send every row to
+    /// memory and back. A deep queue (consumers far behind) streams.
+    fn read_soon(&self, end: u64) -> bool {
+        if !matches!(self.flow(), Flow::Queue(_)) {
+            return false;
+        }
+        let head = self
+            .word(self.control(layout::C_HEAD))
+            .load(Ordering::Relaxed);
+        let ahead = end.saturating_sub(head);
+        ahead.saturating_mul(self.layout.slot_bytes as u64)
+            <= crate::platform::copy::cache_reach() as u64
+    }
+
     /// Starts loading slot `index`'s version word and record into the cache.
     pub(super) fn prefetch(&self, index: usize) {
         self.segment
@@ -241,6 +259,8 @@ struct RowWriter<'a> {
     leaves: Option<LeafWriter<'a>>,
     /// Where the ticket of each committed row goes, if the caller wants them.
     tickets: Option<&'a mut [u64]>,
+    /// A queue's consumers will take these rows while they are still in the cache.
+    read_soon: bool,
     inserted: u64,
     recovered: u64,
     superseded: u64,
@@ -329,7 +349,7 @@ impl RowWriter<'_> {
             }
             let len = buffer.layout.record_bytes;
             let staged = crate::platform::memory::Input::from_slice(&staged[..len]);
-            let kernel = buffer.copy.record.store;
+            let kernel = buffer.copy.record.store(self.read_soon);
             match hook.as_mut() {
                 // Two stores with the record's own kernel: the same access width as one.
                 Some(hook) => {
@@ -346,7 +366,7 @@ impl RowWriter<'_> {
         }
         let half = buffer.layout.record_bytes / 2;
         for ((field, column), kernels) in fields.iter().zip(self.columns).zip(&buffer.copy.fields) {
-            let kernel = kernels.store;
+            let kernel = kernels.store(self.read_soon);
             let at = record + field.offset;
             let from = row * field.bytes;
             let crosses_half = field.offset <= half && half < field.offset + field.bytes;
