@@ -476,3 +476,54 @@ impl Contention for Waiting<'_> {
         self.buffer.entry(slot::owner_of(word)).settle(word);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::schema::{DType, Schema};
+    use crate::layout::Sampler;
+    use crate::platform::copy::cache_reach;
+    use crate::platform::memory::{Input, Output};
+
+    /// A buffer of 64 KiB rows: a few of them fill the cache reach of any machine.
+    fn buffer(sampler: Sampler) -> ReplayBuffer {
+        let schema = Schema::new(&[("frame", DType::U8, vec![64 << 10])]).unwrap();
+        let buffer = ReplayBuffer::builder(&crate::unique_name())
+            .dir(std::env::temp_dir())
+            .capacity(4)
+            .schema(schema)
+            .sampler(sampler)
+            .create()
+            .unwrap();
+        buffer.unlink().unwrap();
+        buffer
+    }
+
+    #[test]
+    fn only_a_queue_stores_rows_for_reading_soon_and_only_within_the_cache_reach() {
+        let queue = buffer(Sampler::Queue);
+        let reach = (cache_reach() / queue.layout.slot_bytes) as u64;
+        assert!(reach >= 1, "a 64 KiB row fits in the reach");
+        assert!(queue.read_soon(1) && queue.read_soon(reach));
+        assert!(!queue.read_soon(reach + 1), "rows past the reach stream");
+        // The reach counts from the head: once two rows are delivered, two more fit.
+        let rows = vec![7u8; 2 * (64 << 10)];
+        queue
+            .extend_columns_with_priorities(&[Input::from_slice(&rows)], None, &mut NoBlocking)
+            .unwrap();
+        let mut out = vec![0u8; 2 * (64 << 10)];
+        let (mut index, mut key) = ([0u64; 2], [0u64; 2]);
+        queue
+            .sample_columns(
+                &[Output::from_slice(&mut out)],
+                &mut index,
+                &mut key,
+                &mut NoBlocking,
+            )
+            .unwrap();
+        assert_eq!(out, rows);
+        assert!(queue.read_soon(reach + 2) && !queue.read_soon(reach + 3));
+        // A ring's rows are drawn at random, long after: its stores always stream.
+        assert!(!buffer(Sampler::Uniform).read_soon(1));
+    }
+}
