@@ -2,6 +2,7 @@
 //! by call; a queue's exactly-once, in-order delivery with threads on separate handles; waits
 //! ended by an insert, a timeout and a shutdown.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -195,6 +196,9 @@ fn a_queue_delivers_every_row_once_in_order_across_threads() {
         .create()
         .unwrap();
     let start = Arc::new(Barrier::new(PRODUCERS as usize + 3)); // and 2 consumers, and us
+                                                                // Set once every producer has returned: until then a consumer's timeout only means the
+                                                                // producers are slow (descheduled on a loaded machine), and it waits again.
+    let produced = Arc::new(AtomicBool::new(false));
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|p| {
             let (name, dir, start) = (name.clone(), dir.clone(), start.clone());
@@ -214,7 +218,8 @@ fn a_queue_delivers_every_row_once_in_order_across_threads() {
         .collect();
     let consumers: Vec<_> = (0..2)
         .map(|_| {
-            let (name, dir, start) = (name.clone(), dir.clone(), start.clone());
+            let (name, dir, start, produced) =
+                (name.clone(), dir.clone(), start.clone(), produced.clone());
             thread::spawn(move || {
                 let buffer = ReplayBuffer::attach(&name, Some(&dir)).unwrap();
                 start.wait();
@@ -225,7 +230,8 @@ fn a_queue_delivers_every_row_once_in_order_across_threads() {
                             assert!(keys.windows(2).all(|k| k[1] == k[0] + 1), "{keys:?}");
                             got.extend(values.into_iter().zip(keys));
                         }
-                        Err(Error::Timeout(_)) => return got,
+                        Err(Error::Timeout(_)) if produced.load(Ordering::SeqCst) => return got,
+                        Err(Error::Timeout(_)) => {}
                         Err(e) => panic!("{e}"),
                     }
                 }
@@ -236,6 +242,7 @@ fn a_queue_delivers_every_row_once_in_order_across_threads() {
     for p in producers {
         p.join().unwrap();
     }
+    produced.store(true, Ordering::SeqCst);
     let mut delivered: Vec<(u64, u64)> = consumers
         .into_iter()
         .flat_map(|c| c.join().unwrap())
@@ -271,6 +278,13 @@ fn a_queue_delivers_every_row_once_in_order_across_threads() {
     creator.unlink().ok();
 }
 
+/// A queue of 8 with 8 rows: an insert waits.
+fn full_queue() -> Arc<ReplayBuffer> {
+    let buffer = create(8, Sampler::Queue, None);
+    insert(&buffer, &[0; 8], None).unwrap();
+    Arc::new(buffer)
+}
+
 #[test]
 fn waits_end_with_the_insert_they_wait_for_a_timeout_or_a_shutdown() {
     let buffer = Arc::new(create(8, Sampler::Queue, None));
@@ -292,21 +306,31 @@ fn waits_end_with_the_insert_they_wait_for_a_timeout_or_a_shutdown() {
     assert!(started.elapsed() >= Duration::from_millis(100));
     assert_eq!(buffer.len(), 1);
     assert!(buffer.stats().sample_wait_ns >= 100_000_000);
-    // A full queue: the insert waits, until shutdown.
+    // A full queue: the insert waits, until shutdown (within 100 ms, on the median of three
+    // buffers: one wake may be late on a loaded machine; a lost one would take a second or more).
     insert(&buffer, &[0; 7], None).unwrap();
-    let waiter = {
-        let buffer = buffer.clone();
-        thread::spawn(move || {
-            let result = insert(&buffer, &[1], None);
-            (result, Instant::now())
+    let mut latencies: Vec<Duration> = [buffer.clone(), full_queue(), full_queue()]
+        .into_iter()
+        .map(|buffer| {
+            let waiter = {
+                let buffer = buffer.clone();
+                thread::spawn(move || {
+                    let result = insert(&buffer, &[1], None);
+                    (result, Instant::now())
+                })
+            };
+            thread::sleep(Duration::from_millis(100));
+            let shut = Instant::now();
+            buffer.shutdown();
+            let (result, ended) = waiter.join().unwrap();
+            assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
+            let latency = ended.duration_since(shut);
+            assert!(latency < Duration::from_secs(1), "{latency:?}");
+            latency
         })
-    };
-    thread::sleep(Duration::from_millis(100));
-    let shut = Instant::now();
-    buffer.shutdown();
-    let (result, ended) = waiter.join().unwrap();
-    assert!(matches!(result, Err(Error::Shutdown)), "{result:?}");
-    assert!(ended.duration_since(shut) < Duration::from_millis(100));
+        .collect();
+    latencies.sort();
+    assert!(latencies[1] < Duration::from_millis(100), "{latencies:?}");
     // After shutdown: what need not wait still works (draining), the rest fails at once.
     assert_eq!(sample(&buffer, 8, None).unwrap().0[0], 9);
     assert!(matches!(sample(&buffer, 1, None), Err(Error::Shutdown)));
