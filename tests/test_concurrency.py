@@ -83,7 +83,7 @@ def _writer(name, wid, frame, start, stop, progress, q):
     _report(q, "writer", wid, body)
 
 
-def _sampler(name, sid, n_writers, batch_size, start, stop, progress, torn, evidence, q):
+def _sampler(name, sid, n_writers, batch_size, start, stop, progress, torn, evidence, wrapped, q):
     """Samples batches (and reads single slots) until ``stop``; counts every torn or mixed row
     and records how the insert tickets it drew grew while it sampled."""
 
@@ -139,6 +139,7 @@ def _sampler(name, sid, n_writers, batch_size, start, stop, progress, torn, evid
                 progress.value = rows
                 torn.value = bad_total
                 evidence.value = fresh_batches
+                wrapped.value = max_key - first_max_key
             ended = time.monotonic()
         finally:
             buf.close()
@@ -192,10 +193,11 @@ def _streaming_writer(name, wid, frame, batch_rows, start, stop, progress, q):
     _report(q, "writer", wid, body)
 
 
-def _slot_reader(name, sid, n_writers, start, stop, progress, torn, evidence, q):
+def _slot_reader(name, sid, n_writers, start, stop, progress, torn, evidence, wrapped, q):
     """Reads single slots (``buf[i]``) of a ring being rewritten until ``stop``: each read must
     return a consistent copy, whatever the writer is doing to that slot. Counts the reads that
-    found another record in the slot than its previous read of that slot did."""
+    found another record in the slot than its previous read of that slot did. (``wrapped`` is
+    a sampler's measure: left at 0 here.)"""
 
     def body():
         buf = ReplayBuffer.attach(name)
@@ -261,6 +263,7 @@ def _run(
     min_writes_total,
     min_evidence,
     min_retries=0,
+    min_wrapped=0,
 ):
     """Starts writers and readers together, stops them once enough happened, collects their
     reports: (writers, readers), each a list of dicts sorted by id.
@@ -268,7 +271,9 @@ def _run(
     writer_specs / reader_specs: lists of (target, args before the shared objects). "Enough":
     ``min_seconds`` passed, every writer wrote ``min_writes_each`` rows and all of them
     ``min_writes_total``, every reader checked ``MIN_SAMPLED_ROWS`` rows and saw the data change
-    under it ``min_evidence`` times, and the buffer counted ``min_retries`` sampling retries.
+    under it ``min_evidence`` times (and, a sampler, drew tickets spanning ``min_wrapped``: the
+    ring wrapped under it; a slot reader does not count that), and the buffer counted
+    ``min_retries`` sampling retries.
     Waiting for the evidence rather than for a fixed time keeps the tests meaningful on a
     loaded machine, where the writers may run less often."""
     ctx = multiprocessing.get_context(start_method)
@@ -280,11 +285,12 @@ def _run(
     r_progress = [ctx.RawValue("q", 0) for _ in reader_specs]
     r_torn = [ctx.RawValue("q", 0) for _ in reader_specs]
     r_evidence = [ctx.RawValue("q", 0) for _ in reader_specs]
+    r_wrapped = [ctx.RawValue("q", 0) for _ in reader_specs]
     procs = [
         ctx.Process(target=t, args=(*a, start, stop, w_progress[i], q), daemon=True)
         for i, (t, a) in enumerate(writer_specs)
     ] + [
-        ctx.Process(target=t, args=(*a, start, stop, r_progress[i], r_torn[i], r_evidence[i], q), daemon=True)
+        ctx.Process(target=t, args=(*a, start, stop, r_progress[i], r_torn[i], r_evidence[i], r_wrapped[i], q), daemon=True)
         for i, (t, a) in enumerate(reader_specs)
     ]
     results = []
@@ -310,6 +316,7 @@ def _run(
                 and sum(writes) >= min_writes_total
                 and all(v.value >= MIN_SAMPLED_ROWS for v in r_progress)
                 and all(v.value >= min_evidence for v in r_evidence)
+                and all(v.value >= min_wrapped for v in r_wrapped)
                 and buf.stats()["retries"] - retries_at_start >= min_retries
             )
             if (elapsed >= min_seconds and enough) or elapsed > HARD_DEADLINE:
@@ -426,6 +433,7 @@ def test_no_torn_rows_under_concurrent_writes(
             min_writes_total=4 * capacity,
             min_evidence=MIN_FRESH_BATCHES,
             min_retries=min_retries,
+            min_wrapped=2 * capacity,  # asserted below
         )
 
         # -- no torn or mixed row, ever; every sampled key matches its slot

@@ -224,6 +224,18 @@ def shows_inserts(name: str) -> Callable[[str], bool]:
     return pred
 
 
+def both_rates(row: list[str]) -> bool:
+    """The row shows inserts/s > 0 and samples/s > 0."""
+    return (rate_value(row[INS_S]) or 0) > 0 and (rate_value(row[SMP_S]) or 0) > 0
+
+
+def shows_both_rates(name: str) -> Callable[[str], bool]:
+    def pred(text: str) -> bool:
+        return any(both_rates(r) for r in rows_of(text, name))
+
+    return pred
+
+
 def assert_terminal_restored(t: PtyTop) -> None:
     after = termios.tcgetattr(t.slave)
     lflag = 3
@@ -240,15 +252,16 @@ def assert_terminal_restored(t: PtyTop) -> None:
 
 def test_live_view_on_a_terminal_and_q_quits(writer: Writer, pty_top: Callable[..., PtyTop]) -> None:
     t = pty_top(writer.name, "--path", writer.path, "--interval", INTERVAL)
-    assert t.read_until(shows_inserts(writer.name), 30), f"no row of {writer.name} with inserts/s > 0:\n{t.text}"
+    # Some frame shows both rates (one interval may see none of them: the writer may be
+    # descheduled for that long on a loaded machine).
+    assert t.read_until(shows_both_rates(writer.name), 30), f"no row of {writer.name} with inserts/s and samples/s > 0:\n{t.text}"
     text = t.text
     assert "q quits" in text
     assert any(line.split()[:3] == HEADER[:3] for line in text.splitlines() if line.strip()), text
     # Keys are read in cbreak mode while it runs: no echo, no line buffering.
     lflag = termios.tcgetattr(t.slave)[3]
     assert not lflag & termios.ICANON and not lflag & termios.ECHO
-    row = rows_of(text, writer.name)[-1]
-    assert (rate_value(row[SMP_S]) or 0) > 0, row
+    row = next(r for r in rows_of(text, writer.name) if both_rates(r))
     assert str(writer.pid) in row, row
     os.write(t.master, b"q")
     code = t.wait(5)
@@ -354,11 +367,11 @@ def test_quit_on_signals_restores_the_handlers() -> None:
 
 
 def test_json_lines(writer: Writer) -> None:
-    proc = top(writer.name, "--path", writer.path, "--interval", INTERVAL, "--json", "--count", "3")
+    proc = top(writer.name, "--path", writer.path, "--interval", INTERVAL, "--json", "--count", "5")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     lines = proc.stdout.splitlines()
-    assert len(lines) == 3, proc.stdout
+    assert len(lines) == 5, proc.stdout
     frames = [json.loads(line) for line in lines]
     for i, frame in enumerate(frames):
         assert set(frame) == {"time", "path", "buffers", "unreadable"}
@@ -374,9 +387,13 @@ def test_json_lines(writer: Writer) -> None:
         if i == 0:
             assert all(b[k] is None for k in rates), b
         else:
-            assert b["inserts_per_s"] > 0 and b["samples_per_s"] > 0, b
             assert all(isinstance(b[k], float) and b[k] >= 0 for k in rates), b
-            assert b["inserts"] > frames[i - 1]["buffers"][0]["inserts"]
+            assert b["inserts"] >= frames[i - 1]["buffers"][0]["inserts"]
+    # The writer runs all along, but may be descheduled for a whole interval on a loaded
+    # machine: some frame (not every one) measures both rates, and the counts grew.
+    measured = [f["buffers"][0] for f in frames[1:]]
+    assert any(b["inserts_per_s"] > 0 and b["samples_per_s"] > 0 for b in measured), measured
+    assert frames[-1]["buffers"][0]["inserts"] > frames[0]["buffers"][0]["inserts"]
 
 
 def test_q_quits_json_on_a_terminal(writer: Writer, pty_top: Callable[..., PtyTop]) -> None:
@@ -436,24 +453,34 @@ def test_once(writer: Writer, name_factory: Callable[[], str]) -> None:
     helpers.run_forked(lambda: _create_and_exit(stale, writer.path), timeout=60)
     ep = shmreplay.EpisodeBuffer.create(episodes, capacity=100, fields=FIELDS, observation="x", path=writer.path)
     try:
-        proc = top("--path", writer.path, "--interval", INTERVAL, "--once")
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert proc.stdout.count("shmreplay top") == 1, proc.stdout  # one frame
-        assert "\x1b" not in proc.stdout  # not a terminal: no cursor control, no colour
-        [row] = rows_of(proc.stdout, writer.name)
-        assert (rate_value(row[INS_S]) or 0) > 0 and (rate_value(row[SMP_S]) or 0) > 0, row
+        # --once measures the rates over one interval, in which the writer may be descheduled
+        # on a loaded machine: up to three runs, the first whose row shows both rates counts.
+        rows = []
+        for _ in range(3):
+            proc = top("--path", writer.path, "--interval", INTERVAL, "--once")
+            assert proc.returncode == 0, proc.stderr
+            assert "Traceback" not in proc.stderr
+            assert proc.stdout.count("shmreplay top") == 1, proc.stdout  # one frame
+            assert "\x1b" not in proc.stdout  # not a terminal: no cursor control, no colour
+            [row] = rows_of(proc.stdout, writer.name)
+            rows.append(row)
+            if both_rates(row):
+                break
+        assert both_rates(rows[-1]), rows
         [srow] = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == [stale]]
         assert srow[1:4] == ["stale", "ring", "prio"], srow
         [erow] = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == [episodes]]
         assert erow[1:3] == ["episodes", "uniform"], erow
 
-        proc = top("--path", writer.path, "--interval", INTERVAL, "--once", "--json")
-        assert proc.returncode == 0, proc.stderr
-        [line] = proc.stdout.splitlines()
-        by_name = {b["name"]: b for b in json.loads(line)["buffers"]}
-        assert set(by_name) == {writer.name, stale, episodes}
-        assert by_name[writer.name]["inserts_per_s"] > 0
+        for _ in range(3):
+            proc = top("--path", writer.path, "--interval", INTERVAL, "--once", "--json")
+            assert proc.returncode == 0, proc.stderr
+            [line] = proc.stdout.splitlines()
+            by_name = {b["name"]: b for b in json.loads(line)["buffers"]}
+            assert set(by_name) == {writer.name, stale, episodes}
+            if by_name[writer.name]["inserts_per_s"] > 0:
+                break
+        assert by_name[writer.name]["inserts_per_s"] > 0, by_name[writer.name]
         s = by_name[stale]
         assert s["stale"] and s["pids"] == [] and s["sampler"] == "prioritized"
         assert s["priority_total"] is not None and s["priority_total"] > 0
@@ -501,10 +528,15 @@ def test_a_buffer_removed_while_top_runs(writer: Writer, name_factory: Callable[
         doomed.close()
         while shown(next(lines)) != {writer.name}:
             pass
-        for _ in range(5):  # it goes on, with rates for the buffer that is still there
+        # it goes on, with rates for the buffer that is still there: five frames at least, and
+        # until one measures inserts (the writer may miss some 50 ms intervals on a loaded machine)
+        frames = 0
+        while True:
             frame = next(lines)
+            frames += 1
             assert shown(frame) == {writer.name}
-        assert frame["buffers"][0]["inserts_per_s"] > 0
+            if frames >= 5 and frame["buffers"][0]["inserts_per_s"] > 0:
+                break
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=10)
