@@ -121,19 +121,28 @@ def test_learning_goes_on_when_an_actor_is_killed_and_nothing_is_left_behind(tmp
     pytest.importorskip("jax")
     pytest.importorskip("optax")
     name = f"apex-test-{os.getpid()}"
-    proc, pids, lines = _start_and_wait_for_learning(name, tmp_path, minutes=0.6)
-    out = tmp_path / f"{name}.json"
-    assert len(pids) == 2
-    # Mid-run: writing, waiting or acting.
-    text = _finish_after(proc, lines, lambda: os.kill(pids[0], signal.SIGKILL), timeout=120)
-    assert proc.returncode == 0, text
-    assert f"actor-0 (pid {pids[0]}) died" in text, text
-    assert "Traceback" not in text, text
-    result = json.loads(out.read_text())
-    assert result["updates"] > 0 and result["env_steps"] > 0
-    assert (tmp_path / f"{name}.png").stat().st_size > 0
+    # A budget the test never reaches: the actors' start (JAX import and compile) counts against
+    # it, which a loaded machine may stretch to most of a short budget. The run is stopped with
+    # SIGTERM once the learner has gone on learning after the death.
+    proc, pids, lines = _start_and_wait_for_learning(name, tmp_path, minutes=10.0)
+    try:
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)  # mid-run: writing, waiting or acting
+        deadline = time.monotonic() + 120
+        died = _read_until(proc, lines, lambda line: " died " in line, deadline)
+        assert f"actor-0 (pid {pids[0]}) died" in died and "learning goes on with 1 actor(s)" in died, "".join(lines)
+        # learning goes on: the updates grow between two progress lines after the death
+        first = _updates(_read_until(proc, lines, lambda line: _updates(line) is not None, deadline))
+        _read_until(proc, lines, lambda line: (_updates(line) or 0) > first, deadline)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    text = _finish_after(proc, lines, lambda: proc.send_signal(signal.SIGTERM), timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "terminated (SIGTERM)" in text and "Traceback" not in text, text
     assert _leftovers(name) == [], "the run left segments behind"
-    assert all(_gone(pid) for pid in pids)
+    _wait_gone(pids, 15, "actors outlived the learner")
 
 
 def test_the_numpy_baseline_runs(tmp_path: Path) -> None:
@@ -160,6 +169,23 @@ def _start_and_wait_for_learning(name: str, tmp_path: Path, minutes: float = 1.0
         if chunk.startswith("actor pids:"):
             pids = [int(p) for p in chunk.split(":")[1].split()]
     return proc, pids, lines
+
+
+def _read_until(proc: subprocess.Popen[str], lines: list[str], pred: Callable[[str], bool], deadline: float) -> str:
+    """Reads the run's output into ``lines`` until a line satisfies ``pred``; returns that line."""
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()  # text mode: a progress line ending in "\r" is a line
+        assert line and time.monotonic() < deadline, "".join(lines)
+        lines.append(line)
+        if pred(line):
+            return line
+
+
+def _updates(line: str) -> int | None:
+    """The learner's update count in a progress line (None in any other line)."""
+    m = re.search(r"updates\s+([\d,]+) ", line)
+    return int(m.group(1).replace(",", "")) if m else None
 
 
 def _finish_after(proc: subprocess.Popen[str], lines: list[str], act: Callable[[], object], timeout: float) -> str:

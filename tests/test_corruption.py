@@ -1688,7 +1688,9 @@ def test_busy_version_word_without_ticket_does_not_stall_reads(pristine):
         except BaseException as e:  # noqa: BLE001
             return type(e).__name__
 
-    assert run_forked(read_slot_0, timeout=1.5) == "IndexError"
+    # a stalled read waits out the core's WAIT_LIMIT (10 s); a loaded machine needs more than a
+    # second or so to fork, attach and read
+    assert run_forked(read_slot_0, timeout=5) == "IndexError"
 
 
 _BOUNDARY = st.sampled_from([0, 1, 2, 7, 8, 9, 63, 64, 511, 512, 4095, 4096, 2**31, 2**32, 2**40, 2**40 + 1, 2**63 - 1, 2**63, U64 - 1, U64])
@@ -2454,7 +2456,9 @@ def _try_in_child(p: Pristine, action) -> str:
         finally:
             handle.close()
 
-    return run_forked(run, timeout=3)
+    # a stalled call waits out the core's WAIT_LIMIT (10 s): below that, with room for a loaded
+    # machine to fork, attach and act
+    return run_forked(run, timeout=8)
 
 
 def test_busy_word_naming_the_next_ticket_does_not_stall_add(pristine):

@@ -21,6 +21,13 @@ import shmreplay
 from shmreplay import atari, demo
 
 
+# The demo's clock starts once its children are started, and a spawned child still has to import
+# numpy and shmreplay (gymnasium and ALE too for Atari) before it inserts anything: on a loaded
+# machine that takes seconds. Runs that keep the default start method (spawn) are long enough
+# for that; runs that check something else than the start method fork their children.
+FORK = ("--start-method", "fork")
+
+
 def run_demo(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "shmreplay.cli", "demo", *args],
@@ -97,7 +104,7 @@ def test_synthetic_demo(tmp_path: Path) -> None:
     shm.mkdir()
     out = tmp_path / "summary.json"
     proc = run_demo(
-        "--synthetic", "--seconds", "3", "--capacity", "2000", "--path", str(shm), "--json", str(out)
+        "--synthetic", "--seconds", "6", "--capacity", "2000", "--path", str(shm), "--json", str(out)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
@@ -118,7 +125,7 @@ def test_prioritized_demo_updates_priorities(tmp_path: Path) -> None:
     sampled row's priority to its TD error; the summary reports the updates and the total."""
     out = tmp_path / "summary.json"
     proc = run_demo(
-        "--synthetic", "--seconds", "3", "--capacity", "2000", "--prioritized",
+        "--synthetic", "--seconds", "3", "--capacity", "2000", "--prioritized", *FORK,
         "--path", str(tmp_path), "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -139,7 +146,7 @@ def test_rate_limited_demo_keeps_the_ratio(tmp_path: Path, spi: float) -> None:
     out = tmp_path / "summary.json"
     started = time.monotonic()
     proc = run_demo(
-        "--synthetic", "--seconds", "3", "--capacity", "2000", "--samples-per-insert", str(spi),
+        "--synthetic", "--seconds", "3", "--capacity", "2000", "--samples-per-insert", str(spi), *FORK,
         "--path", str(tmp_path), "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -159,7 +166,7 @@ def test_rate_limited_demo_keeps_the_ratio(tmp_path: Path, spi: float) -> None:
 def test_uniform_demo_reports_no_priorities(tmp_path: Path) -> None:
     out = tmp_path / "summary.json"
     proc = run_demo(
-        "--synthetic", "--seconds", "2", "--capacity", "1000", "--actors", "1", "--envs-per-actor", "2",
+        "--synthetic", "--seconds", "2", "--capacity", "1000", "--actors", "1", "--envs-per-actor", "2", *FORK,
         "--path", str(tmp_path), "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -172,8 +179,9 @@ def test_uniform_demo_reports_no_priorities(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["fork", "forkserver"])
 def test_other_start_methods(tmp_path: Path, method: str) -> None:
     out = tmp_path / "summary.json"
+    seconds = "2" if method == "fork" else "5"  # forkserver children import the demo themselves
     proc = run_demo(
-        "--synthetic", "--seconds", "2", "--capacity", "1000", "--start-method", method,
+        "--synthetic", "--seconds", seconds, "--capacity", "1000", "--start-method", method,
         "--actors", "1", "--path", str(tmp_path), "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -187,7 +195,7 @@ def test_atari_demo(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
     shm.mkdir()
     out = tmp_path / "summary.json"
-    proc = run_demo("--seconds", "5", "--capacity", "2000", "--path", str(shm), "--json", str(out))
+    proc = run_demo("--seconds", "8", "--capacity", "2000", "--path", str(shm), "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = check_summary(proc.stdout, out)
     assert summary["source"] == "ALE/Pong-v5"
