@@ -26,9 +26,10 @@ Figures (``--only`` takes their names or numbers, default all):
 
 Every delivered row's ids are checked in its consumer and counted once (duplicates), and after
 a shmreplay run whatever is left in the queue is drained and checked too: every row produced
-must have been delivered exactly once. Every ``--whole-every``-th batch a consumer takes (default
-8; 1: all of them) is also checked byte for byte (a row's bytes are derived from its producer and
-sequence number, which it carries). Contenders are checked alike: the check is the consumers'
+must have been delivered exactly once. One check in ``--whole-every`` (default 8; 1: all of
+them; a check is one delivery of atari rows, a block of 256 control rows) also checks the rows
+byte for byte (a row's bytes are derived from its producer and sequence number, which it
+carries). Contenders are checked alike: the check is the consumers'
 work, not the transport's, and checking every byte costs about as much as taking the row (the
 share of the consumers' time is in the table). shmreplay runs end with ``shutdown()``: the
 consumers, waiting in ``sample`` by then, must raise ``ShutdownError``.
@@ -88,7 +89,7 @@ OPS = ["add", "extend_b64", "sample_b32"]
 OP_TITLES = {"add": "add (1 row)", "extend_b64": "extend(64)", "sample_b32": "sample(32, out=)"}
 OVERHEAD_MAX = 1.05
 
-# ---- figures 2 and 3 ----
+# ---- figures 2 to 4 ----
 PRODUCERS = 2
 CONSUMERS = 2
 PUT_BATCH = 16
@@ -233,7 +234,7 @@ def limiter_job(job: dict) -> dict:
             close_buffer(buf)
 
 
-# ---- figures 2 and 3: producers and consumers through a queue ----
+# ---- figures 2 to 4: producers and consumers through a queue ----
 
 
 def producer_pool(wl: Workload, wid: int, batch_rows: int) -> list[Batch]:
@@ -910,10 +911,10 @@ def table(doc: dict) -> str:
         if not rows:
             continue
         cap, every = cfg["queue_caps"][fig], cfg["whole_every"]
-        whole = {0: "no batch", 1: "every batch"}.get(every, f"every {every}th batch")
+        whole = {0: "none", 1: "every delivery"}.get(every, f"1 delivery in {every}")
         out.append(f"\nfigure {FIGURES.index(fig) + 1}: {fig}, {cap:,} rows: {PRODUCERS} producers (extend/put {PUT_BATCH} rows) + "
                    f"{CONSUMERS} consumers (sample {GET_BATCH} / get) for {cfg['seconds']:g} s, the ids of every row "
-                   f"and {whole} checked whole; medians of {max(r['reps'] for r in rows)} repetition(s)")
+                   f"checked, and whole: {whole}; medians of {max(r['reps'] for r in rows)} repetition(s)")
         body = [[QUEUE_LABELS[r["contender"]], _num(r["delivered_per_s"]), f"{r['gb_per_s']:.2f}", _num(r["inserted_per_s"]),
                  report._fmt_ratio(r["vs_baseline"]) if r["contender"] != base else "(1.00)",
                  "-" if r["check_share"] is None else f"{r['check_share']:.0%}",
@@ -950,8 +951,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, help="repetitions (default: 5; quick 1)")
     ap.add_argument("--seconds", type=float, help="duration of each queue run (default: 5; quick 2)")
     ap.add_argument("--whole-every", type=int, metavar="N",
-                    help="queue consumers check the ids of every row and every N-th batch byte for byte "
-                         "(default 8; quick 1; 1: every batch; 0: ids only)")
+                    help="queue consumers check the ids of every row, and one check in N byte for byte "
+                         "(default 8; quick 1; 1: all; 0: ids only)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory (default benches/results)")
     args = ap.parse_args()
 

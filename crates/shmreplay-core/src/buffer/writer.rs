@@ -485,9 +485,12 @@ mod tests {
     use crate::platform::copy::cache_reach;
     use crate::platform::memory::{Input, Output};
 
-    /// A buffer of 64 KiB rows: a few of them fill the cache reach of any machine.
+    const ROW: usize = 16 << 10;
+
+    /// A buffer of 16 KiB rows (stored with streaming stores by default): at least three fit
+    /// in any cache reach, a few thousand fill the largest.
     fn buffer(sampler: Sampler) -> ReplayBuffer {
-        let schema = Schema::new(&[("frame", DType::U8, vec![64 << 10])]).unwrap();
+        let schema = Schema::new(&[("frame", DType::U8, vec![ROW])]).unwrap();
         let buffer = ReplayBuffer::builder(&crate::unique_name())
             .dir(std::env::temp_dir())
             .capacity(4)
@@ -503,15 +506,20 @@ mod tests {
     fn only_a_queue_stores_rows_for_reading_soon_and_only_within_the_cache_reach() {
         let queue = buffer(Sampler::Queue);
         let reach = (cache_reach() / queue.layout.slot_bytes) as u64;
-        assert!(reach >= 1, "a 64 KiB row fits in the reach");
+        assert!(reach >= 3, "16 KiB rows fit in the reach");
         assert!(queue.read_soon(1) && queue.read_soon(reach));
         assert!(!queue.read_soon(reach + 1), "rows past the reach stream");
-        // The reach counts from the head: once two rows are delivered, two more fit.
-        let rows = vec![7u8; 2 * (64 << 10)];
+        // The reach counts from the head (the next row to deliver), not from the insert
+        // cursor: rows inserted and not yet taken still count.
+        let rows = vec![7u8; 2 * ROW];
         queue
             .extend_columns_with_priorities(&[Input::from_slice(&rows)], None, &mut NoBlocking)
             .unwrap();
-        let mut out = vec![0u8; 2 * (64 << 10)];
+        assert!(
+            !queue.read_soon(reach + 1),
+            "undelivered rows are still ahead"
+        );
+        let mut out = vec![0u8; 2 * ROW];
         let (mut index, mut key) = ([0u64; 2], [0u64; 2]);
         queue
             .sample_columns(

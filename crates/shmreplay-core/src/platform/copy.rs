@@ -16,10 +16,12 @@
 //! **One access width per byte range.** Racing atomic accesses of different sizes to the same
 //! bytes are undefined behaviour (rust-lang/rust#128778), so a byte range written with Rust
 //! atomics must be read with Rust atomics of the same width, and one written by an assembly
-//! kernel must be read by an assembly kernel: [`Kernel::for_load`] and [`Kernel::for_store`]
-//! pick from the range's length alone (the word kernel below 256 bytes, assembly above), and the
-//! layout decides which ranges exist (the whole record for small records, each field for large
-//! ones), so writer and reader always agree.
+//! kernel must be read by an assembly kernel: [`Kernel::for_load`], [`Kernel::for_store`] and
+//! [`Kernel::for_store_read_soon`] split words from assembly by the range's length alone (the
+//! word kernel below 256 bytes, assembly above), and the layout decides which ranges exist (the
+//! whole record for small records, each field for large ones), so writer and reader always
+//! agree. (`SHMREPLAY_COPY_KERNEL` overrides the split: every process attached to a buffer must
+//! see the same value.)
 //!
 //! **The hardware half of the seqlock.** A writer's record stores must become visible no later
 //! than its commit store (a `Release` store of the slot's version word, an ordinary `mov` on
@@ -270,13 +272,19 @@ pub fn describe() -> Vec<(String, String)> {
 }
 
 /// How many bytes written ahead of a reader it still finds in the cache: an eighth of the
-/// largest cache the kernel reports (`/sys/devices/system/cpu/cpu0/cache`), 4 MiB if it reports
-/// none. An eighth, because the cache is shared with everything else the processes touch: on
-/// the development machine (a VM shown a 480 MiB L3) ordinary stores delivered Atari rows
-/// faster with up to 57 MB between writer and reader and slower from 115 MB on.
+/// largest cache the kernel reports for CPU 0 (`/sys/devices/system/cpu/cpu0/cache`), 4 MiB if
+/// it reports none, and between 64 KiB and 256 MiB whatever it reports. An eighth, because the
+/// cache is shared with everything else the processes touch: on the development machine (a VM
+/// shown a 480 MiB L3) ordinary stores delivered Atari rows faster with up to 57 MB between
+/// writer and reader and slower from 115 MB on. On a CPU with a 32 MiB L3 the reach is 4 MiB,
+/// 74 Atari rows of 56 KB.
 pub fn cache_reach() -> usize {
     static REACH: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *REACH.get_or_init(|| largest_cache().map_or(4 << 20, |bytes| bytes / 8))
+    *REACH.get_or_init(|| reach_of(largest_cache()))
+}
+
+fn reach_of(largest_cache: Option<usize>) -> usize {
+    largest_cache.map_or(4 << 20, |bytes| (bytes / 8).clamp(64 << 10, 256 << 20))
 }
 
 /// The size of the largest cache of CPU 0, from sysfs (`index*/size`, e.g. "32768K").
@@ -284,7 +292,7 @@ fn largest_cache() -> Option<usize> {
     let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
     dir.filter_map(|entry| {
         let size = std::fs::read_to_string(entry.ok()?.path().join("size")).ok()?;
-        parse_cache_size(&size)
+        parse_cache_size(&size).filter(|&bytes| bytes > 0)
     })
     .max()
 }
@@ -694,10 +702,12 @@ mod tests {
         for bad in ["", "K", "12X", "-1K", "99999999999999999999K"] {
             assert_eq!(parse_cache_size(bad), None, "{bad:?}");
         }
-        assert!(
-            super::cache_reach() >= 4 << 10,
-            "a reach of some KiB at least"
-        );
+        use super::reach_of;
+        assert_eq!(reach_of(None), 4 << 20, "no cache reported: 4 MiB");
+        assert_eq!(reach_of(Some(32 << 20)), 4 << 20, "an eighth");
+        assert_eq!(reach_of(Some(4 << 10)), 64 << 10, "at least 64 KiB");
+        assert_eq!(reach_of(Some(1 << 40)), 256 << 20, "at most 256 MiB");
+        assert!((64 << 10..=256 << 20).contains(&super::cache_reach()));
     }
 
     #[test]
