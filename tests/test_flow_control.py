@@ -55,10 +55,11 @@ FIELDS: dict[str, tuple[tuple[int, ...], Any]] = {"ident": ((), np.int64), "x": 
 
 SHUTDOWN_BOUND = 0.100  # contract: waiters everywhere raise ShutdownError within 100 ms
 CTRL_C_BOUND = 0.050  # contract: Ctrl-C raises KeyboardInterrupt within 50 ms
-# The two bounds above are checked on the median (or the minimum) of a few attempts: one
-# measurement on a loaded CI machine may include a preemption of the waiter or the waker.
-# Every attempt must still end within LATENCY_CEILING, which a hang or a lost wake-up (a
-# waiter that stays asleep until its timeout, or for ever) breaks.
+# The two bounds above are checked on the median of a few attempts, or on the best of a few
+# rounds: one measurement on a loaded CI machine may include a preemption of the waiter or the
+# waker. Every attempt must still end within LATENCY_CEILING, which a hang breaks (a waiter
+# that never notices, or sleeps until its timeout). A lost futex wake costs at most one 10 ms
+# slice, which no bound here can see; they catch waiters never released and slices grown long.
 LATENCY_CEILING = 1.0
 START_TIMEOUT = 60.0  # for children to start (spawn imports numpy, shmreplay, pytest)
 
@@ -797,6 +798,20 @@ def test_a_fraction_is_a_real_number_timeout(shm_name):
         raises_now(ValueError, lambda: buf.sample(1, timeout=fractions.Fraction(-1, 50)), "timeout=Fraction(-1, 50)")
 
 
+def _timed_out_after(call: Callable[[], Any]) -> float:
+    """How long ``call`` took to raise TimeoutError."""
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        call()
+    return time.monotonic() - t0
+
+
+def _assert_timeout_kept(took: list[float]) -> None:
+    """A 0.3 s timeout ends near 0.3 s: preemption only lengthens a wait, so the shortest of
+    the attempts is held to 0.6 s (a timeout rounded up to a second would fail it)."""
+    assert min(took) <= 0.6, f"timeout=0.3 raised after {[f'{t:.3f}' for t in took]} s"
+
+
 def _num_in(msg: str, value: float) -> bool:
     v = int(value) if float(value).is_integer() else value
     return re.search(rf"(?<![\d.]){re.escape(str(v))}(?:\.0+)?(?![\d])", msg) is not None
@@ -825,6 +840,7 @@ def test_positive_timeout_waits_raises_timeout_error_with_state_and_changes_noth
         assert counters(buf) == before
         w1 = buf.stats()["sample_wait_s"]
         assert 0.25 <= w1 - w0 <= dt + 0.1, f"sample_wait_s grew by {w1 - w0:.3f}s for a {dt:.3f}s wait"
+        _assert_timeout_kept([dt] + [_timed_out_after(lambda: buf.sample(6, timeout=0.3)) for _ in range(2)])
 
     # insert side: capacity 11, I=34 (D=23, size 11), S=5; extend(7): 41 - 5 = 36 > 35
     with create(name_factory(), 11, limiter=STIR(1.0, 2, (-17.0, 35.0))) as buf:
@@ -849,6 +865,8 @@ def test_positive_timeout_waits_raises_timeout_error_with_state_and_changes_noth
         assert snapshot(buf) == snap, "a timed-out extend wrote slots"
         w1 = buf.stats()["insert_wait_s"]
         assert 0.25 <= w1 - w0 <= dt + 0.1, f"insert_wait_s grew by {w1 - w0:.3f}s for a {dt:.3f}s wait"
+        _assert_timeout_kept([dt] + [_timed_out_after(lambda: buf.extend(make_rows(range(34, 41)), timeout=0.3)) for _ in range(2)])
+        assert counters(buf) == before and snapshot(buf) == snap
         # the ticket counter did not move: the next rows are tickets 34..39 at their slots
         buf.extend(make_rows(range(34, 40)), timeout=0)
         for t in range(34, 40):
@@ -1369,14 +1387,29 @@ def _assert_shutdown_msg(msg: tuple, t0: float, what: str) -> float:
 
 
 def _assert_shutdown_latencies(latencies: dict[str, float]) -> None:
-    """The 100 ms contract, on the median of the waiters released by one shutdown(): one waiter
-    may be preempted on a loaded machine (each one is held to LATENCY_CEILING on its own)."""
+    """The 100 ms contract, on the median of waiters of one kind released by one shutdown():
+    one may be preempted on a loaded machine (each one is held to LATENCY_CEILING on its own)."""
     shown = {what: f"{dt * 1000:.1f} ms" for what, dt in latencies.items()}
     assert median(latencies.values()) <= SHUTDOWN_BOUND, f"ShutdownError after shutdown(): {shown}"
 
 
 @pytest.mark.parametrize("who", ["parent", "child"])
-def test_shutdown_releases_every_waiter_everywhere(shm_name, mp_ctx, who):
+def test_shutdown_releases_every_waiter_everywhere(name_factory, mp_ctx, who):
+    """Every waiter (4 processes, a thread) raises ShutdownError within 100 ms. A round passes
+    when its slowest waiter does; a loaded machine may preempt one round, so up to 3 rounds
+    on fresh buffers (a kind of waiter that is slow every time fails them all)."""
+    rounds = []
+    for _ in range(3):
+        rounds.append(_shutdown_round(name_factory(), mp_ctx, who))
+        if max(rounds[-1].values()) <= SHUTDOWN_BOUND:
+            return
+    shown = [{what: f"{dt * 1000:.1f} ms" for what, dt in r.items()} for r in rounds]
+    pytest.fail(f"no round released every waiter within {SHUTDOWN_BOUND * 1000:.0f} ms: {shown}")
+
+
+def _shutdown_round(shm_name: str, mp_ctx: Any, who: str) -> dict[str, float]:
+    """One shutdown() of waiters everywhere, and what holds after it; returns each waiter's
+    latency (each already held to LATENCY_CEILING)."""
     # spi 1, window [0, 10]; I = 7: sample(8) waits (7 - 8 < 0), extend(5) waits (12 > 10)
     with create(shm_name, 32, limiter=STIR(1.0, 1, (0.0, 10.0))) as buf:
         buf.extend(make_rows(range(7)))
@@ -1425,7 +1458,6 @@ def test_shutdown_releases_every_waiter_everywhere(shm_name, mp_ctx, who):
             assert isinstance(thread_res["exc"], shmreplay.ShutdownError), repr(thread_res["exc"])
             latencies["thread"] = thread_res["t"] - t0
             assert latencies["thread"] < LATENCY_CEILING, f"thread: {latencies['thread'] * 1000:.1f} ms"
-            _assert_shutdown_latencies(latencies)
             assert counters(buf) == before, "a call released by shutdown changed the counters"
             # later calls that cannot proceed: ShutdownError at once, whatever the timeout
             for timeout in (None, 0, 5.0):
@@ -1464,6 +1496,7 @@ def test_shutdown_releases_every_waiter_everywhere(shm_name, mp_ctx, who):
             if shutter is not None:
                 shutter.finish()
             other.close()
+    return latencies
 
 
 def test_shutdown_releases_queue_waiters_and_lets_a_learner_drain(shm_name, mp_ctx):
@@ -2389,10 +2422,15 @@ def test_one_insert_releases_every_waiting_sampler(shm_name, mp_ctx):
                 assert k.silent_for(0.2)
             t = time.monotonic()
             buf.add(**one_row(0))
+            released = []
             for k in kids:
                 msg = k.recv(5)
                 assert msg[0] == "ok", msg
-                assert msg[1] - t < LATENCY_CEILING, f"a waiter was released {msg[1] - t:.3f}s after the insert"
+                released.append(msg[1] - t)
+                assert released[-1] < LATENCY_CEILING, f"a waiter was released {released[-1]:.3f}s after the insert"
+            # Woken by the insert, not found by a slice running out: the median of the three
+            # waiters (one may be preempted).
+            assert median(released) < 0.1, f"waiters released after {released}"
             assert buf.stats()["samples"] == 3
         finally:
             kill_all(kids)
@@ -2406,14 +2444,16 @@ def test_queue_one_extend_feeds_every_waiting_consumer(shm_name, mp_ctx):
                 assert k.silent_for(0.2)
             t = time.monotonic()
             buf.extend(make_rows(range(6)))
-            got = []
+            got, released = [], []
             for k in kids:
                 msg = k.recv(5)
                 assert msg[0] == "ok", msg
-                assert msg[1] - t < LATENCY_CEILING, f"a consumer was released {msg[1] - t:.3f}s after the extend"
+                released.append(msg[1] - t)
+                assert released[-1] < LATENCY_CEILING, f"a consumer was released {released[-1]:.3f}s after the extend"
                 assert msg[3]["key"][1] == msg[3]["key"][0] + 1
                 got += msg[3]["ident"]
             assert sorted(got) == list(range(6))
+            assert median(released) < 0.1, f"consumers released after {released}"
             assert len(buf) == 0
         finally:
             kill_all(kids)

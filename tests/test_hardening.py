@@ -756,7 +756,7 @@ def test_concurrent_gcs_and_attaches_never_remove_a_held_buffer_nor_raise(shm_su
 # Rounds go on until the evidence is there (GC_RACE_MIN_ROUNDS rounds, GC_RACE_ENOUGH_MET of
 # them racing); GC_RACE_SECONDS is only a ceiling for a machine too loaded to get there (a few
 # seconds suffice on an idle one).
-GC_RACERS, GC_RACE_THREADS, GC_RACE_ROUNDS, GC_RACE_SECONDS, GC_RACE_BUFFERS = 2, 3, 120, 60.0, 100
+GC_RACERS, GC_RACE_THREADS, GC_RACE_ROUNDS, GC_RACE_SECONDS, GC_RACE_BUFFERS = 2, 3, 5000, 60.0, 100
 GC_RACE_MIN_ROUNDS, GC_RACE_ENOUGH_MET = 40, 10
 
 

@@ -307,7 +307,8 @@ fn waits_end_with_the_insert_they_wait_for_a_timeout_or_a_shutdown() {
     assert_eq!(buffer.len(), 1);
     assert!(buffer.stats().sample_wait_ns >= 100_000_000);
     // A full queue: the insert waits, until shutdown (within 100 ms, on the median of three
-    // buffers: one wake may be late on a loaded machine; a lost one would take a second or more).
+    // buffers: one wake may be late on a loaded machine; a waiter that never noticed the
+    // shutdown would break the 1 s ceiling).
     insert(&buffer, &[0; 7], None).unwrap();
     let mut latencies: Vec<Duration> = [buffer.clone(), full_queue(), full_queue()]
         .into_iter()
