@@ -117,6 +117,19 @@ def _leftovers(name: str) -> list[str]:
     return [b["name"] for b in shmreplay.list_buffers() if b["name"].startswith(name)]
 
 
+def _kill_run(proc: subprocess.Popen[str], pids: list[int], name: str) -> None:
+    """After a failure: the learner, its actors and the run's segments go."""
+    proc.kill()
+    proc.wait()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for leftover in _leftovers(name):
+        shmreplay.remove(leftover)
+
+
 def test_learning_goes_on_when_an_actor_is_killed_and_nothing_is_left_behind(tmp_path: Path) -> None:
     pytest.importorskip("jax")
     pytest.importorskip("optax")
@@ -135,8 +148,7 @@ def test_learning_goes_on_when_an_actor_is_killed_and_nothing_is_left_behind(tmp
         first = _updates(_read_until(proc, lines, lambda line: _updates(line) is not None, deadline))
         _read_until(proc, lines, lambda line: (_updates(line) or 0) > first, deadline)
     except BaseException:
-        proc.kill()
-        proc.wait()
+        _kill_run(proc, pids, name)
         raise
     text = _finish_after(proc, lines, lambda: proc.send_signal(signal.SIGTERM), timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, text
